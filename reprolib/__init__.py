@@ -1,0 +1,2 @@
+"""reprolib: reproduce dense-retrieval recipes from parameterized notebooks."""
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from reprolib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Reading text files line by line with precise errors, and writing files atomically."""
+import contextlib
+import gzip
+import os
+import tempfile
+from pathlib import Path
+
+from reprolib.errors import DataError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def open_binary(path):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, "file not found")
+    if path.is_dir():
+        raise DataError(path, None, "is a directory, expected a file")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_lines(path, skip_blank=True):
+    """Yield (line_number, text) with the line ending (LF or CRLF) stripped.
+
+    Decodes strictly as UTF-8 so a bad byte is reported with its line, not replaced silently.
+    """
+    with open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            line = line.rstrip("\r\n")
+            if skip_blank and not line.strip():
+                continue
+            yield number, line
+
+
+def split_fields(path, number, line, counts, sep="\t"):
+    """Split a delimited line and check its field count is one of `counts`."""
+    fields = line.split(sep) if sep else line.split()
+    if len(fields) not in counts:
+        want = " or ".join(str(c) for c in counts)
+        raise DataError(path, number, f"expected {want} fields, found {len(fields)}: {line[:80]!r}")
+    return fields
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", encoding="utf-8"):
+    """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,493 @@
+"""Run a pipeline of parameterized notebooks with papermill, with resume and reproduction checks.
+
+A pipeline YAML lists stages; each stage is one notebook, executed into
+`<out_root>/<run>/<stage id>/` (the executed notebook, params.json, metrics.json, artifacts).
+`<run dir>/manifest.json` records each stage's status and params hash, so running the same
+YAML again skips finished stages whose inputs did not change. At the end the `expected`
+numbers are checked against the measured metrics and written to `<run dir>/REPORT.md`.
+"""
+import datetime
+import hashlib
+import json
+import numbers
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import yaml
+
+from reprolib import report
+from reprolib.errors import ReprolibError
+from reprolib.fileio import atomic_write
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+PARAMS = "params.json"
+
+TOP_KEYS = ("run", "notebook_dir", "defaults", "stages", "expected")
+STAGE_KEYS = ("id", "notebook", "params")
+EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "source")
+
+STAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no dots: ids appear in ${stages.<id>.out}
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+STAGE_REFERENCE = re.compile(r"stages\.([^.]+)\.out")
+RUN_REFERENCE = "run.out"
+DECIMAL_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+@dataclass
+class Stage:
+    id: str
+    notebook: Path   # the source notebook
+    kernel: str      # kernelspec name from the notebook's metadata
+    code: list       # source of its code cells: only code changes force a rerun
+    params: dict     # defaults | stage params | --set, with ${...} references still in place
+    upstream: list   # ids of the stages whose outputs it reads
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    run: str
+    stages: list
+    expected: list   # dicts: stage, metric, value (text as printed in the paper), tolerance, source
+
+
+# ---- loading and validating the YAML ------------------------------------------------------
+
+def load_pipeline(path, sets=()):
+    """Parse and validate a pipeline YAML and apply `--set stage.key=value` overrides."""
+    path = Path(path)
+    data, value_texts = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise _error(path, "expected a mapping with 'run' and 'stages'")
+    _check_keys(path, data, TOP_KEYS, "top level")
+    run = data.get("run", path.stem)
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        raise _error(path, f"'run' must be a name of letters, digits, '_', '-', '.', got {run!r}")
+    defaults = _params_mapping(path, data.get("defaults") or {}, "defaults")
+    notebook_dir = path.parent / data.get("notebook_dir", "../notebooks")
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise _error(path, "missing 'stages': a list of {id, notebook, params}")
+    stages = []
+    for index, raw in enumerate(raw_stages):
+        stage = _parse_stage(path, index, raw, defaults, notebook_dir)
+        if any(s.id == stage.id for s in stages):
+            raise _error(path, f"duplicate stage id '{stage.id}'")
+        stages.append(stage)
+    _apply_sets(path, stages, sets or ())
+    _link_references(path, stages)
+    expected = _parse_expected(path, data.get("expected"), value_texts, [s.id for s in stages])
+    return Pipeline(path, run, stages, expected)
+
+
+def _error(path, problem):
+    return ReprolibError(f"{path}: {problem}")
+
+
+def _read_yaml(path):
+    """The YAML data, and each `expected[i].value` as written (its printed precision matters)."""
+    if not path.is_file():
+        raise _error(path, "pipeline file not found")
+    try:
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _error(path, "not valid UTF-8") from None
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        raise _error(path, f"invalid YAML at line {e.problem_mark.line + 1}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise _error(path, f"invalid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+    return data, _expected_value_texts(node)
+
+
+def _expected_value_texts(root):
+    """Scalar text of `value` in each `expected` entry, None where it is not a plain number."""
+    texts = []
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else ():
+        if key.value == "expected" and isinstance(value, yaml.SequenceNode):
+            for entry in value.value:
+                pairs = entry.value if isinstance(entry, yaml.MappingNode) else ()
+                fields = {k.value: v for k, v in pairs if isinstance(k, yaml.ScalarNode)}
+                text = getattr(fields.get("value"), "value", None)
+                texts.append(text if isinstance(text, str) and DECIMAL_TEXT.fullmatch(text) else None)
+    return texts
+
+
+def _check_keys(path, mapping, allowed, where):
+    unknown = [key for key in mapping if key not in allowed]
+    if unknown:
+        raise _error(path, f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+
+
+def _params_mapping(path, params, where):
+    """Parameters become Python variables in the notebook, so names must be identifiers."""
+    if not isinstance(params, dict):
+        raise _error(path, f"{where} must be a mapping of name: value")
+    for name in params:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise _error(path, f"{where}: parameter name {name!r} is not a Python identifier")
+    return params
+
+
+def _parse_stage(path, index, raw, defaults, notebook_dir):
+    if not isinstance(raw, dict):
+        raise _error(path, f"stages[{index}] must be a mapping with 'id' and 'notebook'")
+    _check_keys(path, raw, STAGE_KEYS, f"stages[{index}]")
+    sid, name = raw.get("id"), raw.get("notebook")
+    if not isinstance(sid, str) or not STAGE_ID.fullmatch(sid):
+        raise _error(path, f"stages[{index}]: 'id' must be a name of letters, digits, '_' and '-', got {sid!r}")
+    if not isinstance(name, str) or not name:
+        raise _error(path, f"stage '{sid}': missing 'notebook'")
+    params = _params_mapping(path, raw.get("params") or {}, f"stage '{sid}' params")
+    notebook = (notebook_dir / (name if name.endswith(".ipynb") else f"{name}.ipynb")).resolve()
+    if not notebook.is_file():
+        raise _error(path, f"stage '{sid}': notebook not found: {notebook}")
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception as e:  # nbformat raises JSON, validation and OS errors alike
+        raise _error(path, f"stage '{sid}': cannot read notebook {notebook}: {e}") from None
+    kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
+    return Stage(sid, notebook, kernel, code, {**defaults, **params}, [])
+
+
+def _apply_sets(path, stages, sets):
+    """`--set stage.key=value`: the value is parsed as YAML, so numbers and booleans keep their type."""
+    by_id = {stage.id: stage for stage in stages}
+    for item in sets:
+        target, equals, text = item.partition("=")
+        sid, dot, key = target.strip().partition(".")
+        if not equals or not dot or not key.isidentifier():
+            raise ReprolibError(f"--set {item!r}: expected stage.key=value")
+        if sid not in by_id:
+            raise ReprolibError(f"--set {item!r}: {path} has no stage '{sid}' (stages: {', '.join(by_id)})")
+        try:
+            by_id[sid].params[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ReprolibError(f"--set {item!r}: the value is not valid YAML") from None
+
+
+def _references(value):
+    """Every `${...}` inside a parameter value, through nested lists and dicts."""
+    if isinstance(value, str):
+        yield from REFERENCE.findall(value)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _references(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _references(item)
+
+
+def _link_references(path, stages):
+    """Check every ${...} and record each stage's upstream stages; a stage reads only earlier ones."""
+    position = {stage.id: i for i, stage in enumerate(stages)}
+    for i, stage in enumerate(stages):
+        upstream = set()
+        for ref in _references(stage.params):
+            match = STAGE_REFERENCE.fullmatch(ref)
+            if ref == RUN_REFERENCE:
+                continue
+            if not match:
+                raise _error(path, f"stage '{stage.id}': unknown reference ${{{ref}}} "
+                                   "(use ${stages.<id>.out} or ${run.out})")
+            target = match.group(1)
+            if target not in position:
+                raise _error(path, f"stage '{stage.id}' references unknown stage '{target}'")
+            if position[target] >= i:
+                raise _error(path, f"stage '{stage.id}' references stage '{target}', which does not run before it")
+            upstream.add(target)
+        stage.upstream = sorted(upstream, key=position.get)
+
+
+def _parse_expected(path, raw, value_texts, stage_ids):
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _error(path, "'expected' must be a list of {stage, metric, value, tolerance, source}")
+    expected = []
+    for i, entry in enumerate(raw):
+        where = f"expected[{i}]"
+        if not isinstance(entry, dict):
+            raise _error(path, f"{where} must be a mapping with stage, metric, value")
+        _check_keys(path, entry, EXPECTED_KEYS, where)
+        value, tolerance = entry.get("value"), entry.get("tolerance", 0)
+        if entry.get("stage") not in stage_ids:
+            raise _error(path, f"{where}: unknown stage {entry.get('stage')!r}")
+        if not isinstance(entry.get("metric"), str) or not entry["metric"]:
+            raise _error(path, f"{where}: missing 'metric'")
+        if not _is_number(value):
+            raise _error(path, f"{where}: 'value' must be a number, got {value!r}")
+        if not _is_number(tolerance) or tolerance < 0:
+            raise _error(path, f"{where}: 'tolerance' must be a number >= 0, got {tolerance!r}")
+        expected.append({
+            "stage": entry["stage"], "metric": entry["metric"],
+            "value": value_texts[i] if i < len(value_texts) and value_texts[i] else str(value),
+            "tolerance": tolerance, "source": str(entry.get("source", "")),
+        })
+    return expected
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---- parameters and hashes ----------------------------------------------------------------
+
+def _resolve_params(pipeline, run_dir):
+    """Each stage's notebook parameters: ${...} replaced by absolute paths, plus its `out_dir`."""
+    outs = {stage.id: str(run_dir / stage.id) for stage in pipeline.stages}
+
+    def substitute(match):
+        ref = match.group(1)
+        return str(run_dir) if ref == RUN_REFERENCE else outs[STAGE_REFERENCE.fullmatch(ref).group(1)]
+
+    return {stage.id: {**_interpolate(stage.params, substitute), "out_dir": outs[stage.id]}
+            for stage in pipeline.stages}
+
+
+def _interpolate(value, substitute):
+    if isinstance(value, str):
+        return REFERENCE.sub(substitute, value)
+    if isinstance(value, list):
+        return [_interpolate(item, substitute) for item in value]
+    if isinstance(value, dict):
+        return {key: _interpolate(item, substitute) for key, item in value.items()}
+    return value
+
+
+def _stage_hashes(pipeline, params):
+    """sha256 of each stage's resolved params, code cells and upstream hashes (so a changed
+    upstream stage reruns everything downstream of it)."""
+    hashes = {}
+    for stage in pipeline.stages:  # in order: upstream hashes are known before they are needed
+        blob = {"params": params[stage.id], "code": stage.code, "upstream": {u: hashes[u] for u in stage.upstream}}
+        hashes[stage.id] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    return hashes
+
+
+# ---- running ------------------------------------------------------------------------------
+
+def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only=None, force=False, log=print):
+    """Run the pipeline in `params_path` into `<out_root>/<run>/`, resuming where possible.
+
+    `force` reruns every stage; `from_stage` reruns that stage and all later ones; `only` runs
+    just that stage. Returns the manifest. Raises ReprolibError naming the stage and cell when
+    a notebook fails.
+    """
+    pipeline = load_pipeline(params_path, sets)
+    run_dir = (Path(out_root) / pipeline.run).resolve()
+    params = _resolve_params(pipeline, run_dir)
+    hashes = _stage_hashes(pipeline, params)
+    forced = _forced_stages(pipeline, from_stage, only, force)
+    manifest = _start_manifest(pipeline, run_dir)
+    if only:
+        _check_upstream_done(pipeline, manifest, only)
+    plan = [(stage, _action(manifest["stages"][stage.id], hashes[stage.id], stage.id in forced))
+            for stage in pipeline.stages if not only or stage.id == only]
+    _write_manifest(run_dir, manifest)
+    try:
+        _execute_plan(plan, params, hashes, manifest, run_dir, log)
+    finally:  # the report is rewritten even after a failure, so it never shows stale results
+        checks = report.run_checks(pipeline.expected, manifest)
+        report_path = report.write_report(run_dir, manifest, checks)
+    for row in checks:
+        log(report.format_check(row))
+    log(f"report: {report_path}")
+    return manifest
+
+
+def _forced_stages(pipeline, from_stage, only, force):
+    ids = [stage.id for stage in pipeline.stages]
+    if from_stage and only:
+        raise ReprolibError("use either --from or --only, not both")
+    for option, sid in (("--from", from_stage), ("--only", only)):
+        if sid and sid not in ids:
+            raise ReprolibError(f"{option} {sid}: {pipeline.path} has no such stage (stages: {', '.join(ids)})")
+    if only:
+        return {only}
+    if from_stage:
+        return set(ids[ids.index(from_stage):])
+    return set(ids) if force else set()
+
+
+def _start_manifest(pipeline, run_dir):
+    """The previous manifest's entries for the current stages (in YAML order), new ones for the rest."""
+    old = load_manifest(run_dir)["stages"] if (run_dir / MANIFEST).exists() else {}
+    stages = {}
+    for stage in pipeline.stages:
+        entry = old.get(stage.id) or {"notebook": None, "status": "pending", "params_hash": None, "started": None,
+                                      "finished": None, "wall_s": None, "metrics": {}, "error": None}
+        entry["notebook"] = stage.notebook.name
+        stages[stage.id] = entry
+    return {"run": pipeline.run, "params_file": str(pipeline.path.resolve()), "stages": stages}
+
+
+def _check_upstream_done(pipeline, manifest, only):
+    stage = next(s for s in pipeline.stages if s.id == only)
+    missing = [u for u in stage.upstream if manifest["stages"][u]["status"] != "done"]
+    if missing:
+        raise ReprolibError(f"--only {only}: it reads the output of {', '.join(missing)}, "
+                            "which has not run successfully yet; run the pipeline without --only first")
+
+
+def _action(entry, digest, forced):
+    """'skip', 'resume' (rerun in the existing stage dir) or 'fresh' (clear the stage dir, then run)."""
+    if forced or entry["params_hash"] != digest:
+        return "fresh"
+    if entry["status"] == "done":
+        return "skip"
+    # killed or failed with the same inputs: keep the dir, the notebook may resume from checkpoints
+    return "resume" if entry["status"] in ("running", "failed") else "fresh"
+
+
+def _execute_plan(plan, params, hashes, manifest, run_dir, log):
+    for position, (stage, action) in enumerate(plan):
+        if action == "skip":
+            log(f"skip {stage.id} (done, params unchanged)")
+            continue
+        try:
+            _run_stage(stage, params[stage.id], hashes[stage.id], action == "fresh", manifest, run_dir, log)
+        except BaseException:
+            _mark_not_run(manifest, plan[position + 1:], stage.id)
+            _write_manifest(run_dir, manifest)
+            raise
+
+
+def _mark_not_run(manifest, rest, failed_id):
+    """Later stages that were due to run become 'skipped'; killed or failed ones keep their
+    status, so a later run still resumes them in place."""
+    for stage, action in rest:
+        entry = manifest["stages"][stage.id]
+        if action != "skip" and entry["status"] not in ("running", "failed"):
+            entry.update(status="skipped", error=f"not run: stage '{failed_id}' failed")
+
+
+def _run_stage(stage, params, digest, clear, manifest, run_dir, log):
+    stage_dir = run_dir / stage.id
+    if clear and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(stage_dir / PARAMS) as f:
+        json.dump(params, f, indent=2, default=str)
+    entry = manifest["stages"][stage.id]
+    entry.update(status="running", params_hash=digest, started=_now(), finished=None, wall_s=None,
+                 metrics={}, error=None)
+    _write_manifest(run_dir, manifest)
+    log(f"▶ stage {stage.id} ({stage.notebook.name})")
+    executed = stage_dir / stage.notebook.name
+    start = time.perf_counter()
+    try:
+        _execute(stage, executed, params, stage_dir)
+        error = None
+    except BaseException as e:  # also KeyboardInterrupt: the manifest must say the stage did not finish
+        error = e
+    entry.update(status="failed" if error else "done", finished=_now(), wall_s=round(time.perf_counter() - start, 1),
+                 metrics=_read_json(stage_dir / METRICS, {}), error=_describe(error) if error else None)
+    _write_manifest(run_dir, manifest)
+    if error:
+        raise _stage_error(stage.id, error, executed)
+    metrics = " ".join(f"{name}={report.format_number(value)}" for name, value in entry["metrics"].items())
+    log(f"✓ {stage.id} {entry['wall_s']}s {metrics}".rstrip())
+
+
+def _execute(stage, executed, params, stage_dir):
+    import papermill  # here, not at the top: notebooks import this module for save_metrics only
+
+    papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
+                               kernel_name=stage.kernel, progress_bar=True)
+
+
+def _describe(error):
+    """One line for the manifest: the failing cell and exception."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        cell = error.exec_count if error.exec_count is not None else error.cell_index
+        evalue = " ".join(str(error.evalue).split())
+        return f"cell {cell}: {error.ename}: {evalue}"
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _stage_error(sid, error, executed):
+    """A one-line ReprolibError for errors in the notebook or its kernel; anything else is a bug
+    (or an interrupt) and propagates unchanged."""
+    from jupyter_client.kernelspec import NoSuchKernel
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
+    if isinstance(error, (NoSuchKernel, DeadKernelError)):
+        return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {executed})")
+    return error
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ---- manifest and metrics files -----------------------------------------------------------
+
+def _read_json(path, default):
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReprolibError(f"{path}: not valid JSON ({e})") from None
+
+
+def _write_manifest(run_dir, manifest):
+    with atomic_write(Path(run_dir) / MANIFEST) as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+
+
+def load_manifest(run_dir):
+    """The manifest of a run directory (ReprolibError if there is none)."""
+    manifest = _read_json(Path(run_dir) / MANIFEST, None)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise ReprolibError(f"{run_dir}: no {MANIFEST} here; is this a run directory (outputs/<run>)?")
+    return manifest
+
+
+def format_status(run_dir, max_metrics=4):
+    """A table of the run's stages: status, wall time and the first few metrics, then any errors."""
+    manifest = load_manifest(run_dir)
+    rows = [("stage", "status", "wall", "metrics")]
+    for sid, entry in manifest["stages"].items():
+        metrics = list(entry.get("metrics", {}).items())
+        shown = " ".join(f"{name}={report.format_number(value)}" for name, value in metrics[:max_metrics])
+        wall = "" if entry.get("wall_s") is None else f"{entry['wall_s']:.1f}s"
+        rows.append((sid, entry["status"], wall, shown + (" ..." if len(metrics) > max_metrics else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"run {manifest['run']} ({manifest.get('params_file', '?')})"]
+    lines += [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    lines += [f"{sid}: {entry['error']}" for sid, entry in manifest["stages"].items() if entry.get("error")]
+    return "\n".join(lines)
+
+
+def save_metrics(out_dir, metrics):
+    """Merge `metrics` (name -> number) into <out_dir>/metrics.json; called by notebooks, read by
+    the manifest, the status table and the reproduction checks."""
+    clean = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real covers numpy scalars
+            raise ReprolibError(f"metric {name!r} must be a number, got {type(value).__name__} {value!r}")
+        clean[str(name)] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    path = Path(out_dir) / METRICS
+    merged = {**_read_json(path, {}), **clean}
+    with atomic_write(path) as f:
+        json.dump(merged, f, indent=2)

@@ -1,0 +1,194 @@
+"""The synthetic dataset: determinism, MS MARCO formats, and the properties that make it useful."""
+import json
+import re
+from collections import Counter, defaultdict
+
+import bm25s
+import ir_measures
+import pytest
+
+from reprolib.data import synthetic
+from reprolib.errors import ReprolibError
+
+FILES = ("corpus.tsv", "train.query.txt", "dev.query.txt", "qrels.train.tsv", "qrels.dev.tsv", "synthetic.json")
+SEED = 42
+
+
+def read_tsv(path, fields):
+    rows = []
+    for line in path.read_text(encoding="utf-8").split("\n")[:-1]:  # every line ends with \n
+        row = line.split("\t")
+        assert len(row) == fields, f"{path.name}: {line!r}"
+        rows.append(row)
+    return rows
+
+
+def read_qrels(path):
+    rows = read_tsv(path, 4)
+    assert all(iteration == "0" and rel == "1" for _, iteration, _, rel in rows)
+    return [(qid, int(pid)) for qid, _, pid, _ in rows]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    stats = synthetic.generate(out, num_passages=3000, seed=SEED, progress=False)
+    return out, stats
+
+
+# --- determinism ---------------------------------------------------------------------------------
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    synthetic.generate(tmp_path / "a", num_passages=1000, seed=7, progress=False)
+    synthetic.generate(tmp_path / "b", num_passages=1000, seed=7, progress=False)
+    for name in FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_different_seed_gives_different_corpus(tmp_path, data):
+    synthetic.generate(tmp_path, num_passages=3000, seed=SEED + 1, progress=False)
+    assert (tmp_path / "corpus.tsv").read_bytes() != (data[0] / "corpus.tsv").read_bytes()
+
+
+def test_corpus_does_not_depend_on_query_counts(tmp_path, data):
+    synthetic.generate(tmp_path, num_passages=3000, num_train_queries=10, num_dev_queries=5, seed=SEED, progress=False)
+    assert (tmp_path / "corpus.tsv").read_bytes() == (data[0] / "corpus.tsv").read_bytes()
+
+
+# --- formats -------------------------------------------------------------------------------------
+def test_corpus_pids_are_contiguous_and_fields_clean(data):
+    out, stats = data
+    rows = read_tsv(out / "corpus.tsv", 3)  # 3 fields per line: no tab inside a field
+    assert [int(pid) for pid, _, _ in rows] == list(range(stats["num_passages"]))
+    assert all(title and text and "\r" not in text for _, title, text in rows)
+
+
+def test_queries_and_qrels(data):
+    out, stats = data
+    all_qids = set()
+    for split in ("train", "dev"):
+        queries = read_tsv(out / f"{split}.query.txt", 2)
+        qids = [qid for qid, _ in queries]
+        assert len(qids) == stats[f"num_{split}_queries"] and all(qid.isdigit() for qid in qids)
+        assert all(text.strip() for _, text in queries)
+        assert not all_qids & set(qids), "qids must be unique across splits"
+        all_qids |= set(qids)
+        qrels = read_qrels(out / f"qrels.{split}.tsv")
+        assert Counter(qid for qid, _ in qrels) == Counter(qids), "each query has exactly one relevant passage"
+        assert all(0 <= pid < stats["num_passages"] for _, pid in qrels)
+
+
+def _query_attribute():
+    """Concept word -> attribute name, from the query templates (a query's concepts name its attribute)."""
+    owner = {}
+    for etype in synthetic.TYPES:
+        for attribute in etype.attributes:
+            for template in attribute.query:
+                for key in re.findall(r"\{(\w+)\}", template):
+                    if key in synthetic.SYNONYMS:
+                        assert owner.setdefault(key, attribute.name) == attribute.name, key
+    return owner
+
+
+def test_train_and_dev_ask_about_disjoint_facts(data):
+    out, _ = data
+    owner = _query_attribute()
+    asked = defaultdict(list)  # passage -> attributes its queries ask for
+    for split in ("train", "dev"):
+        texts = dict(read_tsv(out / f"{split}.query.txt", 2))
+        for qid, pid in read_qrels(out / f"qrels.{split}.tsv"):
+            words = re.findall(r"[a-z]+", synthetic.canonicalize(texts[qid]))
+            attributes = {owner[w] for w in words if w in owner}
+            assert len(attributes) == 1, texts[qid]
+            asked[pid] += attributes
+    assert all(len(names) == len(set(names)) for names in asked.values()), "a fact was asked twice"
+
+
+def test_entity_of_passage_matches_titles(data):
+    out, _ = data
+    rows = read_tsv(out / "corpus.tsv", 3)
+    refs = [synthetic.entity_of_passage(SEED, int(pid)) for pid, _, _ in rows]
+    assert [ref.name for ref in refs] == [title for _, title, _ in rows]
+    assert len({ref.name for ref in refs}) == len({ref.entity_id for ref in refs}), "entity names are unique"
+
+
+def test_defaults_stats_and_metadata(tmp_path):
+    stats = synthetic.generate(tmp_path, num_passages=1000, progress=False)
+    meta = json.loads((tmp_path / "synthetic.json").read_text())
+    assert (meta["num_passages"], meta["num_train_queries"], meta["num_dev_queries"], meta["seed"]) == (1000, 1000, 100, 42)
+    assert meta["num_entities"] == 250 and meta["generator_version"]
+    assert stats["seconds"] > 0 and stats["num_facts"] == 1500
+
+
+def test_last_entity_may_be_cut_short(tmp_path):
+    # 1002 passages: 250 whole entities (6 facts each) + 2 passages of the last one (2 + 2 facts)
+    stats = synthetic.generate(tmp_path, num_passages=1002, num_train_queries=1404, num_dev_queries=100, progress=False)
+    assert stats["num_facts"] == 1504
+    pids = [pid for split in ("train", "dev") for _, pid in read_qrels(tmp_path / f"qrels.{split}.tsv")]
+    assert max(pids) < 1002 and len(pids) == 1504
+    with pytest.raises(ReprolibError, match="1,504 facts"):
+        synthetic.generate(tmp_path, num_passages=1002, num_train_queries=1405, num_dev_queries=100, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_passages": 999}, "num_passages must be from 1,000 to 10,000,000"),
+    ({"num_passages": 10_000_001}, "num_passages must be from"),
+    ({"num_passages": "5000"}, "num_passages must be a non-negative integer"),
+    ({"num_passages": 1000, "num_train_queries": 1450, "num_dev_queries": 100}, "only 1,500 facts"),
+    ({"num_passages": 1000, "num_dev_queries": -1}, "num_dev_queries must be"),
+    ({"num_passages": 1000, "seed": -3}, "seed must be"),
+])
+def test_bad_arguments_raise(tmp_path, kwargs, message):
+    with pytest.raises(ReprolibError, match=message):
+        synthetic.generate(tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_canonicalize():
+    assert synthetic.canonicalize("When was the Town Valtor Bay ESTABLISHED?") == "when was the city valtor bay founded?"
+    assert synthetic.canonicalize("inhabitants residents citizens") == "residents residents residents"
+
+
+# --- the properties, measured with BM25 ---------------------------------------------------------
+def _bm25(out, normalize):
+    """Dev run of BM25 over title + text, optionally on synonym-normalized texts and queries."""
+    rows = read_tsv(out / "corpus.tsv", 3)
+    queries = read_tsv(out / "dev.query.txt", 2)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([normalize(f"{t} {x}") for _, t, x in rows], stopwords="en", show_progress=False),
+                    show_progress=False)
+    docs, scores = retriever.retrieve(bm25s.tokenize([normalize(q) for _, q in queries], stopwords="en",
+                                                     show_progress=False), k=100, show_progress=False)
+    return {qid: {rows[d][0]: float(s) for d, s in zip(docs[i], scores[i])} for i, (qid, _) in enumerate(queries)}
+
+
+@pytest.fixture(scope="module")
+def bm25(data):
+    out, _ = data
+    qrels = {qid: {str(pid): 1} for qid, pid in read_qrels(out / "qrels.dev.tsv")}
+    runs = {name: _bm25(out, normalize) for name, normalize in (("plain", str), ("canonical", synthetic.canonicalize))}
+    rr = {name: ir_measures.calc_aggregate([ir_measures.RR @ 10], qrels, run)[ir_measures.RR @ 10]
+          for name, run in runs.items()}
+    return qrels, runs["plain"], rr
+
+
+def test_bm25_is_fair_but_beatable(bm25):
+    _, _, rr = bm25
+    # measured at 3k passages over seeds 0-4: plain 0.63-0.65, canonical 0.88-0.90
+    assert 0.45 <= rr["plain"] <= 0.75, rr
+    assert rr["canonical"] >= rr["plain"] + 0.15, rr
+
+
+def test_bm25_errors_are_hard_negatives(bm25):
+    qrels, run, _ = bm25
+    top_negative_hard, negatives, hard = 0, 0, 0
+    for qid, ranked in run.items():
+        relevant = synthetic.entity_of_passage(SEED, int(next(iter(qrels[qid]))))
+        top10 = sorted(ranked, key=ranked.get, reverse=True)[:10]
+        for rank, pid in enumerate(pid for pid in top10 if pid not in qrels[qid]):
+            ref = synthetic.entity_of_passage(SEED, int(pid))
+            is_hard = (ref.type, ref.stem) == (relevant.type, relevant.stem)  # same entity or a sibling
+            top_negative_hard += is_hard and rank == 0
+            negatives, hard = negatives + 1, hard + is_hard
+    # measured: ~0.97 of top non-relevant hits and ~0.66 of all top-10 non-relevant hits
+    assert top_negative_hard / len(run) >= 0.85
+    assert hard / negatives >= 0.5
