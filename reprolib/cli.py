@@ -1,0 +1,140 @@
+"""The `reprolib` command. Every verb exits 2 with one line `error: ...` on bad input."""
+import argparse
+import json
+import sys
+
+from reprolib.errors import ReprolibError
+
+
+def cmd_run(args):
+    from reprolib.pipeline import run_pipeline
+    run_pipeline(args.params, out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force)
+
+
+def cmd_status(args):
+    from reprolib.pipeline import format_status
+    print(format_status(args.run_dir))
+
+
+def cmd_prepare(args):
+    from reprolib.data.prepare import prepare
+    options = {}
+    if args.name == "synthetic":
+        options = dict(num_passages=args.num_passages, seed=args.seed)
+    prepare(args.name, args.out, **options)
+    print(f"prepared {args.name} in {args.out}")
+
+
+def cmd_validate(args):
+    from reprolib.data.validate import validate_dataset
+    for line in validate_dataset(args.dataset, drop_missing_qrels=args.drop_missing_qrels):
+        print(line)
+
+
+def cmd_bm25(args):
+    from reprolib.data import Corpus, write_run
+    from reprolib.data.layout import load_queries
+    from reprolib.search import bm25_search
+    corpus = Corpus.open(args.corpus)
+    queries = load_queries(args.queries, args.split)
+    run = bm25_search(corpus, queries, topk=args.topk, k1=args.k1, b=args.b, template=args.template)
+    write_run(args.out, run, tag="bm25")
+    print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
+
+
+def cmd_evaluate(args):
+    from reprolib.data import read_qrels, read_run
+    from reprolib.data.layout import find_qrels_file
+    from reprolib.metrics import evaluate, format_table
+    run = read_run(args.run)
+    qrels = read_qrels(find_qrels_file(args.qrels, args.split))
+    result = evaluate(run, qrels, metrics=args.metrics, denominator=args.denominator,
+                      ignore_identical_ids=args.ignore_identical_ids)
+    print(json.dumps(result.aggregate, indent=2) if args.json else format_table(result.aggregate))
+
+
+def cmd_mine(args):
+    from reprolib.data import read_qrels, read_run, write_negatives
+    from reprolib.data.layout import find_qrels_file
+    from reprolib.search import mine_negatives
+    negatives = mine_negatives(read_run(args.run), read_qrels(find_qrels_file(args.qrels, args.split)),
+                               depth=args.depth, num=args.num)
+    write_negatives(args.out, negatives)
+    print(f"wrote negatives for {len(negatives)} queries to {args.out}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="reprolib", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("run", help="run a pipeline YAML (stages of notebooks) into outputs/")
+    p.add_argument("params")
+    p.add_argument("--out", default="outputs", help="output root (default: outputs)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
+    p.add_argument("--only", metavar="STAGE", help="rerun just this stage")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("status", help="show the stages of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+    data = verbs.add_parser("data", help="prepare or validate datasets").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("prepare", help="synthetic | msmarco-passage | beir/<name> | lotte/<domain>/<split>")
+    p.add_argument("name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-passages", type=int, default=5000, help="synthetic only")
+    p.add_argument("--seed", type=int, default=42, help="synthetic only")
+    p.set_defaults(func=cmd_prepare)
+    p = data.add_parser("validate", help="check every file of a dataset directory (ids, formats, encodings)")
+    p.add_argument("dataset")
+    p.add_argument("--drop-missing-qrels", action="store_true",
+                   help="rewrite qrels without rows whose doc is not in the corpus, and report how many")
+    p.set_defaults(func=cmd_validate)
+
+    p = verbs.add_parser("bm25", help="BM25 retrieval (bm25s) into a TREC run")
+    p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
+    p.add_argument("--queries", required=True, help="queries file or dataset directory")
+    p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--topk", type=int, default=1000)
+    p.add_argument("--k1", type=float, default=1.5)
+    p.add_argument("--b", type=float, default=0.75)
+    p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
+    p.set_defaults(func=cmd_bm25)
+
+    p = verbs.add_parser("evaluate", help="evaluate a TREC run (trec_eval semantics via ir_measures)")
+    p.add_argument("run")
+    p.add_argument("qrels", help="qrels file or dataset directory")
+    p.add_argument("--split")
+    p.add_argument("--metrics", default="RR@10 R@1000 nDCG@10")
+    p.add_argument("--denominator", choices=["judged", "ranked"], default="judged",
+                   help="average over every judged query (MS MARCO) or only the ranked ones (trec_eval default)")
+    p.add_argument("--ignore-identical-ids", action="store_true", help="drop hits whose doc id equals the query id (BEIR)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = verbs.add_parser("mine-negatives", help="top-D of a run minus positives, in rank order")
+    p.add_argument("--run", required=True)
+    p.add_argument("--qrels", required=True)
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--depth", type=int, default=200)
+    p.add_argument("--num", type=int, default=None, help="keep at most this many per query")
+    p.set_defaults(func=cmd_mine)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ReprolibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

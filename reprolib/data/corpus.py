@@ -1,0 +1,185 @@
+"""A corpus that scales to MS MARCO's 8.8M passages without 8.8M Python strings.
+
+The first `Corpus.open(source)` streams the source file once into a store directory:
+
+    ids.npy          fixed-width bytes ids, in file order   (memory-mapped)
+    id_order.npy, sorted_ids.npy   argsort of ids and the sorted ids, for id -> position lookups
+    {title,text}.bin UTF-8 bytes of every field, concatenated  (memory-mapped)
+    {title,text}.idx.npy  start offsets, one more than passages
+
+Later opens memory-map the store, so opening is instant and resident memory stays small.
+Stores live under $REPROLIB_CACHE (default ~/.cache/reprolib), keyed by the source's absolute
+path, size and modification time.
+"""
+import hashlib
+import json
+import os
+import shutil
+from array import array
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from reprolib.data.layout import find_corpus_file
+from reprolib.errors import DataError
+from reprolib.fileio import iter_lines
+
+STORE_VERSION = 1
+
+
+def cache_root():
+    return Path(os.environ.get("REPROLIB_CACHE", Path.home() / ".cache" / "reprolib"))
+
+
+def _iter_source(path):
+    """Yield (line, id, title, text) from corpus.tsv (id,title,text or id,text) or corpus.jsonl."""
+    is_json = path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz")
+    for number, line in iter_lines(path):
+        if is_json:
+            try:
+                record = json.loads(line)
+                pid, title, text = str(record["_id"]), record.get("title") or "", record.get("text") or ""
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(path, number, f"not a corpus record with _id/title/text ({e})") from None
+        else:
+            fields = line.split("\t")
+            if len(fields) == 3:
+                pid, title, text = fields
+            elif len(fields) == 2:
+                (pid, text), title = fields, ""
+            else:
+                raise DataError(path, number, f"expected 2 or 3 tab-separated fields (id, [title,] text), found {len(fields)}")
+        if not pid:
+            raise DataError(path, number, "empty passage id")
+        if not title.strip() and not text.strip():
+            raise DataError(path, number, f"empty passage {pid!r} (no title and no text)")
+        yield number, pid, title, text
+
+
+class _Blob:
+    """Append-only UTF-8 field storage: bytes in one file, offsets in an array."""
+
+    def __init__(self, path):
+        self.file = open(path, "wb")
+        self.offsets = array("q", [0])
+
+    def add(self, value):
+        data = value.encode("utf-8")
+        self.file.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def close(self, index_path):
+        self.file.close()
+        np.save(index_path, np.frombuffer(self.offsets, dtype=np.int64))
+
+
+def build_store(source, store_dir, progress=True):
+    """Stream `source` into a store at `store_dir` (written to a temp dir, then renamed)."""
+    source, store_dir = Path(source), Path(store_dir)
+    tmp = store_dir.with_name(store_dir.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    titles, texts, ids = _Blob(tmp / "title.bin"), _Blob(tmp / "text.bin"), _Blob(tmp / "id.bin")
+    lines = array("q")
+    for number, pid, title, text in tqdm(_iter_source(source), desc=f"indexing {source.name}", unit=" passages",
+                                         disable=not progress, mininterval=1.0):
+        ids.add(pid), titles.add(title), texts.add(text)
+        lines.append(number)
+    for blob, name in ((titles, "title"), (texts, "text"), (ids, "id")):
+        blob.close(tmp / f"{name}.idx.npy")
+    id_array = _fixed_width_ids(tmp)
+    order = np.argsort(id_array, kind="stable")
+    duplicates = np.flatnonzero(id_array[order][1:] == id_array[order][:-1])
+    if len(duplicates):
+        second = order[duplicates[0] + 1]
+        raise DataError(source, lines[second], f"duplicate passage id {id_array[second].decode()!r}")
+    np.save(tmp / "ids.npy", id_array)
+    np.save(tmp / "id_order.npy", order)
+    np.save(tmp / "sorted_ids.npy", id_array[order])
+    (tmp / "meta.json").write_text(json.dumps({"version": STORE_VERSION, "source": str(source), "passages": len(id_array)}))
+    shutil.rmtree(store_dir, ignore_errors=True)
+    os.replace(tmp, store_dir)
+    return store_dir
+
+
+def _fixed_width_ids(tmp):
+    data = np.fromfile(tmp / "id.bin", dtype=np.uint8)
+    offsets = np.load(tmp / "id.idx.npy")
+    width = int(np.diff(offsets).max(initial=1))
+    ids = np.zeros(len(offsets) - 1, dtype=f"S{width}")
+    raw = data.tobytes()
+    for i in range(len(ids)):  # one pass; ids are short
+        ids[i] = raw[offsets[i]:offsets[i + 1]]
+    (tmp / "id.bin").unlink(), (tmp / "id.idx.npy").unlink()
+    return ids
+
+
+class Corpus:
+    """Read-only, memory-mapped passages: `corpus[i]`, `corpus.get(pid)`, `len(corpus)`."""
+
+    def __init__(self, store_dir):
+        store_dir = Path(store_dir)
+        self.store_dir = store_dir
+        self.ids = np.load(store_dir / "ids.npy", mmap_mode="r")
+        self._order = np.load(store_dir / "id_order.npy", mmap_mode="r")
+        self._sorted_ids = np.load(store_dir / "sorted_ids.npy", mmap_mode="r")
+        self._fields = {
+            name: (np.memmap(store_dir / f"{name}.bin", dtype=np.uint8, mode="r") if (store_dir / f"{name}.bin").stat().st_size else np.zeros(0, np.uint8),
+                   np.load(store_dir / f"{name}.idx.npy", mmap_mode="r"))
+            for name in ("title", "text")
+        }
+
+    @classmethod
+    def open(cls, source, progress=True):
+        """Open a corpus file or dataset directory, building its store on first use."""
+        source = find_corpus_file(source).resolve()
+        stat = source.stat()
+        key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{STORE_VERSION}".encode()).hexdigest()[:16]
+        store_dir = cache_root() / "corpus" / f"{source.stem}-{key}"
+        if not (store_dir / "meta.json").exists():
+            build_store(source, store_dir, progress=progress)
+        return cls(store_dir)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def _field(self, name, i):
+        data, offsets = self._fields[name]
+        return bytes(data[offsets[i]:offsets[i + 1]]).decode("utf-8")
+
+    def id(self, i):
+        return self.ids[i].decode("utf-8")
+
+    def title(self, i):
+        return self._field("title", i)
+
+    def text(self, i):
+        return self._field("text", i)
+
+    def __getitem__(self, i):
+        return {"id": self.id(i), "title": self.title(i), "text": self.text(i)}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def positions(self, pids):
+        """Positions of `pids` in the corpus; -1 where an id is absent."""
+        encoded = [p.encode("utf-8") for p in pids]
+        keys = np.asarray(encoded, dtype=self.ids.dtype) if encoded else np.zeros(0, self.ids.dtype)
+        slot = np.searchsorted(self._sorted_ids, keys).clip(0, len(self) - 1)
+        found = self._sorted_ids[slot] == keys
+        found &= np.array([len(e) <= self.ids.dtype.itemsize for e in encoded], dtype=bool)  # longer ids were truncated
+        return np.where(found, self._order[slot], -1)
+
+    def get(self, pid):
+        position = int(self.positions([pid])[0])
+        if position < 0:
+            raise KeyError(pid)
+        return self[position]
+
+    def missing(self, pids):
+        """The subset of `pids` that the corpus lacks."""
+        pids = list(pids)
+        return [p for p, pos in zip(pids, self.positions(pids)) if pos < 0]

@@ -1,0 +1,194 @@
+"""Readers and writers for the retrieval file formats, with one-line errors naming file and line.
+
+Queries, qrels, negatives and runs are small enough to hold as dicts of strings; corpora are not,
+and live in `reprolib.data.corpus`.
+
+| kind      | formats read                                                                   |
+|-----------|--------------------------------------------------------------------------------|
+| queries   | `qid \\t text` (MS MARCO, LoTTE questions.*.tsv); BEIR queries.jsonl             |
+| qrels     | TREC `qid 0 pid rel`; `qid \\t pid`; BEIR tsv with header; LoTTE qas.*.jsonl     |
+| negatives | `qid \\t pid,pid,...`; MS MARCO qidpidtriples (via `triples_to_negatives`)       |
+| runs      | TREC `qid Q0 pid rank score tag`                                                |
+"""
+import json
+from pathlib import Path
+
+from reprolib.errors import DataError
+from reprolib.fileio import atomic_write, iter_lines, split_fields
+
+
+def _json_line(path, number, line):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(path, number, f"invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(path, number, "expected a JSON object")
+    return record
+
+
+def _field(path, number, record, *names):
+    for name in names:
+        if name in record:
+            return record[name]
+    raise DataError(path, number, f"missing field {names[0]!r}")
+
+
+def _put_unique(table, key, value, path, number, what):
+    if key in table:
+        raise DataError(path, number, f"duplicate {what} {key!r}")
+    table[key] = value
+
+
+# ---------------------------------------------------------------- queries
+
+def read_queries(path):
+    """qid -> text from a `qid \\t text` file or a BEIR/JSONL file."""
+    path = Path(path)
+    queries = {}
+    is_json = path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz")
+    for number, line in iter_lines(path):
+        if is_json:
+            record = _json_line(path, number, line)
+            qid, text = str(_field(path, number, record, "_id", "qid")), _field(path, number, record, "text", "query")
+        else:
+            qid, text = split_fields(path, number, line, (2,))
+        if not str(text).strip():
+            raise DataError(path, number, f"empty query text for {qid!r}")
+        _put_unique(queries, qid, text, path, number, "query id")
+    return queries
+
+
+def write_queries(path, queries):
+    with atomic_write(path) as f:
+        for qid, text in queries.items():
+            f.write(f"{qid}\t{text}\n")
+
+
+# ---------------------------------------------------------------- qrels
+
+def read_qrels(path):
+    """qid -> {pid: relevance} from TREC, 2-column, BEIR (header) or LoTTE qas.jsonl qrels."""
+    path = Path(path)
+    qrels = {}
+    if path.suffix == ".jsonl":  # LoTTE: {"qid": .., "answer_pids": [..]}
+        for number, line in iter_lines(path):
+            record = _json_line(path, number, line)
+            qid = str(_field(path, number, record, "qid"))
+            pids = _field(path, number, record, "answer_pids")
+            _put_unique(qrels, qid, {str(p): 1 for p in pids}, path, number, "query id")
+        return qrels
+    width = None  # fixed by the first row, so a truncated line is an error, not another format
+    for number, line in iter_lines(path):
+        if number == 1 and line.split("\t")[0] in ("query-id", "qid", "query_id"):
+            continue  # BEIR header
+        fields = split_fields(path, number, line, (width,) if width else (2, 3, 4), sep=None)
+        width = len(fields)
+        if len(fields) == 2:
+            qid, pid, rel = fields[0], fields[1], "1"
+        elif len(fields) == 3:
+            qid, pid, rel = fields
+        else:
+            qid, _, pid, rel = fields
+        try:
+            relevance = int(rel)
+        except ValueError:
+            raise DataError(path, number, f"relevance {rel!r} is not an integer") from None
+        judged = qrels.setdefault(qid, {})
+        _put_unique(judged, pid, relevance, path, number, f"judgement for query {qid!r}, doc")
+    return qrels
+
+
+def write_qrels(path, qrels):
+    with atomic_write(path) as f:
+        for qid, judged in qrels.items():
+            for pid, rel in judged.items():
+                f.write(f"{qid}\t0\t{pid}\t{rel}\n")
+
+
+# ---------------------------------------------------------------- negatives
+
+def read_negatives(path):
+    """qid -> [pid, ...] in file order (rank order for mined negatives)."""
+    path = Path(path)
+    negatives = {}
+    for number, line in iter_lines(path):
+        qid, pids = split_fields(path, number, line, (2,))
+        ranked = [p for p in pids.split(",") if p]
+        if not ranked:
+            raise DataError(path, number, f"no negatives listed for query {qid!r}")
+        _put_unique(negatives, qid, ranked, path, number, "query id")
+    return negatives
+
+
+def write_negatives(path, negatives):
+    with atomic_write(path) as f:
+        for qid, pids in negatives.items():
+            if pids:
+                f.write(f"{qid}\t{','.join(pids)}\n")
+
+
+# ---------------------------------------------------------------- runs
+
+def read_run(path):
+    """qid -> {pid: score} from a TREC run (the rank column is ignored, as trec_eval does)."""
+    path = Path(path)
+    run = {}
+    for number, line in iter_lines(path):
+        fields = split_fields(path, number, line, (6,), sep=None)
+        qid, pid, score = fields[0], fields[2], fields[4]
+        try:
+            value = float(score)
+        except ValueError:
+            raise DataError(path, number, f"score {score!r} is not a number") from None
+        _put_unique(run.setdefault(qid, {}), pid, value, path, number, f"hit for query {qid!r}, doc")
+    return run
+
+
+def write_run(path, run, tag="reprolib"):
+    """Write hits sorted by score (descending) with ranks 1..k."""
+    with atomic_write(path) as f:
+        for qid, hits in run.items():
+            ranked = sorted(hits.items(), key=lambda hit: -hit[1])
+            for rank, (pid, score) in enumerate(ranked, 1):
+                f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
+
+
+# ---------------------------------------------------------------- id checks
+
+def check_doc_ids(path, table, corpus):
+    """Raise on the first doc id in a qrels/run/negatives table that `corpus` lacks.
+
+    The line is found by re-scanning the file, so the happy path costs nothing extra.
+    """
+    missing = set(corpus.missing({pid for pids in table.values() for pid in pids}))
+    for qid, pids in table.items():
+        for pid in pids:
+            if pid in missing:
+                raise DataError(path, _line_of(path, qid, pid), f"unknown doc id {pid!r} (query {qid!r}) not in the corpus")
+
+
+def check_query_ids(path, table, queries):
+    for qid in table:
+        if qid not in queries:
+            raise DataError(path, _line_of(path, qid, ""), f"unknown query id {qid!r} not in the queries")
+
+
+def drop_unknown_docs(qrels, corpus):
+    """Remove qrels rows whose doc is not in the corpus; return (qrels, number dropped)."""
+    missing = set(corpus.missing({pid for judged in qrels.values() for pid in judged}))
+    kept = {}
+    for qid, judged in qrels.items():
+        present = {pid: rel for pid, rel in judged.items() if pid not in missing}
+        if present:
+            kept[qid] = present
+    dropped = sum(len(j) for j in qrels.values()) - sum(len(j) for j in kept.values())
+    return kept, dropped
+
+
+def _line_of(path, qid, pid):
+    for number, line in iter_lines(path):
+        fields = line.replace(",", " ").split()
+        if fields and fields[0] == qid and (not pid or pid in fields[1:]):
+            return number
+    return None

@@ -1,0 +1,36 @@
+"""`reprolib data prepare NAME`: the synthetic dataset here, real datasets via downloads."""
+from pathlib import Path
+
+from reprolib.data import synthetic
+from reprolib.data.corpus import Corpus
+from reprolib.data.formats import read_qrels, read_queries, write_negatives
+from reprolib.data.prepare_remote import prepare as prepare_remote
+from reprolib.search import bm25_search, mine_negatives
+
+
+def prepare(name, out_dir, progress=True, **options):
+    if name == "synthetic":
+        return prepare_synthetic(out_dir, progress=progress, **options)
+    return prepare_remote(name, out_dir, progress=progress, **options)
+
+
+def prepare_synthetic(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42,
+                      bm25_depth=200, progress=True):
+    """Generate the synthetic dataset, then BM25 negatives for its train queries (as MS MARCO ships)."""
+    out_dir = Path(out_dir)
+    stats = synthetic.generate(out_dir, num_passages=num_passages, num_train_queries=num_train_queries,
+                               num_dev_queries=num_dev_queries, seed=seed, progress=progress)
+    write_bm25_negatives(out_dir, split="train", depth=bm25_depth, progress=progress)
+    return stats
+
+
+def write_bm25_negatives(dataset_dir, split="train", depth=200, progress=True):
+    """`<split>.negatives.tsv`: BM25 top-`depth` minus positives, in rank order."""
+    dataset_dir = Path(dataset_dir)
+    corpus = Corpus.open(dataset_dir, progress=progress)
+    queries = read_queries(dataset_dir / f"{split}.query.txt")
+    qrels = read_qrels(dataset_dir / f"qrels.{split}.tsv")
+    run = bm25_search(corpus, queries, topk=depth, progress=progress)
+    path = dataset_dir / f"{split}.negatives.tsv"
+    write_negatives(path, mine_negatives(run, qrels, depth=depth))
+    return path

@@ -1,0 +1,40 @@
+"""How each recipe turns (title, text) into model input, and its max lengths (RECIPES.md checklist).
+
+Max lengths count [CLS]/[SEP]. `{sep}` is the tokenizer's separator token, filled at tokenization
+time (RetroMAE and Tevatron write the literal "[SEP]", which BERT tokenizers map to the SEP id).
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Template:
+    passage: str          # format string over {title}, {text}, {sep}; "pair" = (title, text) pair input
+    query_max_len: int
+    passage_max_len: int
+    drop_empty_title: bool = False  # OpenMatch keeps "Title:  Text: ..."; RetroMAE pretraining drops short titles
+
+    def render(self, title, text, sep="[SEP]"):
+        if self.passage == "pair":
+            return (title, text)
+        if self.drop_empty_title and len(title) <= 2:
+            return text
+        return self.passage.format(title=title, text=text, sep=sep).strip()
+
+
+TEMPLATES = {
+    "plain": Template("{title} {text}", 32, 256),                 # BEIR + sentence-transformers; BM25
+    "retromae": Template("{title}{sep}{text}", 32, 140),           # RMAE msmarco preprocess (pre-truncated at 150)
+    "retromae_beir": Template("{text}", 32, 144),                  # RMAE BEIR fine-tuning: no title
+    "retromae_pretrain": Template("{title} {text}", 32, 150, drop_empty_title=True),
+    "openmatch": Template("Title: {title} Text: {text}", 32, 128),
+    "tevatron": Template("{title}{sep}{text}", 32, 128),           # the MRR 0.322 example trains with q_max_len 16
+    "lexmae": Template("pair", 32, 144),
+    "disentangled": Template("{text}", 24, 128),
+}
+
+
+def get_template(name):
+    from reprolib.errors import ReprolibError
+    if name not in TEMPLATES:
+        raise ReprolibError(f"unknown text template {name!r}; choose from {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]

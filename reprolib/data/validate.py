@@ -1,0 +1,33 @@
+"""`reprolib data validate DIR`: read every file of a dataset and cross-check its ids."""
+from pathlib import Path
+
+from reprolib.data.corpus import Corpus
+from reprolib.data.formats import (check_doc_ids, check_query_ids, drop_unknown_docs, read_negatives, read_qrels,
+                                   write_qrels)
+from reprolib.data.layout import available_splits, find_qrels_file, load_queries
+
+
+def validate_dataset(dataset_dir, drop_missing_qrels=False):
+    """Yield one summary line per file; raise DataError (file:line: problem) on the first fault."""
+    dataset_dir = Path(dataset_dir)
+    corpus = Corpus.open(dataset_dir)
+    yield f"corpus: {len(corpus)} passages"
+    for split in available_splits(dataset_dir):
+        queries = load_queries(dataset_dir, split)
+        qrels_path = find_qrels_file(dataset_dir, split)
+        qrels = read_qrels(qrels_path)
+        check_query_ids(qrels_path, qrels, queries)
+        if drop_missing_qrels:
+            kept, dropped = drop_unknown_docs(qrels, corpus)
+            if dropped:
+                write_qrels(qrels_path, kept)
+            yield f"{split}: dropped {dropped} qrels rows whose doc is not in the corpus"
+            qrels = kept
+        check_doc_ids(qrels_path, qrels, corpus)
+        yield f"{split}: {len(queries)} queries, {sum(len(j) for j in qrels.values())} qrels rows"
+        negatives_path = dataset_dir / f"{split}.negatives.tsv"
+        if negatives_path.is_file():
+            negatives = read_negatives(negatives_path)
+            check_query_ids(negatives_path, negatives, queries)
+            check_doc_ids(negatives_path, negatives, corpus)
+            yield f"{split}: negatives for {len(negatives)} queries"

@@ -1,0 +1,46 @@
+"""Retrieval that is not a neural model: BM25 (bm25s), and turning runs into negatives."""
+import numpy as np
+from tqdm.auto import tqdm
+
+from reprolib.data.templates import get_template
+
+
+def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain",
+                batch_size=4096, progress=True):
+    """BM25 over a `Corpus`; returns a run {qid: {pid: score}}.
+
+    Passages are streamed from the memory-mapped corpus into bm25s's tokenizer, so the corpus is
+    never held as a list of strings; the sparse score matrix is what stays in memory.
+    """
+    import bm25s
+
+    render = get_template(template).render
+    tokenizer = bm25s.tokenization.Tokenizer(stopwords=stopwords, stemmer=None)
+    passages = (render(corpus.title(i), corpus.text(i), sep=" ") for i in range(len(corpus)))
+    token_ids = tokenizer.tokenize(passages, update_vocab=True, return_as="ids", length=len(corpus),
+                                   show_progress=progress)
+    model = bm25s.BM25(k1=k1, b=b, method=method)
+    model.index((token_ids, tokenizer.get_vocab_dict()), show_progress=progress)
+
+    qids = list(queries)
+    topk = min(topk, len(corpus))
+    run = {}
+    for start in tqdm(range(0, len(qids), batch_size), desc="BM25 search", disable=not progress or len(qids) <= batch_size):
+        batch = qids[start:start + batch_size]
+        query_ids = tokenizer.tokenize([queries[q] for q in batch], update_vocab=False, return_as="ids", show_progress=False)
+        positions, scores = model.retrieve(query_ids, k=topk, show_progress=False)
+        for qid, hits, hit_scores in zip(batch, positions, scores):
+            keep = hit_scores > 0  # a zero score means no query term matched: not a retrieval
+            run[qid] = {corpus.id(int(p)): float(s) for p, s in zip(hits[keep], hit_scores[keep])}
+    return run
+
+
+def mine_negatives(run, qrels, depth=200, num=None):
+    """Rank-ordered negatives per query: the top `depth` hits minus the judged-relevant ones."""
+    negatives = {}
+    for qid, hits in run.items():
+        positives = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
+        ranked = sorted(hits, key=lambda pid: -hits[pid])[:depth]
+        kept = [pid for pid in ranked if pid not in positives]
+        negatives[qid] = kept[:num] if num else kept
+    return {qid: pids for qid, pids in negatives.items() if pids}
