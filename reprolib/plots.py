@@ -1,0 +1,53 @@
+"""Figures the notebooks share. Each returns the matplotlib Figure and saves it when `path` is given."""
+import matplotlib
+
+if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "nbagg", "qt", "tk", "macosx")):
+    matplotlib.use("Agg")  # headless (CI, papermill without inline backend)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+RECALL_DEPTHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def _finish(fig, path):
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def recall_curve(recalls, path=None, title="Recall@k"):
+    """`recalls`: {system name: {k: recall}}; x axis on a log scale."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, by_depth in recalls.items():
+        depths = sorted(by_depth)
+        ax.plot(depths, [by_depth[k] for k in depths], marker="o", ms=3, label=name)
+    ax.set(xscale="log", xlabel="k (passages retrieved)", ylabel="recall@k", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)
+
+
+def per_query_histogram(values, metric, path=None):
+    """`values`: {system name: {qid: value}}; shows how a mean hides easy and failed queries."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    bins = np.linspace(0, 1, 21)
+    for name, per_query in values.items():
+        ax.hist(list(per_query.values()), bins=bins, alpha=0.6, label=f"{name} (mean {np.mean(list(per_query.values())):.3f})")
+    ax.set(xlabel=f"per-query {metric}", ylabel="queries", title=f"Distribution of {metric} over queries")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def metric_bars(table, path=None, title="Metrics by stage"):
+    """`table`: {stage: {metric: value}}; one group of bars per metric."""
+    shared = sorted({m for row in table.values() for m in row})
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(shared) * max(1, len(table)) / 2), 3.6))
+    width = 0.8 / max(1, len(table))
+    for i, (stage, row) in enumerate(table.items()):
+        xs = [j + i * width for j, m in enumerate(shared) if m in row]
+        ax.bar(xs, [row[m] for m in shared if m in row], width, label=stage)
+    ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(shared))], shared, rotation=30, ha="right")
+    ax.set(ylabel="value", title=title)
+    ax.legend()
+    return _finish(fig, path)

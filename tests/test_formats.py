@@ -1,0 +1,238 @@
+"""Readers and writers of queries, qrels, negatives and runs; errors are exactly `path:line: problem`."""
+import gzip
+
+import pytest
+
+from reprolib.data.formats import (read_negatives, read_qrels, read_queries, read_run, write_negatives, write_qrels,
+                                   write_queries, write_run)
+from reprolib.errors import DataError, ReprolibError
+
+
+def write_bytes(path, data):
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def raises_exactly(func, path, message):
+    """Call func(path); it must raise DataError whose str is exactly f'{path}:{message}'."""
+    with pytest.raises(DataError) as info:
+        func(path)
+    assert str(info.value) == f"{path}:{message}"
+    assert isinstance(info.value, ReprolibError)
+    return info.value
+
+
+# ---------------------------------------------------------------- queries
+
+def test_queries_tsv(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", "1\twhat is a cat\n2\thow tall is Zürich's tower\n\n")
+    assert read_queries(path) == {"1": "what is a cat", "2": "how tall is Zürich's tower"}
+
+
+def test_queries_tsv_crlf(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", "1\tfirst\r\n2\tsecond\r\n")
+    assert read_queries(path) == {"1": "first", "2": "second"}
+
+
+def test_queries_beir_jsonl(tmp_path):
+    path = write_bytes(tmp_path / "queries.jsonl",
+                       '{"_id": "q1", "text": "caf\\u00e9 prices", "metadata": {}}\n'
+                       '{"_id": 7, "text": "numeric id"}\n')
+    assert read_queries(path) == {"q1": "café prices", "7": "numeric id"}
+
+
+def test_queries_gz(tmp_path):
+    path = tmp_path / "queries.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"_id": "a", "text": "zipped"}\n')
+    assert read_queries(path) == {"a": "zipped"}
+
+
+def test_queries_round_trip(tmp_path):
+    queries = {"1": "alpha beta", "q-2": "naïve — “quotes”", "3": "x"}
+    write_queries(tmp_path / "q.tsv", queries)
+    assert read_queries(tmp_path / "q.tsv") == queries
+
+
+def test_duplicate_query_id(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", "1\ta\n2\tb\n1\tc\n")
+    raises_exactly(read_queries, path, "3: duplicate query id '1'")
+
+
+def test_empty_query_text(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", "1\ta\n2\t   \n")
+    raises_exactly(read_queries, path, "2: empty query text for '2'")
+
+
+def test_empty_query_text_jsonl(tmp_path):
+    path = write_bytes(tmp_path / "q.jsonl", '{"_id": "a", "text": "ok"}\n{"_id": "b", "text": ""}\n')
+    raises_exactly(read_queries, path, "2: empty query text for 'b'")
+
+
+def test_query_line_without_tab(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", "1\ta\n2 no tab here\n")
+    raises_exactly(read_queries, path, "2: expected 2 fields, found 1: '2 no tab here'")
+
+
+def test_bad_json(tmp_path):
+    path = write_bytes(tmp_path / "q.jsonl", '{"_id": "a", "text": "ok"}\n{"_id": "b", "text": \n')
+    err = raises_exactly(read_queries, path, "2: invalid JSON (Expecting value)")
+    assert err.line == 2
+
+
+def test_json_not_an_object(tmp_path):
+    path = write_bytes(tmp_path / "q.jsonl", '["a", "b"]\n')
+    raises_exactly(read_queries, path, "1: expected a JSON object")
+
+
+def test_json_missing_field(tmp_path):
+    path = write_bytes(tmp_path / "q.jsonl", '{"_id": "a"}\n')
+    raises_exactly(read_queries, path, "1: missing field 'text'")
+
+
+def test_non_utf8_byte_names_line_and_byte(tmp_path):
+    path = write_bytes(tmp_path / "q.tsv", b"1\tok\n2\tcaf\xe9 au lait\n")
+    raises_exactly(read_queries, path, "2: not valid UTF-8 (byte 0xe9 at column 6)")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.tsv"
+    for reader in (read_queries, read_qrels, read_negatives, read_run):
+        with pytest.raises(DataError) as info:
+            reader(path)
+        assert str(info.value) == f"{path}: file not found"
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(DataError) as info:
+        read_queries(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, expected a file"
+
+
+# ---------------------------------------------------------------- qrels
+
+def test_qrels_trec_space(tmp_path):
+    path = write_bytes(tmp_path / "qrels.txt", "1 0 10 1\n1 0 11 2\n2 0 10 0\n")
+    assert read_qrels(path) == {"1": {"10": 1, "11": 2}, "2": {"10": 0}}
+
+
+def test_qrels_trec_tab(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", "1\t0\t10\t1\n2\tQ0\t20\t3\n")
+    assert read_qrels(path) == {"1": {"10": 1}, "2": {"20": 3}}
+
+
+def test_qrels_two_columns(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", "1\t10\n1\t11\n2\t20\n")
+    assert read_qrels(path) == {"1": {"10": 1, "11": 1}, "2": {"20": 1}}
+
+
+def test_qrels_beir_header_crlf(tmp_path):
+    path = write_bytes(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\r\nq1\tdoc1\t1\r\nq1\tdoc2\t2\r\nq2\tdoc1\t1\r\n")
+    assert read_qrels(path) == {"q1": {"doc1": 1, "doc2": 2}, "q2": {"doc1": 1}}
+
+
+def test_qrels_lotte_qas_jsonl(tmp_path):
+    path = write_bytes(tmp_path / "qas.search.jsonl",
+                       '{"qid": 0, "query": "q zero", "answer_pids": [5, 9]}\n{"qid": 1, "query": "q one", "answer_pids": [3]}\n')
+    assert read_qrels(path) == {"0": {"5": 1, "9": 1}, "1": {"3": 1}}
+
+
+def test_qrels_round_trip(tmp_path):
+    qrels = {"1": {"10": 1, "11": 0}, "q2": {"d-3": 3}}
+    write_qrels(tmp_path / "qrels.tsv", qrels)
+    assert read_qrels(tmp_path / "qrels.tsv") == qrels
+    assert (tmp_path / "qrels.tsv").read_text().splitlines()[0] == "1\t0\t10\t1"
+
+
+def test_qrels_truncated_line(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", "1 0 10 1\n1 0 11 1\n2 0\n")
+    raises_exactly(read_qrels, path, "3: expected 4 fields, found 2: '2 0'")
+
+
+def test_qrels_non_integer_relevance(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", "1 0 10 1\n1 0 11 high\n")
+    raises_exactly(read_qrels, path, "2: relevance 'high' is not an integer")
+
+
+def test_qrels_duplicate_row(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", "1 0 10 1\n2 0 10 1\n1 0 10 1\n")
+    raises_exactly(read_qrels, path, "3: duplicate judgement for query '1', doc '10'")
+
+
+def test_qrels_lotte_duplicate_query(tmp_path):
+    path = write_bytes(tmp_path / "qas.dev.jsonl", '{"qid": 1, "answer_pids": [1]}\n{"qid": 1, "answer_pids": [2]}\n')
+    raises_exactly(read_qrels, path, "2: duplicate query id '1'")
+
+
+def test_qrels_non_utf8(tmp_path):
+    path = write_bytes(tmp_path / "qrels.tsv", b"1 0 10 1\n1 0 \xff1 1\n")
+    raises_exactly(read_qrels, path, "2: not valid UTF-8 (byte 0xff at column 5)")
+
+
+# ---------------------------------------------------------------- negatives
+
+def test_negatives_read(tmp_path):
+    path = write_bytes(tmp_path / "neg.tsv", "1\t5,3,9\n2\t7\n")
+    negatives = read_negatives(path)
+    assert negatives == {"1": ["5", "3", "9"], "2": ["7"]}
+    assert list(negatives["1"]) == ["5", "3", "9"]  # file (rank) order kept
+
+
+def test_negatives_round_trip_skips_empty(tmp_path):
+    write_negatives(tmp_path / "neg.tsv", {"1": ["b", "a"], "2": [], "3": ["c"]})
+    assert read_negatives(tmp_path / "neg.tsv") == {"1": ["b", "a"], "3": ["c"]}
+
+
+def test_negatives_empty_list(tmp_path):
+    path = write_bytes(tmp_path / "neg.tsv", "1\t5\n2\t,\n")
+    raises_exactly(read_negatives, path, "2: no negatives listed for query '2'")
+
+
+def test_negatives_duplicate_query(tmp_path):
+    path = write_bytes(tmp_path / "neg.tsv", "1\t5\n1\t6\n")
+    raises_exactly(read_negatives, path, "2: duplicate query id '1'")
+
+
+# ---------------------------------------------------------------- runs
+
+def test_run_read(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 bm25\n1 Q0 11 2 1.0 bm25\n2\tQ0\t10\t1\t-0.5\tx\n")
+    assert read_run(path) == {"1": {"10": 2.5, "11": 1.0}, "2": {"10": -0.5}}
+
+
+def test_run_round_trip_sorted(tmp_path):
+    run = {"1": {"a": 0.5, "b": 2.0, "c": 1.25}, "2": {"z": 3.0}}
+    write_run(tmp_path / "run.trec", run, tag="t")
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert lines[:3] == ["1 Q0 b 1 2.000000 t", "1 Q0 c 2 1.250000 t", "1 Q0 a 3 0.500000 t"]
+    assert read_run(tmp_path / "run.trec") == run
+
+
+def test_run_non_numeric_score(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 t\n1 Q0 11 2 high t\n")
+    raises_exactly(read_run, path, "2: score 'high' is not a number")
+
+
+def test_run_wrong_field_count(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5\n")
+    raises_exactly(read_run, path, "1: expected 6 fields, found 5: '1 Q0 10 1 2.5'")
+
+
+def test_run_duplicate_hit(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 t\n1 Q0 10 2 2.0 t\n")
+    raises_exactly(read_run, path, "2: duplicate hit for query '1', doc '10'")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "q.tsv"
+    write_queries(path, {"1": "old"})
+
+    class Boom(dict):
+        def items(self):
+            yield "1", "new"
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_queries(path, Boom())
+    assert read_queries(path) == {"1": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["q.tsv"]
