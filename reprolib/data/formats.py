@@ -82,6 +82,8 @@ def read_qrels(path):
     for number, line in iter_lines(path):
         if number == 1 and line.split("\t")[0] in ("query-id", "qid", "query_id"):
             continue  # BEIR header
+        if line.lstrip().startswith("#"):
+            continue  # trec_eval comment line ('#' inside an id is kept)
         fields = split_fields(path, number, line, (width,) if width else (2, 3, 4), sep=None)
         width = len(fields)
         if len(fields) == 2:
@@ -135,7 +137,11 @@ def read_run(path):
     path = Path(path)
     run = {}
     for number, line in iter_lines(path):
-        fields = split_fields(path, number, line, (6,), sep=None)
+        if line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 6:  # trec_eval ignores fields after the tag, and so do we
+            raise DataError(path, number, f"expected 6 fields (qid Q0 doc rank score tag), found {len(fields)}: {line[:80]!r}")
         qid, pid, score = fields[0], fields[2], fields[4]
         try:
             value = float(score)

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make quickstart   install into .venv, then run params/quickstart.yaml (offline, CPU, minutes)
+#   make test         install into .venv, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# A CPU build of torch keeps the install small on machines without a GPU; GPU users install
+# from environment.yml (conda) instead.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install quickstart test bench clean
+
+$(BIN)/reprolib: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[faiss,test]"
+	touch $@
+
+install: $(BIN)/reprolib
+
+quickstart: install
+	$(BIN)/reprolib run params/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/corpus_access.py
+
+clean:
+	rm -rf $(VENV) outputs/quickstart

@@ -1,0 +1,261 @@
+"""The `reprolib` command: exit codes, one-line errors naming file and line, and the data verbs."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from reprolib.cli import main
+from reprolib.data import read_negatives, read_qrels, read_queries, write_qrels, write_run
+from reprolib.data.corpus import Corpus
+
+
+def error_line(capsys, argv):
+    """Run the CLI; it must exit 2 with exactly one `error: ...` line, the last line of stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def ok(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A 5-passage dataset in MS MARCO layout with a dev split."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "corpus.tsv").write_text("".join(f"{i}\tTitle {i}\tpassage number {i} about topic{i}\n" for i in range(10, 15)))
+    (d / "dev.query.txt").write_text("1\ttopic10\n2\ttopic11\n3\ttopic12\n")
+    (d / "qrels.dev.tsv").write_text("1 0 10 1\n2 0 11 1\n3 0 12 1\n")
+    return d
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_dir, tmp_path):
+    """A private, writable copy of the session's synthetic dataset."""
+    return shutil.copytree(synthetic_dir, tmp_path / "synthetic")
+
+
+# ---------------------------------------------------------------- help
+
+def test_python_m_reprolib_help():
+    result = subprocess.run([sys.executable, "-m", "reprolib", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for verb in ("run", "status", "data", "bm25", "evaluate", "mine-negatives"):
+        assert verb in result.stdout
+
+
+def test_unknown_verb_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-verb"])
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------- evaluate
+
+def test_evaluate_truncated_qrels_line(capsys, tmp_path):
+    run = tmp_path / "run.trec"
+    write_run(run, {"1": {"10": 2.0, "11": 1.0}})
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("1 0 10 1\n1 0 11 0\n2 0\n")
+    assert error_line(capsys, ["evaluate", str(run), str(qrels)]) == f"error: {qrels}:3: expected 4 fields, found 2: '2 0'"
+
+
+def test_evaluate_missing_run(capsys, tiny, tmp_path):
+    run = tmp_path / "missing.trec"
+    assert error_line(capsys, ["evaluate", str(run), str(tiny)]) == f"error: {run}: file not found"
+
+
+def test_evaluate_missing_qrels(capsys, tmp_path):
+    run = tmp_path / "run.trec"
+    write_run(run, {"1": {"10": 2.0}})
+    qrels = tmp_path / "nope"
+    assert error_line(capsys, ["evaluate", str(run), str(qrels)]) == f"error: {qrels}: file or directory not found"
+
+
+def test_evaluate_run_with_bad_score(capsys, tiny, tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text("1 Q0 10 1 1.5 t\n1 Q0 11 2 nan? t\n")
+    assert error_line(capsys, ["evaluate", str(run), str(tiny)]) == f"error: {run}:2: score 'nan?' is not a number"
+
+
+def test_evaluate_json(capsys, tiny, tmp_path):
+    run = tmp_path / "run.trec"
+    write_run(run, {"1": {"10": 2.0, "11": 1.0}, "2": {"10": 2.0, "11": 1.0}, "3": {"13": 1.0}})
+    out = ok(capsys, ["evaluate", str(run), str(tiny), "--metrics", "RR@10 P@1", "--json"])
+    result = json.loads(out)
+    assert result == pytest.approx({"RR@10": (1 + 0.5 + 0) / 3, "P@1": 1 / 3})
+
+
+# ---------------------------------------------------------------- bm25
+
+def test_bm25_missing_corpus(capsys, tiny, tmp_path):
+    corpus = tmp_path / "missing.tsv"
+    line = error_line(capsys, ["bm25", "--corpus", str(corpus), "--queries", str(tiny), "--out", str(tmp_path / "r")])
+    assert line == f"error: {corpus}: file or directory not found"
+    assert not (tmp_path / "r").exists()
+
+
+def test_bm25_missing_queries(capsys, tiny, tmp_path):
+    queries = tmp_path / "missing.tsv"
+    line = error_line(capsys, ["bm25", "--corpus", str(tiny), "--queries", str(queries), "--out", str(tmp_path / "r")])
+    assert line == f"error: {queries}: file or directory not found"
+    assert not (tmp_path / "r").exists()
+
+
+def test_bm25_writes_a_run(capsys, tiny, tmp_path):
+    run = tmp_path / "run.trec"
+    out = ok(capsys, ["bm25", "--corpus", str(tiny), "--queries", str(tiny), "--out", str(run), "--topk", "3"])
+    assert out.startswith("wrote ") and str(run) in out
+    lines = run.read_text().splitlines()
+    assert lines[0].split() == ["1", "Q0", "10", "1", lines[0].split()[4], "bm25"]
+    assert {line.split()[0] for line in lines} == {"1", "2", "3"}
+
+
+# ---------------------------------------------------------------- data validate
+
+def test_validate_synthetic_passes(capsys, synthetic_dir):
+    out = ok(capsys, ["data", "validate", str(synthetic_dir)])
+    assert "corpus: 2000 passages" in out
+    assert "dev: 200 queries, 200 qrels rows" in out
+    assert "train: negatives for" in out
+
+
+def test_validate_unknown_pid_in_negatives(capsys, synthetic_copy):
+    path = synthetic_copy / "train.negatives.tsv"
+    lines = path.read_text().splitlines()
+    qid = lines[6].split("\t")[0]
+    lines[6] = f"{qid}\t3,99999,5"
+    path.write_text("\n".join(lines) + "\n")
+    line = error_line(capsys, ["data", "validate", str(synthetic_copy)])
+    assert line == f"error: {path}:7: unknown doc id '99999' (query {qid!r}) not in the corpus"
+
+
+def test_validate_unknown_qid_in_negatives(capsys, synthetic_copy):
+    path = synthetic_copy / "train.negatives.tsv"
+    with open(path, "a") as f:
+        f.write("no-such-query\t1,2\n")
+    number = len(path.read_text().splitlines())
+    line = error_line(capsys, ["data", "validate", str(synthetic_copy)])
+    assert line == f"error: {path}:{number}: unknown query id 'no-such-query' not in the queries"
+
+
+def test_validate_non_utf8_byte(capsys, synthetic_copy):
+    path = synthetic_copy / "dev.query.txt"
+    lines = path.read_bytes().split(b"\n")
+    qid = lines[4].split(b"\t")[0]
+    lines[4] = qid + b"\twhat is \xff here"
+    path.write_bytes(b"\n".join(lines))
+    col = len(qid) + len(b"\twhat is ") + 1
+    line = error_line(capsys, ["data", "validate", str(synthetic_copy)])
+    assert line == f"error: {path}:5: not valid UTF-8 (byte 0xff at column {col})"
+
+
+def test_validate_unknown_pid_names_its_own_line(capsys, tmp_path):
+    # The missing doc id '1' equals the relevance label of line 1; the error must still name line 2.
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "corpus.tsv").write_text("10\ta\n11\tb\n")
+    (d / "dev.query.txt").write_text("5\tq five\n")
+    (d / "qrels.dev.tsv").write_text("5 0 10 1\n5 0 1 1\n")
+    line = error_line(capsys, ["data", "validate", str(d)])
+    assert line == f"error: {d / 'qrels.dev.tsv'}:2: unknown doc id '1' (query '5') not in the corpus"
+
+
+def test_validate_drop_missing_qrels(capsys, synthetic_copy):
+    qrels_path = synthetic_copy / "qrels.dev.tsv"
+    qrels = read_qrels(qrels_path)
+    first, second = list(qrels)[:2]
+    qrels[first]["gone-1"] = 1
+    qrels[second]["gone-2"] = 1
+    write_qrels(qrels_path, qrels)
+    line = error_line(capsys, ["data", "validate", str(synthetic_copy)])
+    assert "unknown doc id 'gone-1'" in line
+
+    out = ok(capsys, ["data", "validate", str(synthetic_copy), "--drop-missing-qrels"])
+    assert "dev: dropped 2 qrels rows whose doc is not in the corpus" in out
+    assert "train: dropped 0 qrels rows whose doc is not in the corpus" in out
+    rewritten = read_qrels(qrels_path)
+    assert sum(len(j) for j in rewritten.values()) == 200
+    assert "gone-1" not in rewritten[first] and "gone-2" not in rewritten[second]
+    assert ok(capsys, ["data", "validate", str(synthetic_copy)])  # now clean
+
+
+def test_validate_drop_missing_qrels_keeps_beir_qrels_readable(capsys, tmp_path):
+    d = tmp_path / "beirish"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "one"}\n{"_id": "d2", "title": "", "text": "two"}\n')
+    (d / "queries.jsonl").write_text('{"_id": "q1", "text": "first"}\n{"_id": "q2", "text": "second"}\n')
+    (d / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\r\nq1\td1\t1\r\nq1\tdX\t1\r\nq2\td2\t1\r\n")
+    out = ok(capsys, ["data", "validate", str(d), "--drop-missing-qrels"])
+    assert "test: dropped 1 qrels rows" in out
+    assert read_qrels(d / "qrels" / "test.tsv") == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+
+
+def test_validate_drop_missing_qrels_keeps_lotte_qas_jsonl_readable(capsys, tmp_path):
+    # LoTTE qrels are qas.<split>.jsonl; rewriting them must keep them JSON lines that read back.
+    d = tmp_path / "lotte"
+    d.mkdir()
+    (d / "collection.tsv").write_text("0\tpassage zero\n1\tpassage one\n")
+    (d / "questions.search.tsv").write_text("0\tquestion zero\n1\tquestion one\n")
+    qas = d / "qas.search.jsonl"
+    qas.write_text('{"qid": 0, "query": "question zero", "answer_pids": [0, 7]}\n'
+                   '{"qid": 1, "query": "question one", "answer_pids": [1]}\n')
+    out = ok(capsys, ["data", "validate", str(d), "--drop-missing-qrels"])
+    assert "search: dropped 1 qrels rows" in out
+    assert read_qrels(qas) == {"0": {"0": 1}, "1": {"1": 1}}
+    assert ok(capsys, ["data", "validate", str(d)])
+
+
+# ---------------------------------------------------------------- mine-negatives
+
+def test_mine_negatives(capsys, tmp_path):
+    run, qrels, out = tmp_path / "run.trec", tmp_path / "qrels.tsv", tmp_path / "negs.tsv"
+    write_run(run, {"1": {"a": 5.0, "b": 4.0, "c": 3.0, "d": 2.0, "e": 1.0},
+                    "2": {"x": 2.0, "y": 1.0},
+                    "3": {"p": 1.0}})
+    qrels.write_text("1\t0\tb\t1\n1\t0\td\t0\n2\t0\tx\t1\n2\t0\ty\t1\n3\t0\tz\t1\n")
+    stdout = ok(capsys, ["mine-negatives", "--run", str(run), "--qrels", str(qrels), "--out", str(out),
+                         "--depth", "4", "--num", "2"])
+    assert stdout.strip() == f"wrote negatives for 2 queries to {out}"
+    # query 1: top-4 a b c d minus positive b -> a c d (d is judged 0: a negative), cut to 2;
+    # query 2: every hit is positive -> no line; query 3: p
+    assert out.read_text() == "1\ta,c\n3\tp\n"
+    assert read_negatives(out) == {"1": ["a", "c"], "3": ["p"]}
+
+
+def test_mine_negatives_missing_run(capsys, tmp_path):
+    run = tmp_path / "none.trec"
+    line = error_line(capsys, ["mine-negatives", "--run", str(run), "--qrels", str(tmp_path), "--out", str(tmp_path / "n")])
+    assert line == f"error: {run}: file not found"
+
+
+# ---------------------------------------------------------------- data prepare
+
+def test_prepare_synthetic_writes_msmarco_layout(capsys, tmp_path):
+    out_dir = tmp_path / "syn"
+    stdout = ok(capsys, ["data", "prepare", "synthetic", "--out", str(out_dir), "--num-passages", "1000"])
+    assert stdout.strip() == f"prepared synthetic in {out_dir}"
+    for name in ("corpus.tsv", "train.query.txt", "dev.query.txt", "qrels.train.tsv", "qrels.dev.tsv",
+                 "train.negatives.tsv"):
+        assert (out_dir / name).is_file(), name
+    corpus = Corpus.open(out_dir, progress=False)
+    assert len(corpus) == 1000
+    train, qrels = read_queries(out_dir / "train.query.txt"), read_qrels(out_dir / "qrels.train.tsv")
+    negatives = read_negatives(out_dir / "train.negatives.tsv")
+    assert negatives and set(negatives) <= set(train)
+    for qid, pids in negatives.items():
+        assert not set(pids) & {p for p, r in qrels[qid].items() if r > 0}
+        assert len(pids) <= 200
+    assert not corpus.missing({p for pids in negatives.values() for p in pids})
+    assert "dev:" in ok(capsys, ["data", "validate", str(out_dir)])
