@@ -1,0 +1,114 @@
+"""BM25 (bm25s) retrieval, negative mining, and the scifact acceptance check through the CLI."""
+import json
+
+import ir_measures
+import pytest
+
+from conftest import shared_dataset
+from reprolib.cli import main
+from reprolib.data import read_qrels, read_queries, read_run
+from reprolib.data.corpus import Corpus
+from reprolib.search import bm25_search, mine_negatives
+
+
+@pytest.fixture(scope="session")
+def synthetic_dev_run(synthetic_dir, synthetic_corpus):
+    queries = read_queries(synthetic_dir / "dev.query.txt")
+    return bm25_search(synthetic_corpus, queries, topk=100, progress=False)
+
+
+def test_bm25_beats_random_on_synthetic(synthetic_dir, synthetic_dev_run):
+    qrels = read_qrels(synthetic_dir / "qrels.dev.tsv")
+    assert set(synthetic_dev_run) == set(qrels)
+    rr = ir_measures.calc_aggregate([ir_measures.RR @ 10], qrels, synthetic_dev_run)[ir_measures.RR @ 10]
+    # one relevant passage in 2,000: random ranking gives RR@10 of about 0.0015
+    assert rr > 0.4
+
+
+def test_bm25_hits_sorted_and_positive(synthetic_dev_run, synthetic_corpus):
+    for hits in synthetic_dev_run.values():
+        scores = list(hits.values())
+        assert scores == sorted(scores, reverse=True)
+        assert all(s > 0 for s in scores)
+        assert 0 < len(hits) <= 100
+    pids = {pid for hits in synthetic_dev_run.values() for pid in hits}
+    assert not synthetic_corpus.missing(pids)
+
+
+@pytest.fixture
+def toy_corpus(tmp_path):
+    path = tmp_path / "corpus.tsv"
+    path.write_text("a\tApples\tred apples and green apples\n"
+                    "b\tPears\tpears are sweet\n"
+                    "c\t\tapples grow on trees\n"
+                    "d\t\tnothing relevant at all\n"
+                    "e\tBananas\tyellow bananas\n")
+    return Corpus.open(path, progress=False)
+
+
+def test_zero_score_hits_are_dropped(toy_corpus):
+    run = bm25_search(toy_corpus, {"q1": "apples", "q2": "kiwi unknownword", "q3": "sweet bananas"},
+                      topk=10, progress=False)
+    assert list(run["q1"]) == ["a", "c"]  # a mentions apples three times (title + text)
+    assert run["q1"]["a"] > run["q1"]["c"] > 0
+    assert run["q2"] == {}  # no term matches: no hits at all, rather than 5 zero-score ones
+    assert set(run["q3"]) == {"b", "e"}
+
+
+def test_topk_larger_than_corpus(toy_corpus):
+    run = bm25_search(toy_corpus, {"q": "apples pears bananas trees nothing"}, topk=1000, progress=False)
+    assert set(run["q"]) == {"a", "b", "c", "d", "e"}
+
+
+def test_batches_give_the_same_run(toy_corpus):
+    queries = {str(i): text for i, text in enumerate(["apples", "pears", "bananas", "trees", "sweet"])}
+    whole = bm25_search(toy_corpus, queries, topk=3, progress=False)
+    batched = bm25_search(toy_corpus, queries, topk=3, batch_size=2, progress=False)
+    assert batched == whole
+
+
+# ---------------------------------------------------------------- mine_negatives
+
+RUN = {"q1": {"p1": 9.0, "p2": 8.0, "p3": 7.0, "p4": 6.0, "p5": 5.0, "p6": 4.0},
+       "q2": {"x": 1.0, "y": 2.0, "z": 3.0},
+       "q3": {"only": 1.0}}
+QRELS = {"q1": {"p2": 1, "p4": 2, "p5": 0}, "q3": {"only": 1}}
+
+
+def test_mine_negatives_removes_positives_in_rank_order():
+    negatives = mine_negatives(RUN, QRELS)
+    assert negatives["q1"] == ["p1", "p3", "p5", "p6"]  # p5 is judged non-relevant: a valid negative
+    assert negatives["q2"] == ["z", "y", "x"]  # ranked by score, not by dict order; no qrels: all kept
+    assert "q3" not in negatives  # every hit is positive: no entry
+
+
+def test_mine_negatives_depth_and_num():
+    assert mine_negatives(RUN, QRELS, depth=3)["q1"] == ["p1", "p3"]  # depth counts hits before removal
+    assert mine_negatives(RUN, QRELS, depth=200, num=2)["q1"] == ["p1", "p3"]
+    assert mine_negatives(RUN, QRELS, depth=5, num=10)["q1"] == ["p1", "p3", "p5"]
+    assert mine_negatives(RUN, QRELS, depth=1, num=1) == {"q1": ["p1"], "q2": ["z"]}
+
+
+def test_mine_negatives_on_synthetic(synthetic_dir, synthetic_dev_run):
+    qrels = read_qrels(synthetic_dir / "qrels.dev.tsv")
+    negatives = mine_negatives(synthetic_dev_run, qrels, depth=50, num=30)
+    for qid, pids in negatives.items():
+        assert len(pids) <= 30
+        assert not set(pids) & set(qrels[qid])
+        ranked = list(synthetic_dev_run[qid])[:50]
+        assert pids == [p for p in ranked if p not in qrels[qid]][:30]
+
+
+# ---------------------------------------------------------------- acceptance
+
+def test_scifact_bm25_ndcg10_through_the_cli(tmp_path, capsys):
+    scifact = shared_dataset("beir", "scifact")
+    if not (scifact / "corpus.jsonl").exists() or not (scifact / "qrels" / "test.tsv").exists():
+        pytest.skip("scifact corpus or test qrels absent")
+    run = tmp_path / "scifact.bm25.trec"
+    assert main(["bm25", "--corpus", str(scifact), "--queries", str(scifact), "--split", "test", "--out", str(run)]) == 0
+    assert len(read_run(run)) == 300
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(scifact), "--split", "test", "--metrics", "nDCG@10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nDCG@10"] == pytest.approx(0.662, abs=0.01)
