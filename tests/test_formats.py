@@ -214,8 +214,11 @@ def test_run_non_numeric_score(tmp_path):
 
 
 def test_run_wrong_field_count(tmp_path):
-    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5\n")
-    raises_exactly(read_run, path, "1: expected 6 fields, found 5: '1 Q0 10 1 2.5'")
+    path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 t\n1 Q0 11 2 2.0\n")
+    with pytest.raises(DataError) as info:
+        read_run(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: expected 6 fields") and message.endswith("found 5: '1 Q0 11 2 2.0'")
 
 
 def test_run_duplicate_hit(tmp_path):
@@ -236,3 +239,8 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         write_queries(path, Boom())
     assert read_queries(path) == {"1": "old"}
     assert [p.name for p in tmp_path.iterdir()] == ["q.tsv"]
+
+
+def test_run_comments_and_extra_fields_ignored(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 t extra\n")
+    assert read_run(path) == {"1": {"10": 2.5}}

@@ -13,6 +13,7 @@ path, size and modification time.
 """
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from array import array
@@ -90,13 +91,14 @@ def build_store(source, store_dir, progress=True):
         blob.close(tmp / f"{name}.idx.npy")
     id_array = _fixed_width_ids(tmp)
     order = np.argsort(id_array, kind="stable")
-    duplicates = np.flatnonzero(id_array[order][1:] == id_array[order][:-1])
+    sorted_ids = id_array[order]
+    duplicates = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
     if len(duplicates):
         second = order[duplicates[0] + 1]
         raise DataError(source, lines[second], f"duplicate passage id {id_array[second].decode()!r}")
     np.save(tmp / "ids.npy", id_array)
     np.save(tmp / "id_order.npy", order)
-    np.save(tmp / "sorted_ids.npy", id_array[order])
+    np.save(tmp / "sorted_ids.npy", sorted_ids)
     (tmp / "meta.json").write_text(json.dumps({"version": STORE_VERSION, "source": str(source), "passages": len(id_array)}))
     shutil.rmtree(store_dir, ignore_errors=True)
     os.replace(tmp, store_dir)
@@ -104,15 +106,21 @@ def build_store(source, store_dir, progress=True):
 
 
 def _fixed_width_ids(tmp):
-    data = np.fromfile(tmp / "id.bin", dtype=np.uint8)
+    raw = (tmp / "id.bin").read_bytes()
     offsets = np.load(tmp / "id.idx.npy")
     width = int(np.diff(offsets).max(initial=1))
     ids = np.zeros(len(offsets) - 1, dtype=f"S{width}")
-    raw = data.tobytes()
     for i in range(len(ids)):  # one pass; ids are short
         ids[i] = raw[offsets[i]:offsets[i + 1]]
     (tmp / "id.bin").unlink(), (tmp / "id.idx.npy").unlink()
     return ids
+
+
+def _map_bytes(path):
+    if path.stat().st_size == 0:  # mmap cannot map an empty file (e.g. a corpus without titles)
+        return b""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 class Corpus:
@@ -124,11 +132,9 @@ class Corpus:
         self.ids = np.load(store_dir / "ids.npy", mmap_mode="r")
         self._order = np.load(store_dir / "id_order.npy", mmap_mode="r")
         self._sorted_ids = np.load(store_dir / "sorted_ids.npy", mmap_mode="r")
-        self._fields = {
-            name: (np.memmap(store_dir / f"{name}.bin", dtype=np.uint8, mode="r") if (store_dir / f"{name}.bin").stat().st_size else np.zeros(0, np.uint8),
-                   np.load(store_dir / f"{name}.idx.npy", mmap_mode="r"))
-            for name in ("title", "text")
-        }
+        # mmap.mmap slices are ~5x cheaper per field than np.memmap slices (no ndarray wrapper)
+        self._fields = {name: (_map_bytes(store_dir / f"{name}.bin"), np.load(store_dir / f"{name}.idx.npy", mmap_mode="r"))
+                        for name in ("title", "text")}
 
     @classmethod
     def open(cls, source, progress=True):
@@ -146,7 +152,8 @@ class Corpus:
 
     def _field(self, name, i):
         data, offsets = self._fields[name]
-        return bytes(data[offsets[i]:offsets[i + 1]]).decode("utf-8")
+        start, end = offsets[i:i + 2].tolist()
+        return data[start:end].decode("utf-8")
 
     def id(self, i):
         return self.ids[i].decode("utf-8")
