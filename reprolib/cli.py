@@ -35,8 +35,8 @@ def cmd_bm25(args):
     from reprolib.data import Corpus, write_run
     from reprolib.data.layout import load_queries
     from reprolib.search import bm25_search
+    queries = load_queries(args.queries, args.split)  # small: check it before the corpus store is built
     corpus = Corpus.open(args.corpus)
-    queries = load_queries(args.queries, args.split)
     run = bm25_search(corpus, queries, topk=args.topk, k1=args.k1, b=args.b, template=args.template)
     write_run(args.out, run, tag="bm25")
     print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")

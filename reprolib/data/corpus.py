@@ -81,6 +81,17 @@ def build_store(source, store_dir, progress=True):
     tmp = store_dir.with_name(store_dir.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_store(source, tmp, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(store_dir, ignore_errors=True)
+    os.replace(tmp, store_dir)
+    return store_dir
+
+
+def _write_store(source, tmp, progress):
     titles, texts, ids = _Blob(tmp / "title.bin"), _Blob(tmp / "text.bin"), _Blob(tmp / "id.bin")
     lines = array("q")
     for number, pid, title, text in tqdm(_iter_source(source), desc=f"indexing {source.name}", unit=" passages",
@@ -100,9 +111,6 @@ def build_store(source, store_dir, progress=True):
     np.save(tmp / "id_order.npy", order)
     np.save(tmp / "sorted_ids.npy", sorted_ids)
     (tmp / "meta.json").write_text(json.dumps({"version": STORE_VERSION, "source": str(source), "passages": len(id_array)}))
-    shutil.rmtree(store_dir, ignore_errors=True)
-    os.replace(tmp, store_dir)
-    return store_dir
 
 
 def _fixed_width_ids(tmp):

@@ -101,11 +101,30 @@ def read_qrels(path):
     return qrels
 
 
-def write_qrels(path, qrels):
+def write_qrels(path, qrels, style="trec"):
+    """Write TREC `qid 0 pid rel`, or BEIR's `query-id corpus-id score` with header (`style="beir"`)."""
     with atomic_write(path) as f:
+        if style == "beir":
+            f.write("query-id\tcorpus-id\tscore\n")
         for qid, judged in qrels.items():
             for pid, rel in judged.items():
-                f.write(f"{qid}\t0\t{pid}\t{rel}\n")
+                f.write(f"{qid}\t{pid}\t{rel}\n" if style == "beir" else f"{qid}\t0\t{pid}\t{rel}\n")
+
+
+def rewrite_qrels(path, qrels):
+    """Rewrite a qrels file in its own format (TREC, BEIR or LoTTE qas.jsonl, keeping other fields)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        records = [_json_line(path, number, line) for number, line in iter_lines(path)]
+        with atomic_write(path) as f:
+            for record in records:
+                qid = str(record["qid"])
+                if qid in qrels:
+                    record["answer_pids"] = [p for p in record["answer_pids"] if str(p) in qrels[qid]]
+                    f.write(json.dumps(record) + "\n")
+        return
+    first = next(iter_lines(path), (0, ""))[1]
+    write_qrels(path, qrels, style="beir" if first.startswith("query-id") else "trec")
 
 
 # ---------------------------------------------------------------- negatives
@@ -194,7 +213,13 @@ def drop_unknown_docs(qrels, corpus):
 
 def _line_of(path, qid, pid):
     for number, line in iter_lines(path):
-        fields = line.replace(",", " ").split()
-        if fields and fields[0] == qid and (not pid or pid in fields[1:]):
+        fields = line.split()
+        if not fields or fields[0] != qid:
+            continue
+        if not pid:
+            return number
+        # TREC qrels/runs hold the doc in column 3; BEIR/2-column qrels and negatives in column 2
+        docs = [fields[2]] if len(fields) >= 4 else fields[1].split(",") if len(fields) > 1 else []
+        if pid in docs:
             return number
     return None

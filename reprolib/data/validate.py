@@ -3,7 +3,7 @@ from pathlib import Path
 
 from reprolib.data.corpus import Corpus
 from reprolib.data.formats import (check_doc_ids, check_query_ids, drop_unknown_docs, read_negatives, read_qrels,
-                                   write_qrels)
+                                   rewrite_qrels)
 from reprolib.data.layout import available_splits, find_qrels_file, load_queries
 
 
@@ -20,7 +20,7 @@ def validate_dataset(dataset_dir, drop_missing_qrels=False):
         if drop_missing_qrels:
             kept, dropped = drop_unknown_docs(qrels, corpus)
             if dropped:
-                write_qrels(qrels_path, kept)
+                rewrite_qrels(qrels_path, kept)
             yield f"{split}: dropped {dropped} qrels rows whose doc is not in the corpus"
             qrels = kept
         check_doc_ids(qrels_path, qrels, corpus)
