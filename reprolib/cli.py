@@ -48,9 +48,20 @@ def cmd_evaluate(args):
     from reprolib.metrics import evaluate, format_table
     run = read_run(args.run)
     qrels = read_qrels(find_qrels_file(args.qrels, args.split))
-    result = evaluate(run, qrels, metrics=args.metrics, denominator=args.denominator,
-                      ignore_identical_ids=args.ignore_identical_ids)
-    print(json.dumps(result.aggregate, indent=2) if args.json else format_table(result.aggregate))
+    options = dict(metrics=args.metrics, denominator=args.denominator, ignore_identical_ids=args.ignore_identical_ids)
+    result = evaluate(run, qrels, **options)
+    if not args.compare:
+        print(json.dumps(result.aggregate, indent=2) if args.json else format_table(result.aggregate))
+        return
+    from reprolib.metrics import paired_test
+    other = evaluate(read_run(args.compare), qrels, **options)
+    tests = {name: paired_test(result.per_query[name], other.per_query[name]) for name in result.aggregate}
+    if args.json:
+        print(json.dumps(tests, indent=2))
+        return
+    print(f"{'metric':10s} {'run':>8s} {'compare':>8s} {'diff':>8s} {'p(t)':>8s} {'p(rand)':>8s}")
+    for name, t in tests.items():
+        print(f"{name:10s} {t['mean_a']:8.4f} {t['mean_b']:8.4f} {t['diff']:+8.4f} {t['p_ttest']:8.4f} {t['p_randomization']:8.4f}")
 
 
 def cmd_mine(args):
@@ -112,6 +123,7 @@ def build_parser():
     p.add_argument("--denominator", choices=["judged", "ranked"], default="judged",
                    help="average over every judged query (MS MARCO) or only the ranked ones (trec_eval default)")
     p.add_argument("--ignore-identical-ids", action="store_true", help="drop hits whose doc id equals the query id (BEIR)")
+    p.add_argument("--compare", metavar="RUN2", help="paired significance test of RUN2 against RUN, per metric")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

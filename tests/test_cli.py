@@ -259,3 +259,15 @@ def test_prepare_synthetic_writes_msmarco_layout(capsys, tmp_path):
         assert len(pids) <= 200
     assert not corpus.missing({p for pids in negatives.values() for p in pids})
     assert "dev:" in ok(capsys, ["data", "validate", str(out_dir)])
+
+
+def test_evaluate_compare_runs_a_paired_test(tmp_path, capsys):
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("".join(f"q{i} 0 d{i} 1\n" for i in range(20)))
+    good, bad = tmp_path / "good.trec", tmp_path / "bad.trec"
+    good.write_text("".join(f"q{i} Q0 d{i} 1 2.0 good\nq{i} Q0 x{i} 2 1.0 good\n" for i in range(20)))
+    bad.write_text("".join(f"q{i} Q0 x{i} 1 2.0 bad\nq{i} Q0 d{i} 2 1.0 bad\n" for i in range(20)))
+    assert main(["evaluate", str(good), str(qrels), "--metrics", "RR@10", "--compare", str(bad), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["RR@10"]
+    assert (result["mean_a"], result["mean_b"]) == (1.0, 0.5)
+    assert result["p_randomization"] < 0.01

@@ -5,6 +5,8 @@ time (RetroMAE and Tevatron write the literal "[SEP]", which BERT tokenizers map
 """
 from dataclasses import dataclass
 
+from reprolib.errors import ReprolibError
+
 
 @dataclass(frozen=True)
 class Template:
@@ -34,7 +36,6 @@ TEMPLATES = {
 
 
 def get_template(name):
-    from reprolib.errors import ReprolibError
     if name not in TEMPLATES:
         raise ReprolibError(f"unknown text template {name!r}; choose from {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
