@@ -222,3 +222,18 @@ def test_paired_test_randomization_close_to_ttest():
 def test_format_table():
     text = format_table({"MRR@10": 0.35123, "R@1000": 0.98})
     assert text.splitlines() == ["MRR@10  0.3512", "R@1000  0.9800"]
+
+
+def test_reprolib_evaluate_command_reproduces_trec_eval_all_trec(capsys):
+    # the same acceptance through the CLI: `reprolib evaluate RUN QRELS --json` vs trec_eval -m all_trec
+    import json
+
+    from reprolib.cli import main
+
+    expected = _expected("out.test.a")
+    names = [m for m in CHECKED if m in expected]
+    assert main(["evaluate", str(_data("results.test")), str(_data("qrels.test")), "--metrics", " ".join(names),
+                 "--denominator", "ranked", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {name: f"{got[name]:.4f}" for name in names} == {name: expected[name]["all"] for name in names}
+    assert len(names) == 5
