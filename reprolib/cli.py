@@ -18,11 +18,19 @@ def cmd_status(args):
 
 def cmd_prepare(args):
     from reprolib.data.prepare import prepare
-    options = {}
     if args.name == "synthetic":
         options = dict(num_passages=args.num_passages, seed=args.seed)
+    else:
+        options = dict(_key_value(item) for item in args.url)
     prepare(args.name, args.out, **options)
     print(f"prepared {args.name} in {args.out}")
+
+
+def _key_value(item):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ReprolibError(f"--url expects KEY=URL (e.g. url=https://host/scifact.zip), got {item!r}")
+    return key, value
 
 
 def cmd_validate(args):
@@ -97,6 +105,8 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--num-passages", type=int, default=5000, help="synthetic only")
     p.add_argument("--seed", type=int, default=42, help="synthetic only")
+    p.add_argument("--url", action="append", default=[], metavar="KEY=URL",
+                   help="override a download URL: url= for beir/lotte; rocketqa_url=, qrels_train_url=, triples_url= for msmarco-passage")
     p.set_defaults(func=cmd_prepare)
     p = data.add_parser("validate", help="check every file of a dataset directory (ids, formats, encodings)")
     p.add_argument("dataset")

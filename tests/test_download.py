@@ -353,3 +353,14 @@ def test_a_directory_holding_another_dataset_is_refused(server, marco_urls, tmp_
     prepare_remote.prepare_msmarco_passage(tmp_path, **marco_urls)
     with pytest.raises(ReprolibError, match="already holds dataset 'msmarco-passage'"):
         prepare_remote.prepare_beir("scifact", tmp_path, url=server.url + "/scifact.zip", progress=False)
+
+
+def test_data_prepare_command_downloads_from_the_given_url(server, tmp_path):
+    from reprolib.cli import main
+
+    server.files["/scifact.zip"] = zip_bytes(BEIR_FILES)
+    out = tmp_path / "scifact"
+    assert main(["data", "prepare", "beir/scifact", "--out", str(out), "--url", f"url={server.url}/scifact.zip"]) == 0
+    assert (out / "qrels" / "test.tsv").exists()
+    assert main(["data", "validate", str(out)]) == 0
+    assert main(["data", "prepare", "beir/scifact", "--out", str(out), "--url", "no-equals-sign"]) == 2
