@@ -132,7 +132,13 @@ def kl_distillation(student_scores, teacher_scores, temperature=1.0, reduction="
         raise ValueError(f"reduction must be 'mean', 'batchmean' or 'sum', not {reduction!r}")
     log_student = F.log_softmax(student_scores / temperature, dim=-1)
     teacher = F.softmax(teacher_scores.detach(), dim=-1)
-    return F.kl_div(log_student, teacher, reduction=reduction)
+    total = F.kl_div(log_student, teacher, reduction="sum")
+    # spelled out: torch warns that its own "mean" will come to mean "batchmean"
+    if reduction == "mean":
+        return total / log_student.numel()
+    if reduction == "batchmean":
+        return total / log_student.shape[0]
+    return total
 
 
 def margin_mse(student_pos, student_neg, teacher_pos, teacher_neg):
