@@ -71,16 +71,6 @@ def find_queries_file(source, split=None):
     raise DataError(source, None, f"no queries for split {split!r} (looked for {', '.join(p.format(split=split) for p in QUERY_PATTERNS)}, queries.jsonl)")
 
 
-def find_negatives_file(source, split="train"):
-    source = _existing(source)
-    if source.is_file():
-        return source
-    path = source / f"{split}.negatives.tsv"
-    if not path.is_file():
-        raise DataError(source, None, f"no negatives file {path.name}")
-    return path
-
-
 def load_queries(source, split=None):
     """The split's queries; from a shared file (BEIR queries.jsonl), only those the split judges."""
     from reprolib.data.formats import read_qrels, read_queries
