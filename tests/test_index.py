@@ -1,0 +1,134 @@
+"""The sharded dense index: shard files, resume, dtypes, and shard-merged search == brute force."""
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from reprolib.data.corpus import Corpus
+from reprolib.data.templates import get_template
+from reprolib.errors import ReprolibError
+from reprolib.index import encode_corpus, run_from_hits, search, shard_path
+
+DIM = 16
+NUM = 53
+
+
+class FakeEncoder:
+    """encode_passages-compatible: a deterministic random vector per rendered text; counts calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_passages(self, passages, batch_size=64, max_length=None, progress=False, template=None):
+        tpl = get_template(template) if template is not None else None
+        texts = [tpl.render(*p, sep="[SEP]") if tpl else p for p in passages]
+        self.calls.append(len(texts))
+        return np.stack([vector(t) for t in texts]).astype(np.float32)
+
+
+def vector(text):
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    source = tmp_path / "corpus.tsv"
+    source.write_text("".join(f"p{i}\ttitle {i}\tpassage number {i} about topic {i % 7}\n" for i in range(NUM)))
+    return Corpus.open(source, progress=False)
+
+
+def full_matrix(corpus):
+    return np.stack([vector(f"title {i} passage number {i} about topic {i % 7}") for i in range(len(corpus))])
+
+
+def test_shards_written_and_metadata(corpus, tmp_path):
+    out = tmp_path / "index"
+    meta = encode_corpus(FakeEncoder(), corpus, out, shard_size=20, dtype="float32", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard_00000.npy", "shard_00001.npy",
+                                                     "shard_00002.npy"]
+    on_disk = json.loads((out / "index.json").read_text())
+    assert on_disk == meta
+    assert meta["num_passages"] == NUM and meta["dim"] == DIM and meta["num_shards"] == 3
+    assert meta["shard_size"] == 20 and meta["dtype"] == "float32" and meta["template"] == "plain"
+    assert meta["corpus_store"] == str(corpus.store_dir) and meta["complete"]
+    shards = [np.load(shard_path(out, s)) for s in range(3)]
+    assert [len(s) for s in shards] == [20, 20, 13]
+    np.testing.assert_array_equal(np.concatenate(shards), full_matrix(corpus))  # row i = passage i
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_rebuilds_only_missing_shard(corpus, tmp_path):
+    out = tmp_path / "index"
+    encode_corpus(FakeEncoder(), corpus, out, shard_size=20, progress=False)
+    old = {s: os.stat(shard_path(out, s)).st_mtime_ns for s in range(3)}
+    shard_path(out, 1).unlink()
+    time.sleep(0.02)
+    encoder = FakeEncoder()
+    encode_corpus(encoder, corpus, out, shard_size=20, progress=False)
+    assert encoder.calls == [20]  # only shard 1 was encoded
+    new = {s: os.stat(shard_path(out, s)).st_mtime_ns for s in range(3)}
+    assert new[0] == old[0] and new[2] == old[2] and new[1] > old[1]
+    np.testing.assert_allclose(np.load(shard_path(out, 1)), full_matrix(corpus)[20:40].astype(np.float16))
+
+    again = FakeEncoder()
+    encode_corpus(again, corpus, out, shard_size=20, progress=False)  # complete: nothing to do
+    assert again.calls == []
+    with pytest.raises(ReprolibError, match="shard_size"):
+        encode_corpus(FakeEncoder(), corpus, out, shard_size=10, progress=False)
+
+
+def test_fp16_vs_fp32(corpus, tmp_path):
+    encode_corpus(FakeEncoder(), corpus, tmp_path / "f16", shard_size=20, dtype="float16", progress=False)
+    encode_corpus(FakeEncoder(), corpus, tmp_path / "f32", shard_size=20, dtype="float32", progress=False)
+    a, b = np.load(shard_path(tmp_path / "f16", 0)), np.load(shard_path(tmp_path / "f32", 0))
+    assert a.dtype == np.float16 and b.dtype == np.float32
+    assert (tmp_path / "f16" / "shard_00000.npy").stat().st_size < (tmp_path / "f32" / "shard_00000.npy").stat().st_size
+    np.testing.assert_allclose(a.astype(np.float32), b, rtol=1e-3, atol=1e-3)
+    queries = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
+    s16, p16 = search(queries, tmp_path / "f16", topk=5, use_gpu=False)
+    s32, p32 = search(queries, tmp_path / "f32", topk=5, use_gpu=False)
+    assert s16.dtype == np.float32
+    np.testing.assert_allclose(s16, s32, atol=0.05)
+    assert (p16[:, 0] == p32[:, 0]).all()
+    with pytest.raises(ReprolibError):
+        encode_corpus(FakeEncoder(), corpus, tmp_path / "bad", dtype="int8", progress=False)
+
+
+@pytest.mark.parametrize("topk", [1, 7, 20, 35, 1000])  # smaller than, equal to, larger than a shard; > corpus
+def test_search_equals_brute_force(corpus, tmp_path, topk):
+    out = tmp_path / "index"
+    encode_corpus(FakeEncoder(), corpus, out, shard_size=20, dtype="float32", progress=False)
+    matrix = full_matrix(corpus)
+    queries = np.random.default_rng(0).standard_normal((9, DIM)).astype(np.float32)
+    scores, positions = search(queries, out, topk=topk, use_gpu="auto")
+    k = min(topk, NUM)
+    assert scores.shape == positions.shape == (9, k)
+    full = queries @ matrix.T
+    expected = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(positions, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), rtol=1e-5, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_run_from_hits(corpus, tmp_path):
+    out = tmp_path / "index"
+    encode_corpus(FakeEncoder(), corpus, out, shard_size=20, progress=False)
+    matrix = full_matrix(corpus)
+    queries = matrix[[3, 41]]  # each passage's own vector is (almost surely) its best match
+    scores, positions = search(queries, out, topk=4, use_gpu=False)
+    run = run_from_hits(["q1", "q2"], scores, positions, corpus)
+    assert list(run) == ["q1", "q2"]
+    assert all(len(hits) == 4 for hits in run.values())
+    assert max(run["q1"], key=run["q1"].get) == "p3" and max(run["q2"], key=run["q2"].get) == "p41"
+    for qid, row in zip(run, range(2)):
+        assert list(run[qid]) == [f"p{p}" for p in positions[row]]
+        assert list(run[qid].values()) == pytest.approx(scores[row].tolist())
+
+
+def test_search_requires_complete_index(tmp_path):
+    with pytest.raises(ReprolibError, match="not a dense index"):
+        search(np.zeros((1, DIM), np.float32), tmp_path)
