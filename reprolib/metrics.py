@@ -101,8 +101,11 @@ class Evaluation:
     aggregate: dict  # name -> mean over the query set chosen by `denominator`
     per_query: dict  # name -> {qid: value}, over that same query set
     denominator: str = "judged"
-    num_queries: int = 0
-    queries: list = field(default_factory=list)
+    queries: list = field(default_factory=list)  # the query set averaged over
+
+    @property
+    def num_queries(self):
+        return len(self.queries)
 
 
 def trec_order(hits):
@@ -168,7 +171,7 @@ def evaluate(run, qrels, metrics="RR@10 R@1000 nDCG@10", denominator="judged", i
         got = values[measure]
         per_query[name] = {qid: got.get(qid, 0.0) for qid in queries}
         aggregate[name] = math.fsum(per_query[name].values()) / len(queries)
-    return Evaluation(aggregate, per_query, denominator, len(queries), queries)
+    return Evaluation(aggregate, per_query, denominator, queries)
 
 
 def paired_test(per_query_a, per_query_b, permutations=10_000, seed=0):
