@@ -2,6 +2,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from reprolib.errors import ReprolibError
 
@@ -50,6 +51,73 @@ def cmd_bm25(args):
     print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
 
 
+def cmd_encode(args):
+    from reprolib.data import Corpus
+    from reprolib.data.templates import get_template
+    from reprolib.index import encode_corpus, process_state
+    get_template(args.template)  # a bad name fails before the model loads
+    state = process_state()  # one process, or one per device under `accelerate launch`
+    precision = _precision(args.precision, state.device)
+    with state.main_process_first():  # the first open builds the corpus store: once, by the main process
+        corpus = Corpus.open(args.corpus, progress=state.is_main_process)
+    encoder = _load_encoder(args.model, state.device)
+    with precision:
+        meta = encode_corpus(encoder, corpus, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                             template=args.template, dtype=args.dtype, max_length=args.max_len, state=state)
+    if state.is_main_process:
+        print(f"encoded {meta['num_passages']} passages into {meta['num_shards']} shards "
+              f"(dim {meta['dim']}, {meta['dtype']}) in {args.out}")
+
+
+def cmd_search(args):
+    from reprolib.data import Corpus, write_run
+    from reprolib.data.layout import load_queries
+    from reprolib.index import load_meta, process_state, run_from_hits, search
+    state = process_state()
+    if not state.is_main_process:  # one search is enough; under `accelerate launch` the others stop here
+        return
+    queries = load_queries(args.queries, args.split)
+    meta = load_meta(args.index)
+    store = meta.get("corpus_store")
+    if not store or not Path(store, "ids.npy").exists():
+        raise ReprolibError(f"the corpus store {store} that the index {args.index} was built from is gone "
+                            "(cache cleared?); re-run reprolib encode")
+    corpus = Corpus(store)
+    encoder = _load_encoder(args.model, state.device)
+    embeddings = encoder.encode_queries(list(queries.values()), batch_size=args.batch_size, max_length=args.max_len,
+                                        progress=True)
+    scores, positions = search(embeddings, args.index, topk=args.topk, index_type=args.index_type, progress=True)
+    run = run_from_hits(list(queries), scores, positions, corpus)
+    write_run(args.out, run, tag=f"dense-{args.index_type}")
+    print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
+
+
+def _load_encoder(model, device):
+    """DenseEncoder on `device`, with the model's own settings (as notebooks load it); --max-len overrides
+    its max lengths per call."""
+    from reprolib.modeling import DenseEncoder
+    if model.startswith((".", "/")) and not Path(model).exists():
+        raise ReprolibError(f"{model}: model folder not found")
+    try:
+        encoder = DenseEncoder.from_pretrained(model)
+    except (OSError, ValueError) as e:  # transformers' "not found" / "not a model" errors
+        raise ReprolibError(f"cannot load model {model}: {str(e).strip().splitlines()[0]}") from None
+    return encoder.to(device)
+
+
+def _precision(precision, device):
+    """torch.autocast for --fp16/--bf16: weights stay fp32, matmuls run in half precision."""
+    import contextlib
+
+    import torch
+    if precision is None:
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        # most CPUs have no fast fp16 matmul (slower than fp32, and it can overflow): refuse rather than mislead
+        raise ReprolibError("--fp16 needs a GPU (this process runs on the CPU); use --bf16 on the CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
 def cmd_evaluate(args):
     from reprolib.data import read_qrels, read_run
     from reprolib.data.layout import find_qrels_file
@@ -77,9 +145,14 @@ def cmd_mine(args):
     from reprolib.data.layout import find_qrels_file
     from reprolib.search import mine_negatives
     negatives = mine_negatives(read_run(args.run), read_qrels(find_qrels_file(args.qrels, args.split)),
-                               depth=args.depth, num=args.num)
+                               depth=args.depth, num=args.num, shuffle_seed=args.shuffle_seed)
     write_negatives(args.out, negatives)
     print(f"wrote negatives for {len(negatives)} queries to {args.out}")
+
+
+def cmd_train(args):
+    from reprolib.training import TrainConfig, train
+    train(TrainConfig.from_yaml(args.config))
 
 
 def build_parser():
@@ -125,6 +198,36 @@ def build_parser():
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
     p.set_defaults(func=cmd_bm25)
 
+    p = verbs.add_parser("encode", help="encode a corpus into a sharded dense index (resumable; "
+                                        "multi-GPU under `accelerate launch -m reprolib encode`)")
+    p.add_argument("--model", required=True, help="HF name or folder (HF, sentence-transformers or reprolib)")
+    p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
+    p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=int, help="passage max length (default: the model's reprolib or sentence-transformers "
+                                               "config, else 128)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="autocast fp16 (GPU)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="autocast bf16")
+    p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
+    p.add_argument("--shard-size", type=int, default=100_000, help="passages per shard file")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored vector type")
+    p.set_defaults(func=cmd_encode)
+
+    p = verbs.add_parser("search", help="dense retrieval over an index built by `reprolib encode`, into a TREC run")
+    p.add_argument("--model", required=True, help="the query encoder (the model the index was built with)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--queries", required=True, help="queries file or dataset directory")
+    p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--topk", type=int, default=1000)
+    p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], default="flat",
+                   help="flat: exact; hnsw / ivfpq: approximate, built on first use and kept in the index directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=int, help="query max length (default: the model's reprolib or sentence-transformers "
+                                               "config, else 32)")
+    p.set_defaults(func=cmd_search)
+
     p = verbs.add_parser("evaluate", help="evaluate a TREC run (trec_eval semantics via ir_measures)")
     p.add_argument("run")
     p.add_argument("qrels", help="qrels file or dataset directory")
@@ -144,7 +247,14 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--depth", type=int, default=200)
     p.add_argument("--num", type=int, default=None, help="keep at most this many per query")
+    p.add_argument("--shuffle-seed", type=int, default=None,
+                   help="shuffle each query's negatives before --num (Tevatron/OpenMatch build_hn); default: rank order")
     p.set_defaults(func=cmd_mine)
+
+    p = verbs.add_parser("train", help="contrastive fine-tuning from a YAML of TrainConfig options "
+                                       "(also under `accelerate launch -m reprolib train`)")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

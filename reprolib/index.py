@@ -9,12 +9,18 @@
 
 Each shard is written atomically (temp file, then os.replace), so a shard that exists is complete;
 re-running skips the shards already there. Only one shard of texts and embeddings is in memory.
+Under `accelerate launch`, process r of W encodes the shards whose number % W == r on its own
+device; the main process writes index.json and, once every process is done, marks it complete.
 
-`search` scores queries against one shard at a time with faiss IndexFlatIP (exact; on a GPU when
-faiss has one) and keeps a running top-k, so memory is one shard plus (queries x k).
-Passage ids are not stored in the index: positions map to ids through the corpus (`run_from_hits`).
+`search` with index_type="flat" scores queries against one shard at a time with faiss IndexFlatIP
+(exact; on the GPUs when faiss has them) and keeps a running top-k, so memory is one shard plus
+(queries x k). "hnsw" (IndexHNSWFlat) and "ivfpq" (IndexIVFPQ) are approximate CPU indexes, built
+once from the shards into out_dir/<type>_<build params>.faiss and reused by later searches;
+re-encoding a shard deletes them. Passage ids are not stored in the index: positions map to ids
+through the corpus (`run_from_hits`).
 """
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +32,12 @@ from reprolib.fileio import atomic_write
 
 INDEX_FILE = "index.json"
 DTYPES = ("float16", "float32")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+HNSW_EF_CONSTRUCTION = 200  # build-time beam width: wider than faiss's 40, a better graph for a slower build
+PQ_BITS = 8                 # one byte per sub-vector code, the setting every faiss PQ kernel supports
+IVF_TRAIN_PER_LIST = 64     # k-means sample per inverted list (faiss asks for 39 to 256)
+PQ_MIN_TRAIN = 39 * 2**PQ_BITS  # ... and 39 points per PQ centroid
+GPU_MAX_K = 2048            # faiss GPU indexes return at most this many neighbours
 
 
 def shard_path(index_dir, number):
@@ -57,17 +69,21 @@ def _valid_shard(path, rows, dtype, dim):
 
 
 def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, template="plain", dtype="float16",
-                  progress=True, max_length=None):
+                  progress=True, max_length=None, state=None):
     """Encode every passage of `corpus` into shards under `out_dir`; returns the index metadata dict.
 
     Resumable: shards already present (right rows, dtype and width) are skipped. Re-running into a
     directory built with different settings (passages, shard size, dtype, template) is an error.
+    `state` (default: `process_state()`) gives process_index, num_processes, is_main_process
+    and wait_for_everyone(); this process encodes the shards number % num_processes == process_index
+    with `encoder`, which the caller has put on this process's device.
     """
     if dtype not in DTYPES:
         raise ReprolibError(f"index dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     shard_size = int(shard_size)
     if shard_size < 1:
         raise ReprolibError(f"shard_size must be positive, not {shard_size}")
+    state = state or process_state()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_passages = len(corpus)
@@ -78,24 +94,30 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             "template": _template_name(template), "complete": False}
 
     meta_path = out_dir / INDEX_FILE
-    if meta_path.exists():
+    if meta_path.exists():  # every process checks, so none writes shards into a mismatched index
         old = json.loads(meta_path.read_text())
         for key in ("num_passages", "dtype", "shard_size", "template"):
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
         meta["dim"] = old.get("dim")
-    _write_json(meta_path, meta)  # records the settings before any shard, so a resume can check them
+    if state.is_main_process:
+        _write_json(meta_path, meta)  # records the settings before any shard, so a resume can check them
 
     dim = meta["dim"]
-    for number in tqdm(range(num_shards), desc="encoding shards", unit=" shard", disable=not progress):
+    mine = range(state.process_index, num_shards, state.num_processes)
+    stale_ann = True
+    for number in tqdm(mine, desc="encoding shards", unit=" shard", disable=not (progress and state.is_main_process)):
         start, end = number * shard_size, min((number + 1) * shard_size, num_passages)
         path = shard_path(out_dir, number)
         if _valid_shard(path, end - start, dtype, dim):
-            dim = dim or int(np.load(path, mmap_mode="r").shape[1])
+            dim = dim or _shard_width(path)
             continue
+        if stale_ann:  # approximate indexes built from the old shards would be wrong now
+            _remove_ann_files(out_dir)
+            stale_ann = False
         items = [(corpus.title(i), corpus.text(i)) for i in range(start, end)]
-        kwargs = {"batch_size": batch_size, "template": template, "progress": progress}
+        kwargs = {"batch_size": batch_size, "template": template, "progress": progress and state.is_main_process}
         if max_length is not None:
             kwargs["max_length"] = max_length
         embeddings = np.asarray(encoder.encode_passages(items, **kwargs))
@@ -109,23 +131,61 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             np.save(f, embeddings.astype(dtype, copy=False))
         del embeddings
 
-    meta.update(dim=dim, complete=True)
-    _write_json(meta_path, meta)
-    return meta
+    state.wait_for_everyone()  # every process has written its shards
+    if state.is_main_process:
+        meta.update(dim=_check_shards(out_dir, meta, dim), complete=True)
+        _write_json(meta_path, meta)
+    state.wait_for_everyone()  # no process returns before the index is marked complete
+    return json.loads(meta_path.read_text())
+
+
+def process_state():
+    """accelerate's PartialState: this process's rank, the world size and a barrier (one process unless
+    started by `accelerate launch`). Without CUDA, a multi-process launch runs on the CPU over gloo,
+    which PartialState only does when told cpu=True (as `accelerate launch --cpu` would tell it)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def _shard_width(path):
+    return int(np.load(path, mmap_mode="r").shape[1])
+
+
+def _check_shards(out_dir, meta, dim):
+    """The index width, after checking that every shard is on disk with the right rows, dtype and width."""
+    missing = []
+    for number in range(meta["num_shards"]):
+        path = shard_path(out_dir, number)
+        rows = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+        if dim is None and _valid_shard(path, rows, meta["dtype"], None):
+            dim = _shard_width(path)  # this process encoded no shard: take the width from another's
+        if not _valid_shard(path, rows, meta["dtype"], dim):
+            missing.append(number)
+    if missing:
+        shown = ", ".join(str(shard_path(out_dir, n).name) for n in missing[:5])
+        raise ReprolibError(f"{len(missing)} of {meta['num_shards']} shards are missing or invalid after encoding "
+                            f"({shown}{', ...' if len(missing) > 5 else ''}); did another process fail? "
+                            "Re-run to encode them")
+    return dim
 
 
 def load_meta(index_dir):
     path = Path(index_dir) / INDEX_FILE
     if not path.exists():
-        raise ReprolibError(f"{index_dir} is not a dense index (no {INDEX_FILE}); build it with encode_corpus")
+        raise ReprolibError(f"{index_dir} is not a dense index (no {INDEX_FILE}); build it with `reprolib encode`")
     meta = json.loads(path.read_text())
     if not meta.get("complete"):
-        raise ReprolibError(f"the index in {index_dir} is incomplete; re-run encode_corpus to finish it")
+        raise ReprolibError(f"the index in {index_dir} is incomplete; re-run `reprolib encode` to finish it")
     return meta
 
 
 def _gpu_resources(use_gpu):
-    """faiss GPU resources when wanted and available, else None."""
+    """One faiss StandardGpuResources per visible GPU when wanted and available, else None."""
     import faiss
 
     available = hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
@@ -135,7 +195,20 @@ def _gpu_resources(use_gpu):
         return None
     if not available:
         raise ReprolibError("use_gpu=True but this faiss has no GPU support (or sees no GPU)")
-    return faiss.StandardGpuResources()
+    return [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
+
+
+def _flat_index(dim, resources, fp16):
+    """An empty exact inner-product index: on the CPU, or split over the GPUs of `resources`."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    if resources is None:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True       # each GPU holds a slice of the vectors (a single GPU: a plain GpuIndexFlatIP)
+    options.useFloat16 = fp16  # RetroMAE's setting: vectors stored in fp16, half the GPU memory
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, options)
 
 
 def _merge_topk(scores, positions, new_scores, new_positions, k):
@@ -151,39 +224,136 @@ def _merge_topk(scores, positions, new_scores, new_positions, k):
     return np.take_along_axis(new_scores, order, axis=1), np.take_along_axis(new_positions, order, axis=1)
 
 
-def search(query_embeddings, index_dir, topk=1000, use_gpu="auto", progress=False):
-    """Exact inner-product top-k of every query over the sharded index.
+def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="auto", gpu_fp16=False, progress=False,
+           hnsw_m=32, ef_search=128, nlist=None, pq_m=None, nprobe=32):
+    """Inner-product top-k of every query over the index.
 
+    index_type "flat" is exact: shard by shard, on the GPUs when faiss has them (`use_gpu` "auto", True
+    or False), storing the vectors there in fp16 when `gpu_fp16`. "hnsw" (`hnsw_m` links per node,
+    `ef_search` beam width) and "ivfpq" (`nlist` lists, `pq_m` sub-vectors, `nprobe` lists visited)
+    are approximate CPU indexes, built and saved on first use (`ann_index`).
     Returns (scores float32 [Q, k], positions int64 [Q, k]) sorted by descending score, where
-    k = min(topk, number of passages) and positions are corpus row numbers.
+    k = min(topk, number of passages) and positions are corpus row numbers (-1 where an approximate
+    index found fewer than k).
     """
-    import faiss
-
+    if index_type not in INDEX_TYPES:
+        raise ReprolibError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     meta = load_meta(index_dir)
     queries = np.ascontiguousarray(np.asarray(query_embeddings, dtype=np.float32))
     if queries.ndim != 2:
         raise ReprolibError(f"query embeddings must be 2-D, got shape {queries.shape}")
-    dim, num_passages, shard_size = meta["dim"], meta["num_passages"], meta["shard_size"]
+    dim, num_passages = meta["dim"], meta["num_passages"]
     k = min(int(topk), num_passages)
     if num_passages == 0 or k <= 0 or len(queries) == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     if queries.shape[1] != dim:
         raise ReprolibError(f"queries have dim {queries.shape[1]}, the index has dim {dim}")
+    if index_type == "flat":
+        return _flat_search(queries, index_dir, meta, k, _gpu_resources(use_gpu), gpu_fp16, progress)
+    if use_gpu is True:
+        raise ReprolibError(f"{index_type} indexes run on the CPU here; use index_type='flat' for a GPU search")
 
-    resources = _gpu_resources(use_gpu)
+    index = ann_index(index_dir, index_type, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m, progress=progress)
+    if index_type == "hnsw":
+        index.hnsw.efSearch = max(int(ef_search), k)  # the beam must hold k results
+    else:
+        index.nprobe = min(int(nprobe), index.nlist)
+    scores, positions = index.search(queries, k)
+    return scores, positions.astype(np.int64)
+
+
+def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
+    """Exact search shard by shard, merging each shard's top-k into a running top-k."""
+    if resources is not None and k > GPU_MAX_K:
+        raise ReprolibError(f"a faiss GPU search returns at most {GPU_MAX_K} hits per query, not {k}; "
+                            "lower topk or use use_gpu=False")
+    index = _flat_index(meta["dim"], resources, gpu_fp16)
     scores = positions = None
     for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
-        shard = np.ascontiguousarray(np.load(shard_path(index_dir, number)), dtype=np.float32)
-        index = faiss.IndexFlatIP(dim)
-        if resources is not None:
-            index = faiss.index_cpu_to_gpu(resources, 0, index)
-        index.add(shard)
-        shard_k = min(k, len(shard))
-        shard_scores, shard_positions = index.search(queries, shard_k)
-        shard_positions = shard_positions.astype(np.int64) + number * shard_size
-        del index, shard
+        index.add(_load_shard(index_dir, number))
+        shard_scores, shard_positions = index.search(queries, min(k, index.ntotal))
+        shard_positions = shard_positions.astype(np.int64) + number * meta["shard_size"]
+        index.reset()
         scores, positions = _merge_topk(scores, positions, shard_scores, shard_positions, k)
     return scores, positions
+
+
+def _load_shard(index_dir, number, rows=None):
+    """Shard `number` (or its `rows`) as a C-contiguous float32 array, as faiss wants it."""
+    shard = np.load(shard_path(index_dir, number), mmap_mode="r")
+    return np.ascontiguousarray(shard if rows is None else shard[rows], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- approximate indexes
+def ann_index(index_dir, index_type="hnsw", hnsw_m=32, nlist=None, pq_m=None, progress=True):
+    """The approximate (`hnsw` or `ivfpq`) faiss index over a complete dense index.
+
+    Read from its file in `index_dir` when a search built it before, else built from the shards
+    (one in memory at a time, besides the index) and saved there atomically. The file name holds the
+    build parameters, so other parameters build another file. IVF-PQ defaults: nlist = 4 sqrt(N)
+    (at most N / 39, so k-means has data for every list), pq_m = the largest divisor of dim up to dim / 4.
+    """
+    import faiss
+
+    meta = load_meta(index_dir)
+    if meta["num_passages"] == 0:
+        raise ReprolibError(f"the index in {index_dir} is empty")
+    if index_type == "hnsw":
+        hnsw_m = int(hnsw_m)
+        if hnsw_m < 2:
+            raise ReprolibError(f"hnsw_m must be at least 2, not {hnsw_m}")
+        path = Path(index_dir) / f"hnsw_M{hnsw_m}_efc{HNSW_EF_CONSTRUCTION}.faiss"
+    elif index_type == "ivfpq":
+        nlist, pq_m = _ivfpq_sizes(meta, nlist, pq_m)
+        path = Path(index_dir) / f"ivfpq_nlist{nlist}_m{pq_m}.faiss"
+    else:
+        raise ReprolibError(f"unknown approximate index type {index_type!r}; choose from hnsw, ivfpq")
+    if path.exists():
+        return faiss.read_index(str(path))
+
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(meta["dim"], hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    else:
+        quantizer = faiss.IndexFlatIP(meta["dim"])
+        index = faiss.IndexIVFPQ(quantizer, meta["dim"], nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(index_dir, meta, max(IVF_TRAIN_PER_LIST * nlist, PQ_MIN_TRAIN)))
+    for number in tqdm(range(meta["num_shards"]), desc=f"building {path.name}", unit=" shard", disable=not progress):
+        index.add(_load_shard(index_dir, number))  # ids 0..N-1 in shard order: ids are corpus positions
+    with atomic_write(path, "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    return index
+
+
+def _ivfpq_sizes(meta, nlist, pq_m):
+    num_passages, dim = meta["num_passages"], meta["dim"]
+    if nlist is None:
+        nlist = max(1, min(round(4 * math.sqrt(num_passages)), num_passages // 39))
+    if pq_m is None:
+        pq_m = max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+    nlist, pq_m = int(nlist), int(pq_m)
+    if not 1 <= nlist <= num_passages:
+        raise ReprolibError(f"nlist must be between 1 and the number of passages ({num_passages}), not {nlist}")
+    if pq_m < 1 or dim % pq_m:
+        raise ReprolibError(f"pq_m must divide the index dim {dim}, not {pq_m}")
+    return nlist, pq_m
+
+
+def _training_sample(index_dir, meta, size):
+    """`size` random rows (all rows for a small index) of the shards, float32, read shard by shard."""
+    num_passages, shard_size = meta["num_passages"], meta["shard_size"]
+    rows = np.sort(np.random.default_rng(0).choice(num_passages, min(size, num_passages), replace=False))
+    parts = []
+    for number in range(meta["num_shards"]):
+        lo, hi = np.searchsorted(rows, [number * shard_size, (number + 1) * shard_size])
+        if hi > lo:
+            parts.append(_load_shard(index_dir, number, rows[lo:hi] - number * shard_size))
+    return np.concatenate(parts)
+
+
+def _remove_ann_files(index_dir):
+    for path in Path(index_dir).glob("*.faiss"):
+        path.unlink(missing_ok=True)
 
 
 def run_from_hits(qids, scores, positions, corpus):

@@ -36,6 +36,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 STAGE_REFERENCE = re.compile(r"stages\.([^.]+)\.out")
 RUN_REFERENCE = "run.out"
+PARAMS_DIR_REFERENCE = "params.dir"   # the folder of the pipeline YAML: data paths relative to the checkout
 DECIMAL_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -196,11 +197,11 @@ def _link_references(path, stages):
         upstream = set()
         for ref in _references(stage.params):
             match = STAGE_REFERENCE.fullmatch(ref)
-            if ref == RUN_REFERENCE:
+            if ref in (RUN_REFERENCE, PARAMS_DIR_REFERENCE):
                 continue
             if not match:
                 raise _error(path, f"stage '{stage.id}': unknown reference ${{{ref}}} "
-                                   "(use ${stages.<id>.out} or ${run.out})")
+                                   "(use ${stages.<id>.out}, ${run.out} or ${params.dir})")
             target = match.group(1)
             if target not in position:
                 raise _error(path, f"stage '{stage.id}' references unknown stage '{target}'")
@@ -250,7 +251,11 @@ def _resolve_params(pipeline, run_dir):
 
     def substitute(match):
         ref = match.group(1)
-        return str(run_dir) if ref == RUN_REFERENCE else outs[STAGE_REFERENCE.fullmatch(ref).group(1)]
+        if ref == RUN_REFERENCE:
+            return str(run_dir)
+        if ref == PARAMS_DIR_REFERENCE:
+            return str(pipeline.path.resolve().parent)
+        return outs[STAGE_REFERENCE.fullmatch(ref).group(1)]
 
     return {stage.id: {**_interpolate(stage.params, substitute), "out_dir": outs[stage.id]}
             for stage in pipeline.stages}

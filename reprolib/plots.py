@@ -51,3 +51,35 @@ def metric_bars(table, path=None, title="Metrics by stage"):
     ax.set(ylabel="value", title=title)
     ax.legend()
     return _finish(fig, path)
+
+
+def loss_curve(curves, path=None, title="Training loss"):
+    """`curves`: {name: (steps, losses)}; a moving average is drawn over the raw (faint) values."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, (steps, losses) in curves.items():
+        steps, losses = np.asarray(steps, float), np.asarray(losses, float)
+        line, = ax.plot(steps, losses, alpha=0.3, lw=1)
+        window = max(1, len(losses) // 20)
+        if window > 1:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color=line.get_color(), lw=1.8, label=name)
+        else:
+            line.set(alpha=1, label=name)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)
+
+
+def score_histogram(scores, path=None, title="Scores of positives and negatives"):
+    """`scores`: {label: array of query-passage scores}, e.g. positives vs hard negatives; overlap = confusion."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    values = [np.asarray(v, float) for v in scores.values() if len(v)]
+    if values:
+        bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 40)
+        for label, v in scores.items():
+            if len(v):
+                ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(v):,})")
+    ax.set(xlabel="score q·p", ylabel="density", title=title)
+    ax.legend()
+    return _finish(fig, path)

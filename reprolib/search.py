@@ -1,4 +1,7 @@
-"""Retrieval that is not a neural model: BM25 (bm25s), and turning runs into negatives."""
+"""Retrieval into runs {qid: {pid: score}}: BM25 (bm25s), dense search over an index, and turning runs
+into negatives."""
+import random
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -35,12 +38,31 @@ def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", sto
     return run
 
 
-def mine_negatives(run, qrels, depth=200, num=None):
-    """Rank-ordered negatives per query: the top `depth` hits minus the judged-relevant ones."""
+def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, progress=True, **search_options):
+    """Encode `queries` ({qid: text}) with the encoder's query tower and search the index built from `corpus`.
+
+    `search_options` go to `reprolib.index.search` (index type, GPU use, ...).
+    """
+    from reprolib import index
+
+    qids = list(queries)
+    embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, progress=progress)
+    scores, positions = index.search(embeddings, index_dir, topk=topk, progress=progress, **search_options)
+    return index.run_from_hits(qids, scores, positions, corpus)
+
+
+def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
+    """Negatives per query: the top `depth` hits minus the judged-relevant ones, in rank order.
+
+    RetroMAE keeps that order (its trainer samples from the top of the list); Tevatron/OpenMatch's
+    build_hn shuffles the kept hits and stores `num` (30) of them: give `shuffle_seed` for that.
+    """
     negatives = {}
     for qid, hits in run.items():
         positives = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
         ranked = sorted(hits, key=lambda pid: -hits[pid])[:depth]
         kept = [pid for pid in ranked if pid not in positives]
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}/{qid}").shuffle(kept)
         negatives[qid] = kept[:num] if num else kept
     return {qid: pids for qid, pids in negatives.items() if pids}

@@ -1,13 +1,15 @@
-"""The `reprolib` command: exit codes, one-line errors naming file and line, and the data verbs."""
+"""The `reprolib` command: exit codes, one-line errors naming file and line, the data verbs, encode and search."""
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from reprolib.cli import main
-from reprolib.data import read_negatives, read_qrels, read_queries, write_qrels, write_run
+from reprolib.data import read_negatives, read_qrels, read_queries, read_run, write_qrels, write_run
 from reprolib.data.corpus import Corpus
 
 
@@ -271,3 +273,183 @@ def test_evaluate_compare_runs_a_paired_test(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)["RR@10"]
     assert (result["mean_a"], result["mean_b"]) == (1.0, 0.5)
     assert result["p_randomization"] < 0.01
+
+
+# ---------------------------------------------------------------- encode / search
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every extra thread waits."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, synthetic_corpus, one_torch_thread):
+    """A random 2-layer BERT with a WordPiece vocabulary trained on the synthetic corpus, saved as a
+    reprolib encoder (mean pooling, normalized: a passage's own text is its nearest neighbour)."""
+    import torch
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from reprolib.modeling import DenseEncoder
+
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator((f"{p['title']} {p['text']}" for p in synthetic_corpus), vocab_size=1000,
+                                  show_progress=False)
+    wordpiece.save_model(str(root))
+    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    encoder = DenseEncoder(bert, tokenizer, pooling="mean", normalize=True, query_max_len=128, passage_max_len=128)
+    return encoder.save(root / "model")
+
+
+def load_shards(index_dir):
+    return np.concatenate([np.load(p) for p in sorted(index_dir.glob("shard_*.npy"))])
+
+
+def test_encode_search_evaluate(capsys, tmp_path, synthetic_dir, synthetic_corpus, tiny_model):
+    from reprolib.modeling import DenseEncoder
+
+    index = tmp_path / "index"
+    out = ok(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+                      "--shard-size", "700", "--dtype", "float32"])
+    assert out.strip() == f"encoded 2000 passages into 3 shards (dim 32, float32) in {index}"
+    encoder = DenseEncoder.from_pretrained(tiny_model)
+    items = [(p["title"], p["text"]) for p in synthetic_corpus]
+    np.testing.assert_allclose(load_shards(index), encoder.encode_passages(items, template="plain"), atol=1e-6)
+
+    # dev queries of the dataset directory: the run is the exact top-10 of each query (up to float ties)
+    run_file = tmp_path / "dev.trec"
+    out = ok(capsys, ["search", "--model", str(tiny_model), "--index", str(index), "--queries", str(synthetic_dir),
+                      "--out", str(run_file), "--topk", "10"])
+    assert out.strip() == f"wrote 2000 hits for 200 queries to {run_file}"
+    queries = read_queries(synthetic_dir / "dev.query.txt")
+    scores = encoder.encode_queries(list(queries.values())) @ load_shards(index).T
+    run = read_run(run_file)
+    assert list(run) == list(queries)
+    for qid, row in zip(queries, scores):
+        hits = run[qid]
+        np.testing.assert_allclose(sorted(hits.values(), reverse=True), np.sort(row)[::-1][:10], atol=1e-5)
+        np.testing.assert_allclose(list(hits.values()), row[synthetic_corpus.positions(list(hits))], atol=1e-5)
+    assert set(json.loads(ok(capsys, ["evaluate", str(run_file), str(synthetic_dir), "--json"]))) == {
+        "RR@10", "R@1000", "nDCG@10"}
+
+    # a passage's own text as the query finds that passage first, through HNSW too
+    picked = list(range(0, 2000, 97))
+    (tmp_path / "q.tsv").write_text("".join(f"q{i}\t{items[i][0]} {items[i][1]}\n" for i in picked))
+    (tmp_path / "qrels.tsv").write_text("".join(f"q{i} 0 {synthetic_corpus.id(i)} 1\n" for i in picked))
+    for index_type in ("flat", "hnsw"):
+        run_file = tmp_path / f"self-{index_type}.trec"
+        ok(capsys, ["search", "--model", str(tiny_model), "--index", str(index), "--queries", str(tmp_path / "q.tsv"),
+                    "--out", str(run_file), "--topk", "5", "--index-type", index_type])
+        result = json.loads(ok(capsys, ["evaluate", str(run_file), str(tmp_path / "qrels.tsv"), "--metrics", "RR@10",
+                                        "--json"]))
+        assert result == {"RR@10": 1.0}
+    assert (index / "hnsw_M32_efc200.faiss").exists()
+
+
+def test_encode_resumes_after_an_interruption(capsys, monkeypatch, tmp_path, synthetic_dir, tiny_model):
+    from reprolib.modeling.dense import DenseEncoder
+
+    index = tmp_path / "index"
+    argv = ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+            "--shard-size", "700"]
+    calls, resumed = [], False
+    real = DenseEncoder.encode_passages
+
+    class Killed(Exception):
+        pass
+
+    def interrupted(self, passages, **kwargs):
+        calls.append(len(passages))
+        if calls == [700, 700] and not resumed:
+            raise Killed  # the job dies while the second shard is being encoded
+        return real(self, passages, **kwargs)
+
+    monkeypatch.setattr(DenseEncoder, "encode_passages", interrupted)
+    with pytest.raises(Killed):
+        main(argv)
+    assert [p.name for p in sorted(index.glob("shard_*"))] == ["shard_00000.npy"]
+    assert not json.loads((index / "index.json").read_text())["complete"]
+    first = (index / "shard_00000.npy").stat().st_mtime_ns
+
+    calls.clear()
+    resumed = True
+    ok(capsys, argv)
+    assert calls == [700, 600]  # shards 1 and 2 only
+    assert (index / "shard_00000.npy").stat().st_mtime_ns == first
+    assert json.loads((index / "index.json").read_text())["complete"]
+    fresh = tmp_path / "fresh"
+    ok(capsys, argv[:-3] + [str(fresh), "--shard-size", "700"])
+    np.testing.assert_array_equal(load_shards(index), load_shards(fresh))
+
+    line = error_line(capsys, argv[:-1] + ["500"])
+    assert line == f"error: {index} holds an index with shard_size=700, not 500; use a fresh directory or delete it"
+
+
+def test_encode_bf16_autocast(capsys, tmp_path, synthetic_dir, tiny_model):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = tmp_path / precision
+        ok(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(runs[precision]),
+                    "--dtype", "float32"] + (["--bf16"] if precision == "bf16" else []))
+    full, half = load_shards(runs["fp32"]), load_shards(runs["bf16"])
+    assert not np.array_equal(full, half)  # the matmuls did run in bf16 ...
+    assert (np.sum(full * half, axis=1) > 0.99).all()  # ... and the vectors (unit length) barely moved
+
+
+def test_encode_and_search_errors(capsys, tmp_path, synthetic_dir, tiny_model):
+    import torch
+
+    index = tmp_path / "index"
+    base = ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index)]
+    missing = tmp_path / "nothing"
+    assert error_line(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(missing), "--out", str(index)]) \
+        == f"error: {missing}: file or directory not found"
+    assert error_line(capsys, ["encode", "--model", str(missing), "--corpus", str(synthetic_dir), "--out", str(index)]) \
+        == f"error: {missing}: model folder not found"
+    assert error_line(capsys, base + ["--template", "fancy"]).startswith("error: unknown text template 'fancy'")
+    if not torch.cuda.is_available():
+        assert error_line(capsys, base + ["--fp16"]) == \
+            "error: --fp16 needs a GPU (this process runs on the CPU); use --bf16 on the CPU"
+    assert not index.exists()
+
+    search = ["search", "--model", str(tiny_model), "--queries", str(synthetic_dir), "--out", str(tmp_path / "run")]
+    assert error_line(capsys, search + ["--index", str(tmp_path)]) == \
+        f"error: {tmp_path} is not a dense index (no index.json); build it with `reprolib encode`"
+    index.mkdir()
+    (index / "index.json").write_text('{"complete": false}')
+    assert error_line(capsys, search + ["--index", str(index)]) == \
+        f"error: the index in {index} is incomplete; re-run `reprolib encode` to finish it"
+    gone = tmp_path / "cache" / "corpus" / "gone"
+    (index / "index.json").write_text(json.dumps({"complete": True, "corpus_store": str(gone), "template": "plain"}))
+    assert error_line(capsys, search + ["--index", str(index)]) == (
+        f"error: the corpus store {gone} that the index {index} was built from is gone (cache cleared?); "
+        "re-run reprolib encode")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_encode_under_accelerate_launch_two_processes(tmp_path, synthetic_dir, tiny_model):
+    """`accelerate launch -m reprolib encode` with 2 CPU processes (gloo) builds the single-process index."""
+    index = tmp_path / "index"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reprolib", "encode", "--model", str(tiny_model),
+         "--corpus", str(synthetic_dir), "--out", str(index), "--shard-size", "300", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("encoded 2000 passages into 7 shards") == 1  # printed by the main process only
+    assert json.loads((index / "index.json").read_text())["complete"]
+    single = tmp_path / "single"
+    assert main(["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(single),
+                 "--shard-size", "300", "--dtype", "float32"]) == 0
+    np.testing.assert_allclose(load_shards(index), load_shards(single), atol=1e-6)

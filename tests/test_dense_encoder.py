@@ -49,7 +49,7 @@ def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-models")
     vocab_file = root / "vocab.txt"
     vocab_size = _write_vocab(vocab_file)
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)  # (transformers 5 ignores vocab_file=)
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=128))

@@ -132,3 +132,121 @@ def test_run_from_hits(corpus, tmp_path):
 def test_search_requires_complete_index(tmp_path):
     with pytest.raises(ReprolibError, match="not a dense index"):
         search(np.zeros((1, DIM), np.float32), tmp_path)
+
+
+# ---------------------------------------------------------------- several processes
+
+class FakeState:
+    """One process of a `world`-process accelerate launch, run alone: the barrier returns at once."""
+
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_processes_split_shards_round_robin(corpus, tmp_path):
+    out = tmp_path / "index"  # 53 passages in 6 shards of 10: process r of 3 encodes shards r and r + 3
+    encoders = [FakeEncoder() for _ in range(3)]
+    options = dict(shard_size=10, dtype="float32", progress=False)
+    # Run one after the other, the barrier returns at once: the main process finds the others' shards missing
+    with pytest.raises(ReprolibError, match=r"4 of 6 shards are missing .*\(shard_00001.npy, shard_00002.npy, "
+                                            r"shard_00004.npy, shard_00005.npy\)"):
+        encode_corpus(encoders[0], corpus, out, state=FakeState(0, 3), **options)
+    for rank in (1, 2):
+        assert not encode_corpus(encoders[rank], corpus, out, state=FakeState(rank, 3), **options)["complete"]
+    meta = encode_corpus(encoders[0], corpus, out, state=FakeState(0, 3), **options)  # only the main marks it complete
+    assert meta["complete"] and meta["dim"] == DIM and meta["num_shards"] == 6
+    assert [e.calls for e in encoders] == [[10, 10], [10, 10], [10, 3]]
+    np.testing.assert_array_equal(np.concatenate([np.load(shard_path(out, s)) for s in range(6)]), full_matrix(corpus))
+
+
+# ---------------------------------------------------------------- approximate indexes
+
+ANN_NUM, ANN_DIM = 3000, 32
+
+
+class RowEncoder:
+    """Passage i (its title is "i") -> row i of a fixed matrix."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def encode_passages(self, passages, batch_size=64, max_length=None, progress=False, template=None):
+        return self.matrix[[int(title) for title, _ in passages]]
+
+
+def unit_rows(rng, n):
+    x = rng.standard_normal((n, ANN_DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def random_index(tmp_path):
+    """(index dir, query matrix): 3,000 random unit vectors in 4 shards, and 100 random unit queries."""
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # small indexes: OpenMP threads only contend (badly, on a busy 2-core box)
+    source = tmp_path / "corpus.tsv"
+    source.write_text("".join(f"p{i}\t{i}\tx\n" for i in range(ANN_NUM)))
+    rng = np.random.default_rng(0)
+    out = tmp_path / "index"
+    encode_corpus(RowEncoder(unit_rows(rng, ANN_NUM)), Corpus.open(source, progress=False), out, shard_size=800,
+                  dtype="float32", progress=False)
+    yield out, unit_rows(rng, 100)
+    faiss.omp_set_num_threads(threads)
+
+
+def recall_at_10(index_dir, queries, **options):
+    _, exact = search(queries, index_dir, topk=10, use_gpu=False)
+    _, approx = search(queries, index_dir, topk=10, **options)
+    assert approx.shape == (len(queries), 10) and approx.dtype == np.int64
+    return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+
+
+def test_hnsw_recall_and_reuse(random_index, monkeypatch):
+    import faiss
+
+    index_dir, queries = random_index
+    assert recall_at_10(index_dir, queries, index_type="hnsw", hnsw_m=16, ef_search=64) >= 0.95
+    saved = index_dir / "hnsw_M16_efc200.faiss"
+    assert saved.exists() and not list(index_dir.glob("*.tmp"))
+    first = search(queries, index_dir, topk=10, index_type="hnsw", hnsw_m=16)
+    monkeypatch.setattr(faiss, "IndexHNSWFlat", None)  # a rebuild would fail: the saved file must be read
+    again = search(queries, index_dir, topk=10, index_type="hnsw", hnsw_m=16)
+    np.testing.assert_array_equal(again[1], first[1])
+    np.testing.assert_array_equal(again[0], first[0])
+    assert (np.diff(first[0], axis=1) <= 0).all()
+
+
+def test_ivfpq_recall_and_reuse(random_index, monkeypatch):
+    import faiss
+
+    index_dir, queries = random_index
+    # every list probed: what is left is the product quantizer's error (2 dims per one-byte code)
+    options = dict(index_type="ivfpq", nlist=32, pq_m=16, nprobe=32)
+    assert recall_at_10(index_dir, queries, **options) >= 0.7
+    assert (index_dir / "ivfpq_nlist32_m16.faiss").exists()
+    built = search(queries, index_dir, topk=10, **options)
+    monkeypatch.setattr(faiss, "IndexIVFPQ", None)  # read back from the file, with nprobe set on it
+    np.testing.assert_array_equal(search(queries, index_dir, topk=10, **options)[1], built[1])
+    few = search(queries, index_dir, topk=10, **{**options, "nprobe": 1})[1]
+    assert not np.array_equal(few, built[1])  # nprobe reaches the index read back
+    with pytest.raises(ReprolibError, match="pq_m must divide"):
+        search(queries, index_dir, topk=10, index_type="ivfpq", pq_m=5)
+
+
+def test_reencoding_a_shard_drops_stale_ann_files(random_index):
+    index_dir, queries = random_index
+    search(queries, index_dir, topk=5, index_type="hnsw", hnsw_m=8)
+    assert list(index_dir.glob("*.faiss"))
+    shard_path(index_dir, 2).unlink()
+    corpus = Corpus.open(index_dir.parent / "corpus.tsv", progress=False)
+    matrix = unit_rows(np.random.default_rng(1), ANN_NUM)
+    encode_corpus(RowEncoder(matrix), corpus, index_dir, shard_size=800, dtype="float32", progress=False)
+    assert not list(index_dir.glob("*.faiss"))
+    with pytest.raises(ReprolibError, match="unknown index type"):
+        search(queries, index_dir, topk=5, index_type="ivf")
+    with pytest.raises(ReprolibError, match="run on the CPU"):
+        search(queries, index_dir, topk=5, index_type="hnsw", use_gpu=True)

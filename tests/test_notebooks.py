@@ -30,16 +30,24 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     params, out = _tiny_pipeline(tmp_path), tmp_path / "out"
     logs = []
     manifest = run_pipeline(params, out_root=out, log=logs.append)
-    assert [e["status"] for e in manifest["stages"].values()] == ["done"] * 3
+    stages = manifest["stages"]
+    assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
     run_dir = out / "quickstart"
     assert (run_dir / "bm25" / "run.trec").stat().st_size > 0
-    assert {"recall_at_k.png", "per_query.png"} <= {p.name for p in (run_dir / "bm25").iterdir()}
-    assert 0.3 < manifest["stages"]["bm25"]["metrics"]["RR@10"] < 0.9
+    assert {"recall_at_k.png", "per_query.png", "scores.png"} <= {p.name for p in (run_dir / "bm25").iterdir()}
+    assert 0.3 < stages["bm25"]["metrics"]["RR@10"] < 0.9
+    # the dense path: a model trained on BM25 negatives, its index, mined negatives, a second stage
+    assert {"loss.png", "scores_after.png", "train_log.csv"} <= {p.name for p in (run_dir / "finetune").iterdir()}
+    assert (run_dir / "finetune" / "model" / "modules.json").exists()
+    assert (run_dir / "index" / "index" / "index.json").exists()
+    assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0
+    assert stages["finetune"]["metrics"]["group_accuracy_after"] > stages["finetune"]["metrics"]["group_accuracy_before"]
+    assert stages["dense_hn"]["metrics"]["RR@10"] > 0.1      # 1,000 passages, one short epoch: it retrieves, not more
     assert "Reproduction checks" in (run_dir / "REPORT.md").read_text()
 
     logs.clear()
     run_pipeline(params, out_root=out, log=logs.append)
-    assert sum(line.startswith("skip") for line in logs) == 3
+    assert sum(line.startswith("skip") for line in logs) == len(stages)
 
     # A run killed during the bm25 stage leaves it "running"; the next run resumes there.
     manifest = load_manifest(run_dir)
@@ -49,3 +57,22 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     run_pipeline(params, out_root=out, log=logs.append)
     ran = [line for line in logs if line.startswith("▶")]
     assert len(ran) == 1 and "bm25" in ran[0]
+
+
+def _parameter_names(notebook):
+    import ast
+
+    cells = json.loads(notebook.read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for target in node.targets}
+
+
+@pytest.mark.parametrize("params_file", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_stage_param_is_a_parameter_of_its_notebook(params_file):
+    """A misspelled key would reach papermill as an unknown parameter and be silently ignored."""
+    from reprolib.pipeline import load_pipeline
+
+    pipeline = load_pipeline(params_file)
+    for stage in pipeline.stages:
+        unknown = set(stage.params) - _parameter_names(stage.notebook)
+        assert not unknown, f"{params_file.name}: stage {stage.id} passes {sorted(unknown)} to {stage.notebook.name}"

@@ -71,7 +71,7 @@ def test_params_reach_the_notebook(project):
         {"id": "data", "notebook": "step", "params": {"lr": 0.2}},
         {"id": "train", "notebook": "step.ipynb", "params": {
             "lr": 0.3, "epochs": 1, "data_dir": "${stages.data.out}/corpus",
-            "files": ["${stages.data.out}/a.tsv", {"run": "${run.out}"}], "record": record}},
+            "files": ["${stages.data.out}/a.tsv", {"run": "${run.out}", "here": "${params.dir}/x"}], "record": record}},
     ], defaults={"seed": 42, "lr": 0.1})
 
     manifest, lines = run(project, path, sets=["train.epochs=3", "train.fp16=true"])
@@ -79,7 +79,8 @@ def test_params_reach_the_notebook(project):
     run_dir = (project / "outputs" / "demo").resolve()
     data_dir, train_dir = run_dir / "data", run_dir / "train"
     expected = {"seed": 42, "lr": 0.3, "epochs": 3, "fp16": True, "data_dir": f"{data_dir}/corpus",
-                "files": [f"{data_dir}/a.tsv", {"run": str(run_dir)}], "out_dir": str(train_dir)}
+                "files": [f"{data_dir}/a.tsv", {"run": str(run_dir), "here": f"{path.resolve().parent}/x"}],
+                "out_dir": str(train_dir)}
     params = json.loads((train_dir / "params.json").read_text())
     assert {k: params[k] for k in expected} == expected
     seen = json.loads((train_dir / "seen.json").read_text())  # written by the notebook, relative to its cwd

@@ -5,13 +5,40 @@ from reprolib.data import synthetic
 from reprolib.data.corpus import Corpus
 from reprolib.data.formats import read_qrels, read_queries, write_negatives
 from reprolib.data.prepare_remote import prepare as prepare_remote
+from reprolib.errors import ReprolibError
 from reprolib.search import bm25_search, mine_negatives
 
 
 def prepare(name, out_dir, progress=True, **options):
+    """`name`: "synthetic", a dataset to download (see prepare_remote), or a local dataset directory."""
     if name == "synthetic":
         return prepare_synthetic(out_dir, progress=progress, **options)
+    if Path(name).is_dir():
+        return link_local(name, out_dir)
     return prepare_remote(name, out_dir, progress=progress, **options)
+
+
+def link_local(source, out_dir):
+    """Symlink the files of a dataset directory (any layout) into `out_dir`: a pipeline's data stage
+    over data already on disk, such as ../shared/data/beir/scifact, without copying it."""
+    from reprolib.data.layout import find_corpus_file
+
+    source, out_dir = Path(source).resolve(), Path(out_dir)
+    find_corpus_file(source)  # fails early, naming the directory, when there is no corpus
+    out_dir.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        link = out_dir / entry.name
+        if link.is_symlink() and link.resolve() == entry.resolve():
+            linked.append(entry.name)
+            continue
+        if link.exists() or link.is_symlink():
+            raise ReprolibError(f"{link} already exists and is not a link to {entry}")
+        link.symlink_to(entry, target_is_directory=entry.is_dir())
+        linked.append(entry.name)
+    return {"source": str(source), "linked": linked}
 
 
 def prepare_synthetic(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42,

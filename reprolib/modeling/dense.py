@@ -140,10 +140,20 @@ class DenseEncoder(nn.Module):
         return reps
 
     def forward(self, query=None, passage=None):
-        """(query vectors or None, passage vectors or None); call the (DDP-wrapped) module like this in training."""
-        q = self.embed(query, "query") if query is not None else None
-        p = self.embed(passage, "passage") if passage is not None else None
-        return q, p
+        """(query vectors or None, passage vectors or None); call the (DDP-wrapped) module like this in training.
+
+        `query` / `passage` is a tokenized batch, or a `Buckets` of them (from `tokenize_buckets`), whose
+        vectors come back in the original text order.
+        """
+        return self._embed_any(query, "query"), self._embed_any(passage, "passage")
+
+    def _embed_any(self, batch, side):
+        if batch is None:
+            return None
+        if isinstance(batch, Buckets):
+            reps = torch.cat([self.embed(chunk, side) for chunk in batch.chunks])
+            return reps[batch.inverse.to(reps.device)]
+        return self.embed(batch, side)
 
     def tokenize(self, texts, side="query", max_length=None, pad_to_multiple_of=None):
         """Tokenize a training batch: dynamic padding (to the longest text, optionally to a multiple of N)."""
@@ -151,6 +161,18 @@ class DenseEncoder(nn.Module):
         enc = self.tokenizer(first, second, truncation=True, max_length=self._clip(max_length or self.max_len(side)),
                              padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in self._input_keys}
+
+    def tokenize_buckets(self, texts, side="passage", bucket_size=16, max_length=None):
+        """Tokenize a training batch into length-sorted buckets of `bucket_size` texts, each padded only to its
+        own longest text: less padding than one batch padded to the longest of all (what `forward` undoes)."""
+        first, second = _split_pairs(texts)
+        max_length = self._clip(max_length or self.max_len(side))
+        feats = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
+        feats = {k: feats[k] for k in feats.keys() if k in self._input_keys}
+        lengths = np.fromiter((len(ids) for ids in feats["input_ids"]), dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
+        return Buckets(chunks, torch.from_numpy(np.argsort(order)))
 
     def gradient_checkpointing_enable(self, **kwargs):
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
@@ -257,6 +279,9 @@ class DenseEncoder(nn.Module):
         """
         from transformers import AutoTokenizer
 
+        from reprolib.modeling.specs import package_path
+
+        name_or_path = package_path(name_or_path)   # "package:<pkg>/<subdir>": a model shipped in a package
         path = Path(str(name_or_path))
         saved = _read_json(path / CONFIG_NAME) if path.is_dir() else None
         st = None if saved else _read_sentence_transformers(path)
@@ -380,6 +405,16 @@ class DenseEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+class Buckets:
+    """Tokenized chunks of a batch in length order, and `inverse`: the chunk rows' positions back in text order."""
+
+    def __init__(self, chunks, inverse):
+        self.chunks, self.inverse = chunks, inverse
+
+    def to(self, device):
+        return Buckets([{k: v.to(device) for k, v in chunk.items()} for chunk in self.chunks], self.inverse)
+
+
 def pool(hidden, mask, pooling):
     """First-token or masked-mean pooling of (B, L, H) hidden states."""
     if pooling == "cls":

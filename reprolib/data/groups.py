@@ -1,0 +1,133 @@
+"""Training groups for contrastive fine-tuning: one query, one positive, G-1 negatives.
+
+A group is laid out [p+, n1 .. n_{G-1}]; a batch concatenates the groups of its queries, so query
+i's positive is passage row i*G (what `reprolib.losses.contrastive_loss` expects).
+
+Two samplers, as the recipes do it (RECIPES.md §1.5, §2.3, §3, §5):
+
+* "retromae" (RetroMAE, Disentangled): one example per qrels row (RetroMAE) or per query
+  (Disentangled, `per_query=True`); the positive is drawn uniformly; the negatives are drawn
+  without replacement from the first `sample_neg_from_topk` negatives of the query; when fewer than
+  G-1 are available, all of them are used and the shortfall is drawn uniformly from the corpus.
+* "tevatron" (Tevatron v1, OpenMatch's mapping dataset): one example per query; seeded by
+  (index + seed), the positive is positives[(seed + epoch) % n], and the negatives are a fixed
+  shuffle of the list walked as a window that moves by G-1 each epoch; `random.choices` when the
+  query has fewer than G-1.
+
+Every draw is a function of (seed, epoch, example index), so an epoch's groups are the same on
+every process and after a resume.
+"""
+import random
+
+import numpy as np
+
+from reprolib.data.templates import get_template
+from reprolib.errors import ReprolibError
+
+SAMPLERS = ("retromae", "tevatron")
+
+
+class TrainGroups:
+    """`groups[i]` -> (query text, [G passage texts], [G corpus positions], [positive positions]).
+
+    queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
+    negatives: {qid: [pid, ...]} in rank order (missing queries get corpus-random negatives).
+    """
+
+    def __init__(self, corpus, queries, qrels, negatives, group_size=8, sampler="retromae",
+                 sample_neg_from_topk=200, per_query=None, template="plain", sep="[SEP]", seed=42):
+        if sampler not in SAMPLERS:
+            raise ReprolibError(f"unknown negative sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if group_size < 1:
+            raise ReprolibError(f"group_size must be at least 1, not {group_size}")
+        self.corpus = corpus
+        self.group_size = int(group_size)
+        self.sampler = sampler
+        self.topk = int(sample_neg_from_topk)
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.sep = sep
+        self.seed = int(seed)
+        self.epoch = 0
+        per_query = sampler == "tevatron" if per_query is None else per_query
+
+        self.queries = []     # (qid, text, positive positions, negative positions)
+        self.examples = []    # (query index, positive positions drawn from)
+        missing_positive = []
+        for qid, judged in qrels.items():
+            if qid not in queries:
+                continue
+            pids = [pid for pid, rel in judged.items() if rel > 0]
+            positives = [int(p) for p in corpus.positions(pids) if p >= 0]
+            if not positives:
+                missing_positive.append(qid)
+                continue
+            negative_positions = corpus.positions(negatives.get(qid, []))
+            negative_positions = [int(p) for p in negative_positions if p >= 0 and p not in positives]
+            index = len(self.queries)
+            self.queries.append((qid, queries[qid], positives, negative_positions))
+            if per_query:
+                self.examples.append((index, positives))
+            else:
+                self.examples.extend((index, [p]) for p in positives)
+        if not self.examples:
+            raise ReprolibError("no training examples: no judged query has its text and a positive in the corpus")
+        self.skipped_queries = missing_positive
+
+    def __len__(self):
+        return len(self.examples)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def passage_text(self, position):
+        return self.template.render(self.corpus.title(position), self.corpus.text(position), sep=self.sep)
+
+    def __getitem__(self, i):
+        query_index, positives = self.examples[i]
+        qid, query, all_positives, negatives = self.queries[query_index]
+        if self.sampler == "retromae":
+            positive, chosen = self._retromae(i, positives, negatives, all_positives)
+        else:
+            positive, chosen = self._tevatron(i, positives, negatives, all_positives)
+        positions = [positive] + chosen
+        return query, [self.passage_text(p) for p in positions], positions, all_positives
+
+    def _retromae(self, i, positives, negatives, all_positives):
+        rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
+        positive = rng.choice(positives)
+        need = self.group_size - 1
+        pool = negatives[:self.topk]
+        if len(pool) < need:
+            return positive, pool + self._random_negatives(rng, need - len(pool), all_positives)
+        return positive, rng.sample(pool, need)
+
+    def _tevatron(self, i, positives, negatives, all_positives):
+        hashed_seed = i + self.seed
+        positive = positives[(hashed_seed + self.epoch) % len(positives)]
+        need = self.group_size - 1
+        if need == 0:
+            return positive, []
+        rng = random.Random(hashed_seed)
+        if not negatives:
+            return positive, self._random_negatives(rng, need, all_positives)
+        if len(negatives) < need:
+            return positive, rng.choices(negatives, k=need)
+        shuffled = list(negatives)
+        rng.shuffle(shuffled)
+        offset = self.epoch * need % len(shuffled)
+        return positive, (shuffled * 2)[offset:offset + need]
+
+    def _random_negatives(self, rng, count, exclude):
+        if len(self.corpus) <= len(exclude):
+            raise ReprolibError(f"the corpus has no passage that is not a positive; cannot draw {count} negatives")
+        out = []
+        while len(out) < count:
+            p = rng.randrange(len(self.corpus))
+            if p not in exclude:
+                out.append(p)
+        return out
+
+
+def epoch_order(num_examples, epoch, seed):
+    """The example order of an epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)

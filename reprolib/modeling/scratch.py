@@ -1,0 +1,113 @@
+"""Small BERTs built from nothing but a corpus, for the offline quickstart and the tests.
+
+`build_scratch_bert(corpus, out_dir, size="tiny")` builds an uncased WordPiece vocabulary from the
+corpus and saves a randomly initialised BertModel with it, in HF format, so that
+every stage (fine-tuning, RetroMAE pretraining, ...) loads it like any hub checkpoint. The same
+corpus, size and seed give the same tokenizer and the same weights: a pretrained run and its
+no-pretraining control start from one model.
+
+A model spec "scratch:<size>" (e.g. model="scratch:tiny" in a notebook) means "build this here"
+(reprolib.modeling.specs).
+"""
+import json
+from pathlib import Path
+
+from reprolib.errors import ReprolibError
+
+SCRATCH_PREFIX = "scratch:"
+SIZES = {
+    # name: (vocab size, hidden, layers, heads, intermediate)
+    "micro": (2000, 32, 2, 2, 64),     # unit tests: fast, learns little
+    "tiny": (4000, 128, 2, 2, 512),    # quickstart: learns the synthetic set in a minute on 2 CPU cores
+    "mini": (8000, 256, 4, 4, 1024),
+}
+MAX_POSITIONS = 512
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MANIFEST = "scratch.json"
+
+
+def is_scratch_spec(model):
+    return isinstance(model, str) and model.startswith(SCRATCH_PREFIX)
+
+
+def scratch_size(spec):
+    size = spec[len(SCRATCH_PREFIX):]
+    if size not in SIZES:
+        raise ReprolibError(f"unknown scratch model {spec!r}; choose from "
+                            f"{', '.join(SCRATCH_PREFIX + s for s in SIZES)}")
+    return size
+
+
+def build_scratch_bert(corpus, out_dir, size="tiny", seed=42, max_texts=200_000):
+    """Save a random-init BERT of `size` with a WordPiece vocab trained on (up to `max_texts` of) the corpus.
+
+    Returns `out_dir`. A folder already built with the same size, seed and corpus is reused.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    if size not in SIZES:
+        raise ReprolibError(f"unknown scratch size {size!r}; choose from {', '.join(SIZES)}")
+    out_dir = Path(out_dir)
+    recipe = {"size": size, "seed": int(seed), "corpus_store": str(getattr(corpus, "store_dir", "")),
+              "num_passages": len(corpus)}
+    manifest = out_dir / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()) == recipe:
+        return out_dir
+    vocab_size, hidden, layers, heads, intermediate = SIZES[size]
+
+    step = max(1, len(corpus) // max_texts)
+    vocab = _word_piece_vocab((f"{corpus.title(i)} {corpus.text(i)}" for i in range(0, len(corpus), step)), vocab_size)
+    tokenizer = _bert_tokenizer(vocab)
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate,
+                        max_position_embeddings=MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id)
+    model = BertModel(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    manifest.write_text(json.dumps(recipe, indent=2) + "\n")
+    return out_dir
+
+
+def _word_piece_vocab(texts, vocab_size):
+    """Specials, every character (alone and as a "##" continuation), then the most frequent words.
+
+    Counted in Python rather than with `tokenizers`' WordPiece trainer, whose choice among equally
+    frequent merges changes from run to run: the same corpus must give the same vocabulary. Words
+    left out are split by BERT's WordPiece into the pieces that are in.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = Counter()
+    for text in texts:
+        words.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    by_frequency = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += by_frequency[:max(0, vocab_size - len(vocab))]
+    return vocab
+
+
+def _bert_tokenizer(vocab):
+    """A fast uncased BERT WordPiece tokenizer over `vocab` (built through `tokenizers`, which reads the
+    same in transformers 4 and 5; their BertTokenizerFast constructors take the vocabulary differently)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    ids = {token: i for i, token in enumerate(vocab)}
+    tokenizer = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tokenizer.decoder = decoders.WordPiece()
+    return BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=True, model_max_length=MAX_POSITIONS,
+                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                             mask_token="[MASK]")

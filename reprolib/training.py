@@ -1,0 +1,459 @@
+"""One Accelerate training loop for contrastive bi-encoder fine-tuning (RECIPES.md §1.5-1.6, §2.3-2.5, §3, §5).
+
+    config (YAML or TrainConfig) -> DenseEncoder + TrainGroups -> steps of
+        [micro-batch: tokenize -> q, p = model(query, passage) -> contrastive_loss -> backward] x grad_accum
+        -> clip -> AdamW step -> schedule step
+    -> out_dir/model (HF + sentence-transformers files), train_log.csv, tensorboard/, checkpoints/
+
+The same code runs in a notebook (one process), under `reprolib train CONFIG.yaml`, and under
+`accelerate launch -m reprolib train CONFIG.yaml` on many GPUs or CPU processes. Each process takes
+its own `batch_size` queries of a global batch; with `cross_device` the passages (and queries) of
+every process are negatives for every query.
+
+Resume: every `save_steps` the optimizer, schedule, model and RNG states are saved under
+checkpoints/step-N. A re-run with the same config continues from the newest one, with the same
+data order: an epoch's example order and each example's group depend only on (seed, epoch, index).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import yaml
+
+from reprolib.errors import ReprolibError
+from reprolib.fileio import atomic_write
+
+LOG_FILE = "train_log.csv"
+SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = "train_config.yaml"
+LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "queries_per_second")
+SCHEDULES = ("linear", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # data: a file or a dataset directory each (MS MARCO, BEIR or LoTTE layout)
+    model: str                            # HF name or path, sentence-transformers folder, or "scratch:<size>"
+    out_dir: str
+    train_data: str                       # dataset dir holding corpus, <split> queries and qrels
+    negatives: str | None = None          # qid \t pid,pid,... ; default <train_data>/<split>.negatives.tsv
+    corpus: str | None = None             # default: train_data
+    split: str = "train"
+    template: str = "plain"               # passage text template (reprolib.data.templates)
+    # encoder (None: the checkpoint's own setting, else DenseEncoder's default)
+    pooling: str | None = None
+    normalize: bool | None = None
+    projection_dim: int | None = None
+    untie: bool = False
+    t5_mode: str | None = None
+    query_max_len: int | None = None
+    passage_max_len: int | None = None
+    # groups and loss
+    group_size: int = 8                   # 1 positive + G-1 negatives
+    sampler: str = "retromae"             # retromae | tevatron
+    sample_neg_from_topk: int = 200
+    per_query: bool | None = None         # one example per query (default for tevatron) or per qrels row
+    temperature: float = 1.0
+    cross_device: bool = False            # gather negatives from every process
+    scale_loss_by_world_size: bool = True  # ×W with cross_device: Tevatron/OpenMatch/Disentangled yes, RetroMAE no
+    false_negative_masking: bool = False  # Disentangled
+    # optimisation
+    batch_size: int = 16                  # queries per process per micro-batch
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None          # overrides epochs
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0                 # overrides warmup_ratio when > 0
+    schedule: str = "linear"              # linear | constant (after warmup)
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"           # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    # bookkeeping
+    seed: int = 42
+    save_steps: int = 0                   # checkpoint every N steps (0: only the final model)
+    save_total_limit: int = 2
+    log_steps: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data, source="config"):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ReprolibError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ReprolibError(f"{source}: missing training option(s) {', '.join(missing)}")
+        config = cls(**data)
+        config.check(source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise ReprolibError(f"{path}: training config not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ReprolibError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ReprolibError(f"{path}: expected a mapping of training options")
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self, path):
+        with atomic_write(path) as f:
+            yaml.safe_dump(dataclasses.asdict(self), f, sort_keys=False)
+        return Path(path)
+
+    def check(self, source="config"):
+        if self.schedule not in SCHEDULES:
+            raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ReprolibError(f"{source}: mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        for name in ("group_size", "batch_size", "grad_accum", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
+
+    def digest(self):
+        """Hash of everything that changes the trained weights (not logging or progress options)."""
+        data = dataclasses.asdict(self)
+        for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress"):
+            data.pop(key)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- setup
+
+def load_groups(config, sep):
+    """The TrainGroups of a config: corpus, split queries, qrels and negatives."""
+    from reprolib.data import Corpus, read_negatives, read_qrels
+    from reprolib.data.groups import TrainGroups
+    from reprolib.data.layout import find_qrels_file, load_queries
+
+    corpus = Corpus.open(config.corpus or config.train_data, progress=False)
+    queries = load_queries(config.train_data, config.split)
+    qrels = read_qrels(find_qrels_file(config.train_data, config.split))
+    negatives_file = config.negatives
+    if negatives_file is None:
+        default = Path(config.train_data) / f"{config.split}.negatives.tsv"
+        negatives_file = default if default.is_file() else None
+    negatives = read_negatives(negatives_file) if negatives_file else {}
+    return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
+                       sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
+                       template=config.template, sep=sep, seed=config.seed)
+
+
+def load_encoder(config, corpus):
+    """DenseEncoder from the config's model (building a scratch model first when asked)."""
+    from reprolib.modeling import DenseEncoder
+    from reprolib.modeling.specs import resolve_model
+
+    model = resolve_model(config.model, corpus, Path(config.out_dir) / "init", seed=config.seed)
+    return DenseEncoder.from_pretrained(
+        model, pooling=config.pooling, normalize=config.normalize, projection_dim=config.projection_dim,
+        untie=config.untie or None, t5_mode=config.t5_mode, query_max_len=config.query_max_len,
+        passage_max_len=config.passage_max_len, template=config.template)
+
+
+def _optimizer(model, config):
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)   # no decay on biases and LayerNorm
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _schedule(optimizer, config, total_steps):
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    if config.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def collate(encoder, items, device):
+    """Tokenized queries and passages of a micro-batch, plus corpus positions for false-negative masking."""
+    import torch
+
+    queries = [item[0] for item in items]
+    passages = [text for item in items for text in item[1]]
+    query_batch = {k: v.to(device) for k, v in encoder.tokenize(queries, "query").items()}
+    # B*G passages vary in length far more than B queries: length-sorted buckets of B waste little padding
+    passage_batch = encoder.tokenize_buckets(passages, "passage", bucket_size=max(len(items), 8)).to(device)
+    passage_ids = torch.tensor([p for item in items for p in item[2]], device=device)
+    width = max(len(item[3]) for item in items)
+    positive_ids = torch.tensor([item[3] + [-1] * (width - len(item[3])) for item in items], device=device)
+    return query_batch, passage_batch, passage_ids, positive_ids
+
+
+def forward_backward(model, encoder, items, config, accelerator):
+    """Loss and gradients of one micro-batch of groups; returns the loss (as a float, scaled by 1/grad_accum)."""
+    from reprolib.losses import contrastive_loss
+
+    queries, passages, passage_ids, positive_ids = collate(encoder, items, accelerator.device)
+    q, p = model(query=queries, passage=passages)
+    loss = contrastive_loss(
+        q.float(), p.float(), config.group_size, temperature=config.temperature,
+        cross_device=config.cross_device, scale_by_world_size=config.scale_loss_by_world_size,
+        passage_ids=passage_ids if config.false_negative_masking else None,
+        positive_ids=positive_ids if config.false_negative_masking else None) / config.grad_accum
+    accelerator.backward(loss)
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _checkpoints(out_dir):
+    root = Path(out_dir) / "checkpoints"
+    found = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def _save_checkpoint(accelerator, out_dir, step, digest, limit):
+    path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        # written last: a checkpoint folder without it is incomplete and ignored by resume
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": digest}) + "\n")
+        for old in _checkpoints(out_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(config, log=print):
+    """Fine-tune a DenseEncoder contrastively; returns the summary dict (also in out_dir/train_summary.json)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from reprolib.data.groups import epoch_order
+
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_dict(dict(config))
+    out_dir = Path(config.out_dir)
+    digest = config.digest()
+    summary_path = out_dir / SUMMARY_FILE
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("config_digest") == digest:
+        log(f"{out_dir} already holds a model trained with this config; skipping")
+        return json.loads(summary_path.read_text())
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    set_seed(config.seed)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(out_dir / CONFIG_FILE)
+
+    from reprolib.data import Corpus
+    with accelerator.main_process_first():   # the corpus store and a scratch model are built once, by the main process
+        corpus = Corpus.open(config.corpus or config.train_data, progress=False)
+        encoder = load_encoder(config, corpus)
+    encoder.train()
+    if config.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable()
+    groups = load_groups(config, encoder.sep_token)
+
+    global_batch = config.batch_size * world
+    micro_per_epoch = len(groups) // global_batch          # drop_last: every process gets a full micro-batch
+    steps_per_epoch = micro_per_epoch // config.grad_accum
+    if steps_per_epoch == 0:
+        raise ReprolibError(f"{len(groups)} training examples are fewer than one step of "
+                            f"{global_batch * config.grad_accum} (batch_size x processes x grad_accum)")
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+    optimizer = _optimizer(encoder, config)
+    scheduler = _schedule(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(encoder, optimizer)
+    accelerator.register_for_checkpointing(scheduler)   # stepped by us once per optimizer step, not per process
+
+    start_step = 0
+    checkpoints = _checkpoints(out_dir)
+    if checkpoints:
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        if state.get("config_digest") != digest:
+            raise ReprolibError(f"{checkpoints[-1]} was written by a different training config; "
+                                "use a fresh out_dir or delete its checkpoints/")
+        accelerator.load_state(str(checkpoints[-1]))
+        start_step = state["step"]
+        log(f"resuming from {checkpoints[-1]} (step {start_step} of {total_steps})")
+    if main:
+        log(f"{len(groups):,} examples, {steps_per_epoch:,} steps per epoch, {total_steps:,} steps; global batch "
+            f"{global_batch * config.grad_accum} queries x {config.group_size} passages on {world} process(es) "
+            f"({accelerator.device}, {config.mixed_precision})")
+
+    writer = _Logger(out_dir, resume_step=start_step, tensorboard=config.tensorboard) if main else None
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (config.progress and main))
+    rank = accelerator.process_index
+    scale = world if (config.cross_device and config.scale_loss_by_world_size and world > 1) else 1
+    started = time.perf_counter()
+    model.train()
+    try:
+        for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                index = step * config.grad_accum + micro
+                epoch, slot = divmod(index, micro_per_epoch)
+                groups.set_epoch(epoch)
+                order = epoch_order(len(groups), epoch, config.seed)
+                first = slot * global_batch + rank * config.batch_size
+                items = [groups[int(i)] for i in order[first:first + config.batch_size]]
+                last = micro == config.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):   # DDP syncs on the last one only
+                    loss = forward_backward(model, encoder, items, config, accelerator)
+                step_loss += loss / scale
+            grad_norm = None
+            if config.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if writer and (done % config.log_steps == 0 or done == total_steps):
+                seconds = time.perf_counter() - step_start
+                writer.write(step=done, epoch=round(done / steps_per_epoch, 4), loss=step_loss,
+                             learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
+                             queries_per_second=round(global_batch * config.grad_accum / seconds, 2))
+            if config.save_steps and done % config.save_steps == 0 and done < total_steps:
+                _save_checkpoint(accelerator, out_dir, done, digest, config.save_total_limit)
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+
+    accelerator.wait_for_everyone()
+    summary = {"config_digest": digest, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 4),
+               "examples": len(groups), "skipped_queries": len(groups.skipped_queries),
+               "processes": world, "global_batch_queries": global_batch * config.grad_accum,
+               "passages_per_query": config.group_size, "seconds": round(time.perf_counter() - started, 2),
+               "resumed_from_step": start_step, "device": str(accelerator.device)}
+    if main:
+        accelerator.unwrap_model(model).save(out_dir / "model")
+        with atomic_write(summary_path) as f:
+            json.dump(summary, f, indent=2)
+        log(f"saved {out_dir / 'model'} after {total_steps} steps ({summary['seconds']} s)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+class _Logger:
+    """train_log.csv (appended across resumes) and, when tensorboard is installed, event files."""
+
+    def __init__(self, out_dir, resume_step=0, tensorboard=True):
+        self.path = Path(out_dir) / LOG_FILE
+        rows = read_log(self.path) if self.path.exists() else []
+        rows = [r for r in rows if r["step"] <= resume_step]      # drop steps that will be redone
+        with atomic_write(self.path) as f:
+            out = csv.DictWriter(f, LOG_COLUMNS)
+            out.writeheader()
+            out.writerows(rows)
+        self.file = open(self.path, "a", newline="")
+        self.csv = csv.DictWriter(self.file, LOG_COLUMNS)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, **row):
+        self.csv.writerow(row)
+        self.file.flush()
+        if self.tb:
+            for key in ("loss", "learning_rate", "grad_norm", "queries_per_second"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def read_log(path):
+    """Rows of a train_log.csv as dicts of numbers (None for empty cells)."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items()})
+            rows[-1]["step"] = int(rows[-1]["step"])
+    return rows
+
+
+# ---------------------------------------------------------------------------- many processes from a notebook
+
+def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
+    """Run `accelerate launch -m reprolib train CONFIG` in a subprocess, streaming its output to `log`.
+
+    A notebook calls this for multi-GPU (or multi-process CPU) training, so that CUDA is initialised
+    in the worker processes, never in the kernel. `config` is a TrainConfig or a YAML path.
+    """
+    if isinstance(config, TrainConfig):
+        path = config.to_yaml(Path(config.out_dir) / CONFIG_FILE)
+    else:
+        path = Path(config)
+    if cpu is None:
+        import torch
+        cpu = not torch.cuda.is_available()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if num_processes > 1:
+        command.append("--multi_gpu")   # accelerate's name for its torchrun launcher, CPU or GPU
+    elif cpu:
+        command.append("--cpu")
+    command += [*extra_args, "-m", "reprolib", "train", str(path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"   # with torchrun's env, Accelerate then runs gloo processes on the CPU
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cause = None
+    for line in process.stdout:
+        line = line.rstrip("\n")
+        log(line)
+        if cause is None and ("Error:" in line or line.startswith("error:")):
+            cause = line.split("]: ", 1)[-1]          # the first error a worker printed, without its rank tag
+    if process.wait() != 0:
+        raise ReprolibError(f"training failed (exit {process.returncode}): {cause or ' '.join(command)}")
+    return json.loads((Path(TrainConfig.from_yaml(path).out_dir) / SUMMARY_FILE).read_text())
+
+
+def score_groups(encoder, groups, num_groups=200, batch_size=64):
+    """Scores q·p of each group's positive and of its negatives, for the first `num_groups` groups:
+    how well the encoder separates them (the notebooks plot the two distributions)."""
+    import numpy as np
+
+    items = [groups[i] for i in range(min(num_groups, len(groups)))]
+    queries = encoder.encode_queries([item[0] for item in items], batch_size=batch_size)
+    passages = encoder.encode_passages([text for item in items for text in item[1]], batch_size=batch_size)
+    scores = np.einsum("qd,qgd->qg", queries, passages.reshape(len(items), groups.group_size, -1))
+    return scores[:, 0], scores[:, 1:].ravel()

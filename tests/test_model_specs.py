@@ -1,0 +1,56 @@
+"""Model specs (package:, scratch:), the scratch BERT builder, and linking a local dataset as a data stage."""
+import json
+
+import pytest
+
+from reprolib.data.prepare import prepare
+from reprolib.errors import ReprolibError
+from reprolib.modeling.specs import package_path
+
+
+def test_package_spec_resolves_inside_an_installed_package():
+    import reprolib
+
+    assert package_path("package:reprolib/data") == str(__import__("pathlib").Path(reprolib.__file__).parent / "data")
+    assert package_path("bert-base-uncased") == "bert-base-uncased"     # anything else passes through
+    with pytest.raises(ReprolibError, match="'no_such_package_xyz' is not installed"):
+        package_path("package:no_such_package_xyz/model")
+    with pytest.raises(ReprolibError, match="does not exist"):
+        package_path("package:reprolib/no_such_folder")
+
+
+def test_scratch_bert_is_deterministic_and_knows_the_corpus_words(synthetic_corpus, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from reprolib.modeling.scratch import build_scratch_bert
+
+    a = build_scratch_bert(synthetic_corpus, tmp_path / "a", size="micro", seed=3)
+    b = build_scratch_bert(synthetic_corpus, tmp_path / "b", size="micro", seed=3)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    vocab_a = json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab_a == json.loads((b / "tokenizer.json").read_text())["model"]["vocab"]
+    tokenizer = AutoTokenizer.from_pretrained(a)
+    title = synthetic_corpus.title(0).lower()
+    pieces = tokenizer.tokenize(title)
+    assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == title.replace(" ", "")
+    assert tokenizer("the")["input_ids"][1] not in (tokenizer.unk_token_id, None)   # frequent words are whole tokens
+    mtime = (a / "model.safetensors").stat().st_mtime_ns
+    build_scratch_bert(synthetic_corpus, a, size="micro", seed=3)                  # same recipe: reused
+    assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_prepare_links_a_local_dataset_directory(tmp_path):
+    source = tmp_path / "beir"
+    (source / "qrels").mkdir(parents=True)
+    (source / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "x"}\n')
+    (source / "queries.jsonl").write_text('{"_id": "q1", "text": "y"}\n')
+    (source / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    out = tmp_path / "data"
+    result = prepare(str(source), out)
+    assert result["linked"] == ["corpus.jsonl", "qrels", "queries.jsonl"]
+    assert (out / "qrels" / "test.tsv").read_text().endswith("q1\td1\t1\n") and (out / "corpus.jsonl").is_symlink()
+    prepare(str(source), out)                                                      # again: nothing to do
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReprolibError, match="no corpus file"):
+        prepare(str(tmp_path / "empty"), tmp_path / "data2")

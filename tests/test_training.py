@@ -1,0 +1,178 @@
+"""Training groups (both samplers), the Accelerate loop (logs, saved model, resume with the same data
+order) and the multi-process launcher, on the synthetic data set with a micro BERT built from it."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("accelerate")
+
+from reprolib.data.groups import TrainGroups, epoch_order  # noqa: E402
+from reprolib.errors import ReprolibError  # noqa: E402
+from reprolib.training import SUMMARY_FILE, TrainConfig, launch, read_log, train  # noqa: E402
+
+
+class ListCorpus:
+    """A stand-in corpus: pids "p0".."p{n-1}", title = pid."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def positions(self, pids):
+        return np.array([int(p[1:]) if p[1:].isdigit() and int(p[1:]) < self.n else -1 for p in pids], dtype=np.int64)
+
+    def title(self, i):
+        return f"p{i}"
+
+    def text(self, i):
+        return f"text {i}"
+
+
+def _groups(sampler, negatives, group_size=4, topk=200, n=100, per_query=None):
+    queries = {"q1": "first query", "q2": "second query"}
+    qrels = {"q1": {"p0": 1, "p1": 1}, "q2": {"p2": 1}}
+    return TrainGroups(ListCorpus(n), queries, qrels, negatives, group_size=group_size, sampler=sampler,
+                       sample_neg_from_topk=topk, per_query=per_query, seed=7)
+
+
+def test_retromae_sampler_one_example_per_qrels_row_negatives_from_topk_without_replacement():
+    negatives = {"q1": [f"p{i}" for i in range(10, 40)], "q2": [f"p{i}" for i in range(50, 60)]}
+    groups = _groups("retromae", negatives, group_size=6, topk=5)
+    assert len(groups) == 3                              # q1 has two qrels rows
+    seen = set()
+    for epoch in range(20):
+        groups.set_epoch(epoch)
+        query, texts, positions, positives = groups[0]
+        assert query == "first query" and positives == [0, 1]
+        assert positions[0] == 0                           # the row's own positive, first in the group
+        negs = positions[1:]
+        assert len(set(negs)) == 5 and set(negs) <= set(range(10, 15))   # all of the top-5, no repeats
+        assert texts[1] == f"p{negs[0]} text {negs[0]}"
+        seen.add(tuple(negs))
+    assert len(seen) > 1                                  # the order is re-drawn each epoch
+
+
+def test_retromae_sampler_tops_up_from_the_corpus_when_short():
+    groups = _groups("retromae", {"q2": ["p20", "p21"]}, group_size=8, n=30)
+    positions = groups[2][2]
+    assert positions[:3] == [2, 20, 21] and len(positions) == 8 and 2 not in positions[1:]
+    q1 = groups[0][2]                                      # q1 has no negatives at all: all random, never a positive
+    assert len(q1) == 8 and not set(q1[1:]) & {0, 1}
+
+
+def test_tevatron_sampler_walks_a_fixed_shuffle_by_epoch():
+    negatives = {"q1": [f"p{i}" for i in range(10, 19)], "q2": ["p50"]}
+    groups = _groups("tevatron", negatives, group_size=4)
+    assert len(groups) == 2                               # one example per query
+    windows = []
+    for epoch in range(3):
+        groups.set_epoch(epoch)
+        _, _, positions, _ = groups[0]
+        windows.append(positions[1:])
+    assert sorted(p for w in windows for p in w) == list(range(10, 19))   # three windows of 3 cover all 9
+    positives = set()
+    for epoch in range(2):
+        groups.set_epoch(epoch)
+        positives.add(groups[0][2][0])
+    assert positives == {0, 1}                            # the positive rotates with the epoch
+    assert groups[1][2][1:] == [50, 50, 50]               # fewer than G-1: drawn with replacement
+
+
+def test_samples_and_epoch_order_are_deterministic():
+    negatives = {"q1": [f"p{i}" for i in range(10, 40)]}
+    a, b = _groups("retromae", negatives), _groups("retromae", negatives)
+    a.set_epoch(3), b.set_epoch(3)
+    assert a[0] == b[0] and a[2] == b[2]
+    assert (epoch_order(50, 2, 42) == epoch_order(50, 2, 42)).all()
+    assert not (epoch_order(50, 1, 42) == epoch_order(50, 2, 42)).all()
+
+
+def test_groups_reject_bad_options_and_data():
+    with pytest.raises(ReprolibError, match="unknown negative sampler"):
+        _groups("random", {})
+    with pytest.raises(ReprolibError, match="no training examples"):
+        TrainGroups(ListCorpus(5), {"q": "x"}, {"q": {"p99": 1}}, {})
+
+
+def test_config_rejects_unknown_and_missing_options(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: m\nout_dir: o\ntrain_data: d\nlearning_rat: 1\n")
+    with pytest.raises(ReprolibError, match=r"bad.yaml: unknown training option\(s\) learning_rat"):
+        TrainConfig.from_yaml(path)
+    path.write_text("model: m\n")
+    with pytest.raises(ReprolibError, match="missing training option"):
+        TrainConfig.from_yaml(path)
+
+
+def _config(synthetic_dir, out_dir, **overrides):
+    options = dict(model="scratch:micro", out_dir=str(out_dir), train_data=str(synthetic_dir), group_size=4,
+                   batch_size=8, max_steps=6, learning_rate=1e-3, pooling="mean", normalize=True,
+                   temperature=0.05, query_max_len=24, passage_max_len=64, progress=False, tensorboard=False)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_train_writes_model_log_and_summary_then_skips(synthetic_dir, tmp_path):
+    config = _config(synthetic_dir, tmp_path / "run", max_steps=None, epochs=1, batch_size=32, log_steps=5,
+                     model="scratch:tiny", learning_rate=5e-4)
+    summary = train(config, log=lambda *_: None)
+    rows = read_log(tmp_path / "run" / "train_log.csv")
+    assert summary["steps"] == 2000 // 32 and rows[-1]["step"] == summary["steps"]
+    assert rows[-1]["loss"] < rows[0]["loss"]             # it learns, even in one short epoch
+    from reprolib.modeling import DenseEncoder
+    encoder = DenseEncoder.from_pretrained(tmp_path / "run" / "model")
+    assert encoder.pooling == "mean" and encoder.normalize
+    assert (tmp_path / "run" / "model" / "modules.json").exists()
+    messages = []
+    train(config, log=messages.append)
+    assert "skipping" in messages[0]
+
+
+def test_resume_continues_with_the_same_data_order(synthetic_dir, tmp_path):
+    straight = _config(synthetic_dir, tmp_path / "straight", save_steps=3)
+    train(straight, log=lambda *_: None)
+    # Interrupted after step 3: only the step-3 checkpoint survives; the rerun must land on the same weights.
+    resumed_dir = tmp_path / "resumed"
+    resumed = _config(synthetic_dir, resumed_dir, save_steps=3)
+    train(resumed, log=lambda *_: None)
+    for name in ("model", SUMMARY_FILE):
+        path = resumed_dir / name
+        (os.remove(path) if path.is_file() else __import__("shutil").rmtree(path))
+    messages = []
+    summary = train(resumed, log=messages.append)
+    assert summary["resumed_from_step"] == 3 and any("resuming from" in m for m in messages)
+    a, b = _weights(tmp_path / "straight" / "model"), _weights(resumed_dir / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert [r["step"] for r in read_log(resumed_dir / "train_log.csv")] == list(range(1, 7))
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(synthetic_dir, tmp_path):
+    train(_config(synthetic_dir, tmp_path / "run", save_steps=3), log=lambda *_: None)
+    os.remove(tmp_path / "run" / SUMMARY_FILE)
+    with pytest.raises(ReprolibError, match="different training config"):
+        train(_config(synthetic_dir, tmp_path / "run", save_steps=3, learning_rate=5e-4), log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
+    """What a notebook does for multi-GPU training: `accelerate launch` in a subprocess, log streamed back."""
+    lines = []
+    config = _config(synthetic_dir, tmp_path / "run", max_steps=3, cross_device=True)
+    summary = launch(config, num_processes=2, log=lines.append)
+    assert summary["processes"] == 2 and summary["global_batch_queries"] == 16
+    assert any("on 2 process(es)" in line for line in lines)
+    assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 3
