@@ -25,8 +25,12 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install   # about 40 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/corpus_access.py
+	$(BIN)/python bench/encode_throughput.py
+	$(BIN)/python bench/encode_rss.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/scifact_zero_shot.py
 
 clean:
 	rm -rf $(VENV) outputs/quickstart

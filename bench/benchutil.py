@@ -57,7 +57,9 @@ def scifact_passages(limit=None, seed=0):
 
 
 def machine():
-    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "implementation": platform.python_implementation(), "platform": platform.platform(),
+            "machine": platform.machine(), "processor": platform.processor() or None}
     if hasattr(os, "sched_getaffinity"):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
     try:

@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import shlex
@@ -33,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import machine, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "corpus_access.json"
@@ -189,22 +190,6 @@ def _run_phase(name, args, env):
     return result
 
 
-def _machine():
-    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "platform": platform.platform(),
-            "machine": platform.machine(), "processor": platform.processor() or None}
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
-        with open("/proc/meminfo") as f:
-            info["mem_total_gib"] = round(int(next(l for l in f if l.startswith("MemTotal")).split()[1]) / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 def _versions(env):
     code = "import numpy, reprolib; print(numpy.__version__, reprolib.__version__)"
     out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -212,21 +197,6 @@ def _versions(env):
     corpus_py = REPO / "reprolib" / "data" / "corpus.py"
     return {"numpy": numpy_version, "reprolib": reprolib_version,
             "corpus_py_sha256": hashlib.sha256(corpus_py.read_bytes()).hexdigest()[:16]}
-
-
-def _write_json(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None):
@@ -275,7 +245,7 @@ def main(argv=None):
         "num_passages": n,
         "seed": args.seed,
         "corpus_file_bytes": phases["generate"]["corpus_bytes"],
-        "machine": _machine(),
+        "machine": machine(),
         "versions": _versions(env),
         "orchestrator_peak_rss_mib": _maxrss_mib(),
         "summary": {
@@ -299,9 +269,8 @@ def main(argv=None):
             "Python objects are RssAnon. The page cache was warm: corpus and store had just been written.",
         ],
     }
-    _write_json(args.out, results)
+    write_json(args.out, results)
     print(json.dumps(results["summary"], indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

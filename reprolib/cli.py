@@ -72,7 +72,8 @@ def cmd_encode(args):
 def cmd_search(args):
     from reprolib.data import Corpus, write_run
     from reprolib.data.layout import load_queries
-    from reprolib.index import load_meta, process_state, run_from_hits, search
+    from reprolib.index import load_meta, process_state
+    from reprolib.search import dense_search
     state = process_state()
     if not state.is_main_process:  # one search is enough; under `accelerate launch` the others stop here
         return
@@ -84,10 +85,8 @@ def cmd_search(args):
                             "(cache cleared?); re-run reprolib encode")
     corpus = Corpus(store)
     encoder = _load_encoder(args.model, state.device)
-    embeddings = encoder.encode_queries(list(queries.values()), batch_size=args.batch_size, max_length=args.max_len,
-                                        progress=True)
-    scores, positions = search(embeddings, args.index, topk=args.topk, index_type=args.index_type, progress=True)
-    run = run_from_hits(list(queries), scores, positions, corpus)
+    run = dense_search(encoder, queries, args.index, corpus, topk=args.topk, batch_size=args.batch_size,
+                       max_length=args.max_len, index_type=args.index_type)
     write_run(args.out, run, tag=f"dense-{args.index_type}")
     print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
 

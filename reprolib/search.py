@@ -2,7 +2,6 @@
 into negatives."""
 import random
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from reprolib.data.templates import get_template
@@ -38,7 +37,8 @@ def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", sto
     return run
 
 
-def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, progress=True, **search_options):
+def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, max_length=None, progress=True,
+                 **search_options):
     """Encode `queries` ({qid: text}) with the encoder's query tower and search the index built from `corpus`.
 
     `search_options` go to `reprolib.index.search` (index type, GPU use, ...).
@@ -46,7 +46,8 @@ def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
     from reprolib import index
 
     qids = list(queries)
-    embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, progress=progress)
+    embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, max_length=max_length,
+                                        progress=progress)
     scores, positions = index.search(embeddings, index_dir, topk=topk, progress=progress, **search_options)
     return index.run_from_hits(qids, scores, positions, corpus)
 

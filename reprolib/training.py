@@ -244,7 +244,6 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
 
 def train(config, log=print):
     """Fine-tune a DenseEncoder contrastively; returns the summary dict (also in out_dir/train_summary.json)."""
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -311,6 +310,7 @@ def train(config, log=print):
     rank = accelerator.process_index
     scale = world if (config.cross_device and config.scale_loss_by_world_size and world > 1) else 1
     started = time.perf_counter()
+    order = None
     model.train()
     try:
         for step in range(start_step, total_steps):
@@ -319,8 +319,9 @@ def train(config, log=print):
             for micro in range(config.grad_accum):
                 index = step * config.grad_accum + micro
                 epoch, slot = divmod(index, micro_per_epoch)
-                groups.set_epoch(epoch)
-                order = epoch_order(len(groups), epoch, config.seed)
+                if epoch != groups.epoch or order is None:
+                    groups.set_epoch(epoch)
+                    order = epoch_order(len(groups), epoch, config.seed)
                 first = slot * global_batch + rank * config.batch_size
                 items = [groups[int(i)] for i in order[first:first + config.batch_size]]
                 last = micro == config.grad_accum - 1

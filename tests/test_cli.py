@@ -289,24 +289,15 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, synthetic_corpus, one_torch_thread):
-    """A random 2-layer BERT with a WordPiece vocabulary trained on the synthetic corpus, saved as a
-    reprolib encoder (mean pooling, normalized: a passage's own text is its nearest neighbour)."""
-    import torch
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
+    """A random micro BERT with a WordPiece vocabulary from the synthetic corpus, saved as a reprolib
+    encoder (mean pooling, normalized: a passage's own text is its nearest neighbour)."""
     from reprolib.modeling import DenseEncoder
+    from reprolib.modeling.scratch import build_scratch_bert
 
     root = tmp_path_factory.mktemp("tiny-encoder")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator((f"{p['title']} {p['text']}" for p in synthetic_corpus), vocab_size=1000,
-                                  show_progress=False)
-    wordpiece.save_model(str(root))
-    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"), do_lower_case=True)
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
-    encoder = DenseEncoder(bert, tokenizer, pooling="mean", normalize=True, query_max_len=128, passage_max_len=128)
+    build_scratch_bert(synthetic_corpus, root / "init", size="micro", seed=0)
+    encoder = DenseEncoder.from_pretrained(root / "init", pooling="mean", normalize=True, query_max_len=128,
+                                           passage_max_len=128)
     return encoder.save(root / "model")
 
 

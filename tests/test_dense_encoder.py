@@ -34,22 +34,23 @@ SENTENCES = [
 ]
 
 
-def _write_vocab(path):
+def _vocab():
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + ["##" + c for c in letters]
-    path.write_text("\n".join(dict.fromkeys(tokens)) + "\n")
-    return len(dict.fromkeys(tokens))
+    return list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + letters + ["##" + c for c in letters]))
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """{'bert': dir, 't5': dir}: tiny random models saved in HF format with a WordPiece tokenizer."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, T5Config, T5Model
+    from transformers import BertConfig, BertModel, T5Config, T5Model
+
+    from reprolib.modeling.scratch import bert_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-models")
-    vocab_file = root / "vocab.txt"
-    vocab_size = _write_vocab(vocab_file)
-    tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)  # (transformers 5 ignores vocab_file=)
+    vocab = _vocab()
+    vocab_size = len(vocab)
+    tokenizer = bert_tokenizer(vocab)
+    assert tokenizer.tokenize("the cell") == ["the", "cell"]
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=128))

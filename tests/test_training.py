@@ -126,11 +126,12 @@ def _weights(model_dir):
 
 def test_train_writes_model_log_and_summary_then_skips(synthetic_dir, tmp_path):
     config = _config(synthetic_dir, tmp_path / "run", max_steps=None, epochs=1, batch_size=32, log_steps=5,
-                     model="scratch:tiny", learning_rate=5e-4)
+                     model="scratch:tiny", learning_rate=5e-4, tensorboard=True)
     summary = train(config, log=lambda *_: None)
     rows = read_log(tmp_path / "run" / "train_log.csv")
     assert summary["steps"] == 2000 // 32 and rows[-1]["step"] == summary["steps"]
     assert rows[-1]["loss"] < rows[0]["loss"]             # it learns, even in one short epoch
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     from reprolib.modeling import DenseEncoder
     encoder = DenseEncoder.from_pretrained(tmp_path / "run" / "model")
     assert encoder.pooling == "mean" and encoder.normalize
@@ -176,3 +177,9 @@ def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
     assert summary["processes"] == 2 and summary["global_batch_queries"] == 16
     assert any("on 2 process(es)" in line for line in lines)
     assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 3
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(synthetic_dir, tmp_path):
+    summary = train(_config(synthetic_dir, tmp_path / "run", max_steps=2, mixed_precision="bf16"), log=lambda *_: None)
+    rows = read_log(tmp_path / "run" / "train_log.csv")
+    assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in rows)

@@ -58,7 +58,7 @@ def build_scratch_bert(corpus, out_dir, size="tiny", seed=42, max_texts=200_000)
 
     step = max(1, len(corpus) // max_texts)
     vocab = _word_piece_vocab((f"{corpus.title(i)} {corpus.text(i)}" for i in range(0, len(corpus), step)), vocab_size)
-    tokenizer = _bert_tokenizer(vocab)
+    tokenizer = bert_tokenizer(vocab)
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
@@ -94,7 +94,7 @@ def _word_piece_vocab(texts, vocab_size):
     return vocab
 
 
-def _bert_tokenizer(vocab):
+def bert_tokenizer(vocab):
     """A fast uncased BERT WordPiece tokenizer over `vocab` (built through `tokenizers`, which reads the
     same in transformers 4 and 5; their BertTokenizerFast constructors take the vocabulary differently)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
