@@ -245,6 +245,7 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
 def train(config, log=print):
     """Fine-tune a DenseEncoder contrastively; returns the summary dict (also in out_dir/train_summary.json)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -259,6 +260,10 @@ def train(config, log=print):
         log(f"{out_dir} already holds a model trained with this config; skipping")
         return json.loads(summary_path.read_text())
 
+    # Accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
+    # notebook kernel (or a test session) that trains twice must be able to change it. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     main = accelerator.is_main_process
     world = accelerator.num_processes

@@ -179,7 +179,10 @@ def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
     assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 3
 
 
-def test_bf16_mixed_precision_trains_on_the_cpu(synthetic_dir, tmp_path):
-    summary = train(_config(synthetic_dir, tmp_path / "run", max_steps=2, mixed_precision="bf16"), log=lambda *_: None)
+def test_bf16_grad_accumulation_and_checkpointing_train_on_the_cpu(synthetic_dir, tmp_path):
+    config = _config(synthetic_dir, tmp_path / "run", max_steps=None, epochs=1, batch_size=100, grad_accum=4,
+                     mixed_precision="bf16", gradient_checkpointing=True)
+    summary = train(config, log=lambda *_: None)
     rows = read_log(tmp_path / "run" / "train_log.csv")
-    assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert summary["steps"] == 2000 // (100 * 4) and summary["global_batch_queries"] == 400
+    assert all(np.isfinite(r["loss"]) for r in rows)

@@ -174,10 +174,14 @@ class DenseEncoder(nn.Module):
         chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
         return Buckets(chunks, torch.from_numpy(np.argsort(order)))
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    def gradient_checkpointing_enable(self):
+        """Recompute activations in backward (non-reentrant, which works with DDP and frozen poolers)."""
+        options = {"use_reentrant": False}
         for model in self._backbones():
-            model.gradient_checkpointing_enable(**kwargs)
+            if hasattr(model, "activation_checkpointing_enable"):    # transformers >= 5.x's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     # ------------------------------------------------------------------ inference API
     def encode_queries(self, queries, batch_size=64, max_length=None, progress=False, chunk_size=16384):
