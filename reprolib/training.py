@@ -310,7 +310,7 @@ def train(config, log=print):
             f"({accelerator.device}, {config.mixed_precision})")
 
     writer = _Logger(out_dir, resume_step=start_step, tensorboard=config.tensorboard) if main else None
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0,
                disable=not (config.progress and main))
     rank = accelerator.process_index
     scale = world if (config.cross_device and config.scale_loss_by_world_size and world > 1) else 1
