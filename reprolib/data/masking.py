@@ -1,0 +1,115 @@
+"""Masks for masked-auto-encoder pretraining (RECIPES.md §1.2): whole-word sampling as HF's
+DataCollatorForWholeWordMask does it (transformers 4.34, which RetroMAE pins), BERT's 80/10/10
+corruption, and RetroMAE's position-specific decoder attention.
+
+A sequence is a list of token ids [CLS] t1 .. tn [SEP]; `tokens` are its token strings, where a "##"
+piece continues the previous word. Masks are 0/1 numpy arrays over the L positions.
+"""
+import numpy as np
+
+IGNORE = -100   # label of positions that carry no loss (torch's cross-entropy default)
+MAX_PREDICTIONS = 512
+
+
+def word_groups(tokens, special_tokens=("[CLS]", "[SEP]", "[PAD]")):
+    """Positions grouped into whole words: a "##" piece joins the word before it; specials belong to none."""
+    groups = []
+    for i, token in enumerate(tokens):
+        if token in special_tokens:
+            continue
+        if groups and token.startswith("##") and groups[-1][-1] == i - 1:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def whole_word_mask(groups, length, ratio, rng):
+    """0/1 mask choosing whole words until round(length * ratio) positions (at least 1, at most 512).
+
+    `length` counts the special tokens, as HF does. Words are taken in random order; a word that would
+    overshoot the count is skipped, so a long word can leave the mask a little short.
+    """
+    target = min(MAX_PREDICTIONS, max(1, int(round(length * ratio))))
+    mask = np.zeros(length, dtype=np.int64)
+    covered = 0
+    for g in rng.permutation(len(groups)):
+        if covered >= target:
+            break
+        group = groups[g]
+        if covered + len(group) > target:
+            continue
+        mask[group] = 1
+        covered += len(group)
+    return mask
+
+
+def corrupt(ids, mask, mask_id, vocab_size, rng):
+    """BERT corruption of the masked positions: 80% [MASK], 10% a random token, 10% unchanged.
+    Returns (input ids, labels): labels hold the original ids at masked positions, IGNORE elsewhere."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.where(mask == 1, ids, IGNORE)
+    inputs = ids.copy()
+    draw = rng.random(len(ids))
+    to_mask = (mask == 1) & (draw < 0.8)
+    to_random = (mask == 1) & (draw >= 0.8) & (draw < 0.9)
+    inputs[to_mask] = mask_id
+    inputs[to_random] = rng.integers(0, vocab_size, size=int(to_random.sum()))
+    return inputs, labels
+
+
+def decoder_visibility(groups, length, ratio, rng, pool_size=256):
+    """RetroMAE's enhanced-decoding attention, [L, L] with 1 = row i may attend to column j.
+
+    A pool of min(L, pool_size) whole-word masks at `ratio` is drawn; each row takes one at random and
+    also hides its own position. [CLS] (position 0, which carries the sentence embedding h) is never in
+    a word group, so every other row sees it.
+    """
+    pool = [whole_word_mask(groups, length, ratio, rng) for _ in range(min(length, pool_size))]
+    picks = rng.integers(0, len(pool), size=length)
+    hidden = np.stack([pool[p] for p in picks])
+    hidden[np.arange(length), np.arange(length)] = 1
+    return 1 - hidden
+
+
+def retromae_example(ids, tokens, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5):
+    """One RetroMAE pretraining example from a sequence with its specials.
+
+    encoder_input_ids / encoder_labels: whole-word masking at `encoder_ratio`, BERT corruption;
+    decoder_input_ids: the original ids (the decoder hides tokens through attention, never by [MASK]);
+    decoder_visibility: [L, L] (see `decoder_visibility`);
+    decoder_labels: every original token except the first and the last.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    length = len(ids)
+    groups = word_groups(tokens)
+    encoder_input_ids, encoder_labels = corrupt(ids, whole_word_mask(groups, length, encoder_ratio, rng),
+                                                mask_id, vocab_size, rng)
+    decoder_labels = ids.copy()
+    decoder_labels[[0, length - 1]] = IGNORE
+    return {"encoder_input_ids": encoder_input_ids, "encoder_labels": encoder_labels, "decoder_input_ids": ids,
+            "decoder_visibility": decoder_visibility(groups, length, decoder_ratio, rng),
+            "decoder_labels": decoder_labels}
+
+
+def collate_retromae(examples, pad_id):
+    """Pad a list of `retromae_example`s into tensors; padded columns of the visibility are invisible."""
+    import torch
+
+    width = max(len(e["decoder_input_ids"]) for e in examples)
+    batch = {}
+    for key, fill in (("encoder_input_ids", pad_id), ("encoder_labels", IGNORE), ("decoder_input_ids", pad_id),
+                      ("decoder_labels", IGNORE)):
+        rows = np.full((len(examples), width), fill, dtype=np.int64)
+        for r, e in enumerate(examples):
+            rows[r, :len(e[key])] = e[key]
+        batch[key] = torch.from_numpy(rows)
+    visibility = np.zeros((len(examples), width, width), dtype=np.int64)
+    attention = np.zeros((len(examples), width), dtype=np.int64)
+    for r, e in enumerate(examples):
+        n = len(e["decoder_input_ids"])
+        visibility[r, :n, :n] = e["decoder_visibility"]
+        attention[r, :n] = 1
+    batch["decoder_visibility"] = torch.from_numpy(visibility)
+    batch["attention_mask"] = torch.from_numpy(attention)
+    return batch

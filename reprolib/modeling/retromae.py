@@ -1,0 +1,94 @@
+"""RetroMAE pretraining with enhanced decoding (Xiao et al. 2022; RECIPES.md §1.2).
+
+    masked text --BertForMaskedLM--> encoder MLM loss, and h = last hidden state at [CLS]
+    query stream   H1 = h + P[0..L-1]                         (raw position embeddings)
+    key/value      H2 = BertEmbeddings(original ids), H2[0] = h
+    one new layer  A = LN(H1 + Attn(Q=H1, K=H2, V=H2, visibility)); out = LN(A + FFN(A))
+    the encoder's MLM head on `out` -> decoder loss over every token but the first and last
+    loss = encoder MLM + decoder
+
+Only the BertForMaskedLM is kept (`save_pretrained`); the decoder layer exists for pretraining alone,
+so the saved checkpoint is what `DenseEncoder.from_pretrained` fine-tunes.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reprolib.data.masking import IGNORE
+
+
+class EnhancedDecoderLayer(nn.Module):
+    """A BERT layer whose queries come from one stream and keys/values from another; the attention
+    residual is added to the query stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        self.heads, self.head_dim = heads, hidden // heads
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.attention_output = nn.Linear(hidden, hidden)
+        self.attention_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(hidden, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, hidden)
+        self.output_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.activation = nn.GELU()
+        for module in self.modules():                    # BERT's initialisation
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+                nn.init.zeros_(module.bias)
+
+    def _split(self, x):
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query_stream, key_value_stream, visibility):
+        """visibility: [B, L, L], 1 where row i may attend to column j."""
+        q, k, v = self._split(self.query(query_stream)), self._split(self.key(key_value_stream)), \
+            self._split(self.value(key_value_stream))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        blocked = (visibility == 0).unsqueeze(1)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        attention = self.attention_dropout(scores.softmax(dim=-1)) @ v
+        attention = attention.transpose(1, 2).reshape(query_stream.shape)
+        hidden = self.attention_norm(query_stream + self.dropout(self.attention_output(attention)))
+        return self.output_norm(hidden + self.dropout(self.output(self.activation(self.intermediate(hidden)))))
+
+
+class RetroMAEForPretraining(nn.Module):
+    def __init__(self, lm):
+        """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder)."""
+        super().__init__()
+        self.lm = lm
+        self.decoder = EnhancedDecoderLayer(lm.config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        from transformers import BertForMaskedLM
+
+        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)))
+
+    def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_visibility, decoder_labels,
+                attention_mask):
+        """Returns (total loss, encoder MLM loss, decoder loss)."""
+        encoded = self.lm(input_ids=encoder_input_ids, attention_mask=attention_mask, labels=encoder_labels,
+                          output_hidden_states=True)
+        h = encoded.hidden_states[-1][:, :1]                                     # [B, 1, H]
+        embeddings = self.lm.bert.embeddings
+        key_value = torch.cat([h, embeddings(input_ids=decoder_input_ids)[:, 1:]], dim=1)
+        length = decoder_input_ids.shape[1]
+        query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
+        decoded = self.decoder(query, key_value, decoder_visibility)
+        logits = self.lm.cls(decoded)
+        decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), decoder_labels.view(-1), ignore_index=IGNORE)
+        return encoded.loss + decoder_loss, encoded.loss, decoder_loss
+
+    def save_pretrained(self, path, tokenizer=None):
+        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
+        self.lm.save_pretrained(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+        return path

@@ -1,0 +1,107 @@
+"""RetroMAE pretraining: whole-word masking counts and grouping, BERT corruption, every decoder attention
+row, labels, and a loss that falls on the synthetic corpus with a micro BERT built from it."""
+import numpy as np
+import pytest
+
+from reprolib.data.masking import (IGNORE, collate_retromae, corrupt, decoder_visibility, retromae_example,
+                                   whole_word_mask, word_groups)
+
+TOKENS = ["[CLS]", "the", "sed", "##uku", "oxide", "was", "found", "in", "17", "##76", "by", "kis", "##tol", "[SEP]"]
+
+
+def test_word_groups_join_continuation_pieces_and_skip_specials():
+    assert word_groups(TOKENS) == [[1], [2, 3], [4], [5], [6], [7], [8, 9], [10], [11, 12]]
+
+
+def test_whole_word_mask_count_ratio_and_whole_words():
+    rng = np.random.default_rng(0)
+    groups = word_groups(TOKENS)
+    target = round(len(TOKENS) * 0.3)                  # L counts [CLS] and [SEP]: 14 * 0.3 -> 4
+    counts = []
+    for _ in range(2000):
+        mask = whole_word_mask(groups, len(TOKENS), 0.3, rng)
+        assert mask[0] == 0 and mask[-1] == 0          # specials are never candidates
+        for group in groups:                           # a word is masked whole or not at all
+            assert len(set(mask[group])) == 1
+        counts.append(mask.sum())
+    assert max(counts) == target and np.mean(counts) > target - 0.3
+    position_rates = np.mean([whole_word_mask(groups, len(TOKENS), 0.5, rng) for _ in range(4000)], axis=0)
+    assert position_rates[0] == 0 and 0.3 < position_rates[1:-1].mean() < 0.6
+
+
+def test_corruption_is_80_10_10_and_labels_only_masked_positions():
+    rng = np.random.default_rng(1)
+    ids = np.arange(1000, 1000 + 20000) % 30000 + 100
+    mask = (np.arange(len(ids)) % 2).astype(np.int64)
+    inputs, labels = corrupt(ids, mask, mask_id=4, vocab_size=30000, rng=rng)
+    masked = mask == 1
+    assert (labels[~masked] == IGNORE).all() and (labels[masked] == ids[masked]).all()
+    assert (inputs[~masked] == ids[~masked]).all()
+    share_mask = np.mean(inputs[masked] == 4)
+    share_kept = np.mean(inputs[masked] == ids[masked])
+    assert abs(share_mask - 0.8) < 0.02 and abs(share_kept - 0.1) < 0.02   # (a random draw rarely hits the id)
+
+
+def test_every_decoder_row_hides_itself_sees_cls_and_hides_about_half():
+    rng = np.random.default_rng(2)
+    groups = word_groups(TOKENS)
+    L = len(TOKENS)
+    visible = decoder_visibility(groups, L, 0.5, rng)
+    assert visible.shape == (L, L)
+    assert (np.diag(visible) == 0).all()               # no row sees its own token
+    assert (visible[1:, 0] == 1).all()                 # h ([CLS]) is visible to every other row
+    hidden_words = (1 - visible[:, 1:-1]).sum(axis=1)
+    assert (hidden_words >= round(L * 0.5) - 2).all()  # each row hides a whole-word mask of ~L/2, plus itself
+    rows = {tuple(r) for r in visible}
+    assert len(rows) > 1                                # rows draw different masks from the pool
+
+
+def test_example_labels_and_padding():
+    rng = np.random.default_rng(3)
+    ids = np.arange(100, 100 + len(TOKENS))
+    example = retromae_example(ids, TOKENS, mask_id=4, vocab_size=500, rng=rng)
+    assert (example["decoder_input_ids"] == ids).all()                 # never [MASK]-corrupted
+    labels = example["decoder_labels"]
+    assert labels[0] == IGNORE and labels[-1] == IGNORE and (labels[1:-1] == ids[1:-1]).all()
+    assert (example["encoder_labels"] != IGNORE).sum() == round(len(TOKENS) * 0.3)
+    short = retromae_example(ids[:5], TOKENS[:4] + ["[SEP]"], mask_id=4, vocab_size=500, rng=rng)
+    batch = collate_retromae([example, short], pad_id=0)
+    assert batch["decoder_visibility"].shape == (2, len(TOKENS), len(TOKENS))
+    assert batch["decoder_visibility"][1, :, 5:].sum() == 0           # padded columns are invisible
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * (len(TOKENS) - 5)
+    assert (batch["decoder_labels"][1, 5:] == IGNORE).all()
+
+
+def test_retromae_losses_fall_on_the_synthetic_corpus(synthetic_corpus, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from reprolib.modeling.retromae import RetroMAEForPretraining
+    from reprolib.modeling.scratch import build_scratch_bert
+
+    init = build_scratch_bert(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    torch.manual_seed(0)
+    model = RetroMAEForPretraining(BertForMaskedLM.from_pretrained(init))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    texts = [f"{synthetic_corpus.title(i)} {synthetic_corpus.text(i)}" for i in range(256)]
+    losses = []
+    for step in range(120):
+        batch_texts = [texts[i] for i in rng.choice(len(texts), 16, replace=False)]
+        examples = []
+        for text in batch_texts:
+            ids = tokenizer(text, truncation=True, max_length=48)["input_ids"]
+            examples.append(retromae_example(ids, tokenizer.convert_ids_to_tokens(ids), tokenizer.mask_token_id,
+                                             len(tokenizer), rng))
+        loss, encoder_loss, decoder_loss = model(**collate_retromae(examples, tokenizer.pad_token_id))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((encoder_loss.item(), decoder_loss.item()))
+    first, last = np.mean(losses[:10], axis=0), np.mean(losses[-10:], axis=0)
+    assert last[0] < first[0] - 0.5 and last[1] < first[1] - 0.5, (first, last)
+    saved = model.save_pretrained(tmp_path / "pretrained", tokenizer)
+    from reprolib.modeling import DenseEncoder
+    encoder = DenseEncoder.from_pretrained(saved)                      # the checkpoint fine-tunes directly
+    assert encoder.encode_queries(["seduku oxide"]).shape == (1, encoder.dim)
