@@ -105,3 +105,24 @@ def test_retromae_losses_fall_on_the_synthetic_corpus(synthetic_corpus, tmp_path
     from reprolib.modeling import DenseEncoder
     encoder = DenseEncoder.from_pretrained(saved)                      # the checkpoint fine-tunes directly
     assert encoder.encode_queries(["seduku oxide"]).shape == (1, encoder.dim)
+
+
+def test_packing_emits_a_block_once_it_reaches_the_target_before_appending():
+    from reprolib.data.pretraining import pack_blocks, passage_texts, to_sequence
+
+    pieces = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    # max_seq_length 6 -> target 4: [1,2,3] is short, so [4,5] joins (5 >= 4: emitted before [6..9])
+    assert list(pack_blocks(pieces, 6)) == [[1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12]]
+    assert to_sequence([1, 2, 3, 4, 5], cls_id=101, sep_id=102, max_seq_length=6) == [101, 1, 2, 3, 4, 102]
+
+    class Two:
+        def __len__(self):
+            return 2
+
+        def title(self, i):
+            return ["ab", "Seduku oxide"][i]
+
+        def text(self, i):
+            return ["short title dropped", "is grey"][i]
+
+    assert list(passage_texts(Two())) == ["short title dropped", "Seduku oxide is grey"]
