@@ -17,41 +17,30 @@ negatives). It is checked first, with dropout off, on the same weights (must agr
 each side trains its own copy for `--steps` steps per repeat, repeats alternating.
 """
 import argparse
-import json
 import random
 import statistics
 import time
 
-from benchutil import RESULTS, SCIFACT, header, load_average, require_real_inputs, write_json
+from benchutil import RESULTS, SCIFACT, header, load_average, require_real_inputs, scifact_passages, write_json
 
 
 def scifact_batches(num_batches, batch_size, group_size, seed=0):
     """Lists of (query, [positive, negatives...]) from SciFact train, with corpus-random negatives."""
-    corpus = {}
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            corpus[str(record["_id"])] = f"{record.get('title') or ''} {record.get('text') or ''}"
-    queries = {}
-    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            queries[str(record["_id"])] = record["text"]
-    pairs = []
-    with open(SCIFACT / "qrels" / "train.tsv", encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            qid, pid, score = line.split()
-            if int(score) > 0 and qid in queries and pid in corpus:
-                pairs.append((qid, pid))
+    from reprolib.data import read_qrels
+    from reprolib.data.layout import find_qrels_file, load_queries
+
+    ids, texts = scifact_passages()
+    corpus = dict(zip(ids, texts))
+    queries = load_queries(SCIFACT, "train")
+    pairs = [(qid, pid) for qid, judged in read_qrels(find_qrels_file(SCIFACT, "train")).items()
+             for pid, rel in judged.items() if rel > 0 and qid in queries and pid in corpus]
     rng = random.Random(seed)
     rng.shuffle(pairs)
-    pids = sorted(corpus)
     batches = []
     for b in range(num_batches):
         batch = []
         for qid, pid in pairs[b * batch_size:(b + 1) * batch_size]:
-            negatives = [p for p in rng.sample(pids, group_size) if p != pid][:group_size - 1]
+            negatives = [p for p in rng.sample(ids, group_size) if p != pid][:group_size - 1]
             batch.append((queries[qid], [corpus[pid]] + [corpus[p] for p in negatives]))
         batches.append(batch)
     return batches

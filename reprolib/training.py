@@ -250,6 +250,7 @@ def train(config, log=print):
     from tqdm.auto import tqdm
 
     from reprolib.data.groups import epoch_order
+    from reprolib.index import process_state
 
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(dict(config))
@@ -264,6 +265,7 @@ def train(config, log=print):
     # notebook kernel (or a test session) that trains twice must be able to change it. The process group
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -439,8 +441,6 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
         command.append("--cpu")
     command += [*extra_args, "-m", "reprolib", "train", str(path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "true"   # with torchrun's env, Accelerate then runs gloo processes on the CPU
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     cause = None
     for line in process.stdout:

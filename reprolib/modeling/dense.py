@@ -165,14 +165,17 @@ class DenseEncoder(nn.Module):
     def tokenize_buckets(self, texts, side="passage", bucket_size=16, max_length=None):
         """Tokenize a training batch into length-sorted buckets of `bucket_size` texts, each padded only to its
         own longest text: less padding than one batch padded to the longest of all (what `forward` undoes)."""
+        feats, lengths, order = self._tokenize_by_length(texts, self._clip(max_length or self.max_len(side)))
+        chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
+        return Buckets(chunks, torch.from_numpy(np.argsort(order)))
+
+    def _tokenize_by_length(self, texts, max_length):
+        """Unpadded token lists of `texts`, their lengths, and the order longest first (stable)."""
         first, second = _split_pairs(texts)
-        max_length = self._clip(max_length or self.max_len(side))
         feats = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
         feats = {k: feats[k] for k in feats.keys() if k in self._input_keys}
         lengths = np.fromiter((len(ids) for ids in feats["input_ids"]), dtype=np.int64)
-        order = np.argsort(-lengths, kind="stable")
-        chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
-        return Buckets(chunks, torch.from_numpy(np.argsort(order)))
+        return feats, lengths, np.argsort(-lengths, kind="stable")
 
     def gradient_checkpointing_enable(self):
         """Recompute activations in backward (non-reentrant, which works with DDP and frozen poolers)."""
@@ -227,11 +230,8 @@ class DenseEncoder(nn.Module):
         try:
             chunk_size = max(int(chunk_size), batch_size)
             for start in range(0, len(texts), chunk_size):
-                first, second = _split_pairs(texts[start:start + chunk_size])
-                feats = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
-                feats = {k: feats[k] for k in feats.keys() if k in self._input_keys}
-                lengths = np.fromiter((len(ids) for ids in feats["input_ids"]), dtype=np.int64)
-                order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
+                # longest first: an out-of-memory batch shows up at once
+                feats, lengths, order = self._tokenize_by_length(texts[start:start + chunk_size], max_length)
                 for b in range(0, len(order), batch_size):
                     idx = order[b:b + batch_size]
                     batch = self._pad(feats, idx, lengths)
