@@ -7,6 +7,9 @@ BIN     = $(VENV)/bin
 # A CPU build of torch keeps the install small on machines without a GPU; GPU users install
 # from environment.yml (conda) instead.
 TORCH  ?= torch==2.13.0
+# A trained sparse (LexMAE) model folder for bench/sparse_search.py, e.g. make bench SPARSE_MODEL=outputs/<run>/<stage>/model;
+# without one that benchmark prints "skipped".
+SPARSE_MODEL ?=
 
 .PHONY: install quickstart test bench clean
 
@@ -31,6 +34,7 @@ bench: install   # about 40 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/encode_rss.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/scifact_zero_shot.py
+	$(BIN)/python bench/sparse_search.py $(if $(SPARSE_MODEL),--model $(SPARSE_MODEL))
 
 clean:
 	rm -rf $(VENV) outputs/quickstart

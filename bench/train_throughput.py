@@ -68,7 +68,8 @@ def main(argv=None):
 
     from reprolib.losses import contrastive_loss
     from reprolib.modeling import DenseEncoder
-    from reprolib.training import TrainConfig, collate, forward_backward
+    from reprolib.objectives import Contrastive, collate
+    from reprolib.training import TrainConfig, forward_backward
 
     torch.set_num_threads(args.threads)
     result = header("train_throughput")
@@ -81,6 +82,7 @@ def main(argv=None):
     encoder = DenseEncoder.from_pretrained(model_dir, query_max_len=args.max_len, passage_max_len=args.max_len)
     assert (encoder.pooling, encoder.normalize) == ("mean", True), "the ST folder's settings were not picked up"
     ours_model, ours_optimizer = accelerator.prepare(encoder, torch.optim.AdamW(encoder.parameters(), lr=2e-5))
+    objective = Contrastive(config, encoder)
 
     theirs = SentenceTransformer(str(model_dir), device="cpu")
     theirs.max_seq_length = args.max_len
@@ -89,7 +91,7 @@ def main(argv=None):
 
     def ours_step(batch):
         items = [(query, texts, list(range(G)), [0]) for query, texts in batch]
-        forward_backward(ours_model, encoder, items, config, accelerator)
+        forward_backward(objective, ours_model, items, config, accelerator)
         ours_optimizer.step()
         ours_optimizer.zero_grad(set_to_none=True)
 

@@ -65,15 +65,18 @@ def cmd_encode(args):
         meta = encode_corpus(encoder, corpus, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                              template=args.template, dtype=args.dtype, max_length=args.max_len, state=state)
     if state.is_main_process:
-        print(f"encoded {meta['num_passages']} passages into {meta['num_shards']} shards "
-              f"(dim {meta['dim']}, {meta['dtype']}) in {args.out}")
+        if meta["kind"] == "sparse":
+            shape = f"sparse, vocabulary {meta['dim']}, {meta['nonzeros_per_passage']['mean']} non-zeros per passage"
+        else:
+            shape = f"dim {meta['dim']}, {meta['dtype']}"
+        print(f"encoded {meta['num_passages']} passages into {meta['num_shards']} shards ({shape}) in {args.out}")
 
 
 def cmd_search(args):
     from reprolib.data import Corpus, write_run
     from reprolib.data.layout import load_queries
     from reprolib.index import load_meta, process_state
-    from reprolib.search import dense_search
+    from reprolib.search import dense_search, sparse_search
     state = process_state()
     if not state.is_main_process:  # one search is enough; under `accelerate launch` the others stop here
         return
@@ -83,22 +86,35 @@ def cmd_search(args):
     if not store or not Path(store, "ids.npy").exists():
         raise ReprolibError(f"the corpus store {store} that the index {args.index} was built from is gone "
                             "(cache cleared?); re-run reprolib encode")
+    kind = meta["kind"]
+    if kind == "sparse" and args.index_type != "flat":
+        raise ReprolibError(f"--index-type {args.index_type} is for dense indexes; {args.index} is sparse "
+                            "(searched exactly)")
+    if kind == "dense" and args.quantized:
+        raise ReprolibError(f"--quantized is for sparse indexes; {args.index} is dense")
     corpus = Corpus(store)
     encoder = _load_encoder(args.model, state.device)
-    run = dense_search(encoder, queries, args.index, corpus, topk=args.topk, batch_size=args.batch_size,
-                       max_length=args.max_len, index_type=args.index_type)
-    write_run(args.out, run, tag=f"dense-{args.index_type}")
+    if encoder.kind != kind:
+        raise ReprolibError(f"{args.index} is a {kind} index, but {args.model} is a {encoder.kind} encoder")
+    options = dict(topk=args.topk, batch_size=args.batch_size, max_length=args.max_len)
+    if kind == "sparse":
+        run = sparse_search(encoder, queries, args.index, corpus, quantize=args.quantized, **options)
+        tag = "sparse-quantized" if args.quantized else "sparse"
+    else:
+        run = dense_search(encoder, queries, args.index, corpus, index_type=args.index_type, **options)
+        tag = f"dense-{args.index_type}"
+    write_run(args.out, run, tag=tag)
     print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
 
 
 def _load_encoder(model, device):
-    """DenseEncoder on `device`, with the model's own settings (as notebooks load it); --max-len overrides
-    its max lengths per call."""
-    from reprolib.modeling import DenseEncoder
+    """The model folder's encoder (dense, or sparse when saved as one) on `device`, with the model's own
+    settings (as notebooks load it); --max-len overrides its max lengths per call."""
+    from reprolib.modeling import load_encoder
     if model.startswith((".", "/")) and not Path(model).exists():
         raise ReprolibError(f"{model}: model folder not found")
     try:
-        encoder = DenseEncoder.from_pretrained(model)
+        encoder = load_encoder(model)
     except (OSError, ValueError) as e:  # transformers' "not found" / "not a model" errors
         raise ReprolibError(f"cannot load model {model}: {str(e).strip().splitlines()[0]}") from None
     return encoder.to(device)
@@ -197,23 +213,25 @@ def build_parser():
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
     p.set_defaults(func=cmd_bm25)
 
-    p = verbs.add_parser("encode", help="encode a corpus into a sharded dense index (resumable; "
-                                        "multi-GPU under `accelerate launch -m reprolib encode`)")
+    p = verbs.add_parser("encode", help="encode a corpus into a sharded dense or sparse index, as the model is "
+                                        "(resumable; multi-GPU under `accelerate launch -m reprolib encode`)")
     p.add_argument("--model", required=True, help="HF name or folder (HF, sentence-transformers or reprolib)")
     p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, help="passage max length (default: the model's reprolib or sentence-transformers "
-                                               "config, else 128)")
+                                               "config, else 128; sparse: 144)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="autocast fp16 (GPU)")
     precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="autocast bf16")
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
     p.add_argument("--shard-size", type=int, default=100_000, help="passages per shard file")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored vector type")
+    p.add_argument("--dtype", choices=["float16", "float32"],
+                   help="stored vector type (default: float16 for dense models; sparse ones store float32 only)")
     p.set_defaults(func=cmd_encode)
 
-    p = verbs.add_parser("search", help="dense retrieval over an index built by `reprolib encode`, into a TREC run")
+    p = verbs.add_parser("search", help="dense or sparse retrieval over an index built by `reprolib encode`, "
+                                        "into a TREC run")
     p.add_argument("--model", required=True, help="the query encoder (the model the index was built with)")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
@@ -221,7 +239,10 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--topk", type=int, default=1000)
     p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], default="flat",
-                   help="flat: exact; hnsw / ivfpq: approximate, built on first use and kept in the index directory")
+                   help="dense indexes. flat: exact; hnsw / ivfpq: approximate, built on first use and kept in the "
+                        "index directory")
+    p.add_argument("--quantized", action="store_true",
+                   help="sparse indexes: score Anserini's integer impacts round(100 w) instead of the float weights")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, help="query max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 32)")

@@ -1,11 +1,16 @@
-"""A sharded, resumable dense index on disk, and exact inner-product search over it.
+"""A sharded, resumable index on disk (dense vectors or sparse lexicon weights), and exact search over it.
 
 `encode_corpus` writes
 
     out_dir/shard_00000.npy, shard_00001.npy, ...   (rows, dim) float16/float32, row r of shard s is
                                                     passage s * shard_size + r of the corpus
-    out_dir/index.json                              num_passages, dim, dtype, shard_size, num_shards,
+    out_dir/index.json                              kind, num_passages, dim, dtype, shard_size, num_shards,
                                                     corpus store path, template, complete
+
+A sparse encoder (kind "sparse", reprolib.modeling.sparse) writes shard_00000.npz, ... instead: scipy CSR
+matrices (rows, vocabulary size) of float32 weights (scipy.sparse.save_npz), and index.json adds how many
+non-zero weights the passages have. `search_sparse` scores them exactly, as float dot products or as
+Anserini's quantized impact scores.
 
 Each shard is written atomically (temp file, then os.replace), so a shard that exists is complete;
 re-running skips the shards already there. Only one shard of texts and embeddings is in memory.
@@ -22,9 +27,11 @@ through the corpus (`run_from_hits`).
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 from tqdm.auto import tqdm
 
 from reprolib.errors import ReprolibError
@@ -40,8 +47,8 @@ PQ_MIN_TRAIN = 39 * 2**PQ_BITS  # ... and 39 points per PQ centroid
 GPU_MAX_K = 2048            # faiss GPU indexes return at most this many neighbours
 
 
-def shard_path(index_dir, number):
-    return Path(index_dir) / f"shard_{number:05d}.npy"
+def shard_path(index_dir, number, kind="dense"):
+    return Path(index_dir) / f"shard_{number:05d}.{'npz' if kind == 'sparse' else 'npy'}"
 
 
 def _template_name(template):
@@ -56,30 +63,54 @@ def _write_json(path, data):
         f.write("\n")
 
 
-def _valid_shard(path, rows, dtype, dim):
-    """True when `path` holds a (rows, dim) array of `dtype` (dim None: any width)."""
+def _shard_info(path):
+    """(rows, width, dtype) of a shard file, or None when it is missing or unreadable. Sparse shards are
+    float32 (the only type written); their shape is read without loading the matrix."""
     if not path.exists():
-        return False
+        return None
     try:
+        if path.suffix == ".npz":
+            with np.load(path) as f:  # the entries of scipy's save_npz, each read on access
+                rows, width = f["shape"]
+            return int(rows), int(width), np.dtype("float32")
         array = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError):
-        return False
-    return (array.ndim == 2 and array.shape[0] == rows and array.dtype == np.dtype(dtype)
-            and (dim is None or array.shape[1] == dim))
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    return (*array.shape, array.dtype) if array.ndim == 2 else None
 
 
-def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, template="plain", dtype="float16",
+def _valid_shard(path, rows, dtype, dim):
+    """True when `path` holds a (rows, dim) matrix of `dtype` (dim None: any width)."""
+    info = _shard_info(path)
+    return info is not None and info[0] == rows and info[2] == np.dtype(dtype) and dim in (None, info[1])
+
+
+def _save_shard(path, vectors, dtype):
+    with atomic_write(path, "wb") as f:
+        if scipy.sparse.issparse(vectors):
+            scipy.sparse.save_npz(f, scipy.sparse.csr_matrix(vectors, dtype=np.float32), compressed=False)
+        else:
+            np.save(f, vectors.astype(dtype, copy=False))
+
+
+def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, template="plain", dtype=None,
                   progress=True, max_length=None, state=None):
     """Encode every passage of `corpus` into shards under `out_dir`; returns the index metadata dict.
 
-    Resumable: shards already present (right rows, dtype and width) are skipped. Re-running into a
-    directory built with different settings (passages, shard size, dtype, template) is an error.
+    The encoder's `kind` ("dense" when it has none) decides the shards: dense vectors stored as `dtype`
+    (default float16), or sparse CSR weights (float32 only). Resumable: shards already present (right
+    rows, dtype and width) are skipped. Re-running into a directory built with different settings
+    (kind, passages, shard size, dtype, template) is an error.
     `state` (default: `process_state()`) gives process_index, num_processes, is_main_process
     and wait_for_everyone(); this process encodes the shards number % num_processes == process_index
     with `encoder`, which the caller has put on this process's device.
     """
+    kind = getattr(encoder, "kind", "dense")
+    dtype = dtype or ("float32" if kind == "sparse" else "float16")
     if dtype not in DTYPES:
         raise ReprolibError(f"index dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if kind == "sparse" and dtype != "float32":
+        raise ReprolibError(f"a sparse index stores float32 weights, not {dtype}")
     shard_size = int(shard_size)
     if shard_size < 1:
         raise ReprolibError(f"shard_size must be positive, not {shard_size}")
@@ -89,14 +120,14 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
     num_passages = len(corpus)
     num_shards = -(-num_passages // shard_size)
     store = getattr(corpus, "store_dir", None)
-    meta = {"num_passages": num_passages, "dim": None, "dtype": dtype, "shard_size": shard_size,
+    meta = {"kind": kind, "num_passages": num_passages, "dim": None, "dtype": dtype, "shard_size": shard_size,
             "num_shards": num_shards, "corpus_store": str(store) if store is not None else None,
             "template": _template_name(template), "complete": False}
 
     meta_path = out_dir / INDEX_FILE
     if meta_path.exists():  # every process checks, so none writes shards into a mismatched index
-        old = json.loads(meta_path.read_text())
-        for key in ("num_passages", "dtype", "shard_size", "template"):
+        old = {"kind": "dense", **json.loads(meta_path.read_text())}  # indexes from before sparse ones are dense
+        for key in ("kind", "num_passages", "dtype", "shard_size", "template"):
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
@@ -109,9 +140,9 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
     stale_ann = True
     for number in tqdm(mine, desc="encoding shards", unit=" shard", disable=not (progress and state.is_main_process)):
         start, end = number * shard_size, min((number + 1) * shard_size, num_passages)
-        path = shard_path(out_dir, number)
+        path = shard_path(out_dir, number, kind)
         if _valid_shard(path, end - start, dtype, dim):
-            dim = dim or _shard_width(path)
+            dim = dim or _shard_info(path)[1]
             continue
         if stale_ann:  # approximate indexes built from the old shards would be wrong now
             _remove_ann_files(out_dir)
@@ -120,20 +151,24 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
         kwargs = {"batch_size": batch_size, "template": template, "progress": progress and state.is_main_process}
         if max_length is not None:
             kwargs["max_length"] = max_length
-        embeddings = np.asarray(encoder.encode_passages(items, **kwargs))
+        vectors = encoder.encode_passages(items, **kwargs)
         del items
-        if embeddings.ndim != 2 or embeddings.shape[0] != end - start:
-            raise ReprolibError(f"encoder returned shape {embeddings.shape} for {end - start} passages")
-        if dim is not None and embeddings.shape[1] != dim:
-            raise ReprolibError(f"encoder returned width {embeddings.shape[1]}, but the index has dim {dim}")
-        dim = int(embeddings.shape[1])
-        with atomic_write(path, "wb") as f:
-            np.save(f, embeddings.astype(dtype, copy=False))
-        del embeddings
+        if not scipy.sparse.issparse(vectors):
+            vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[0] != end - start:
+            raise ReprolibError(f"encoder returned shape {vectors.shape} for {end - start} passages")
+        if dim is not None and vectors.shape[1] != dim:
+            raise ReprolibError(f"encoder returned width {vectors.shape[1]}, but the index has dim {dim}")
+        dim = int(vectors.shape[1])
+        _save_shard(path, vectors, dtype)
+        del vectors
 
     state.wait_for_everyone()  # every process has written its shards
     if state.is_main_process:
         meta.update(dim=_check_shards(out_dir, meta, dim), complete=True)
+        if kind == "sparse":
+            nonzeros = _nonzeros(out_dir, meta)
+            meta.update(nonzeros_total=int(nonzeros.sum()), nonzeros_per_passage=_summary(nonzeros))
         _write_json(meta_path, meta)
     state.wait_for_everyone()  # no process returns before the index is marked complete
     return json.loads(meta_path.read_text())
@@ -152,22 +187,18 @@ def process_state():
     return PartialState(cpu=cpu)
 
 
-def _shard_width(path):
-    return int(np.load(path, mmap_mode="r").shape[1])
-
-
 def _check_shards(out_dir, meta, dim):
     """The index width, after checking that every shard is on disk with the right rows, dtype and width."""
     missing = []
     for number in range(meta["num_shards"]):
-        path = shard_path(out_dir, number)
+        path = shard_path(out_dir, number, meta["kind"])
         rows = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
         if dim is None and _valid_shard(path, rows, meta["dtype"], None):
-            dim = _shard_width(path)  # this process encoded no shard: take the width from another's
+            dim = _shard_info(path)[1]  # this process encoded no shard: take the width from another's
         if not _valid_shard(path, rows, meta["dtype"], dim):
             missing.append(number)
     if missing:
-        shown = ", ".join(str(shard_path(out_dir, n).name) for n in missing[:5])
+        shown = ", ".join(str(shard_path(out_dir, n, meta["kind"]).name) for n in missing[:5])
         raise ReprolibError(f"{len(missing)} of {meta['num_shards']} shards are missing or invalid after encoding "
                             f"({shown}{', ...' if len(missing) > 5 else ''}); did another process fail? "
                             "Re-run to encode them")
@@ -175,10 +206,11 @@ def _check_shards(out_dir, meta, dim):
 
 
 def load_meta(index_dir):
+    """index.json of a complete index; `kind` is "dense" for indexes written before sparse ones existed."""
     path = Path(index_dir) / INDEX_FILE
     if not path.exists():
-        raise ReprolibError(f"{index_dir} is not a dense index (no {INDEX_FILE}); build it with `reprolib encode`")
-    meta = json.loads(path.read_text())
+        raise ReprolibError(f"{index_dir} is not an index (no {INDEX_FILE}); build it with `reprolib encode`")
+    meta = {"kind": "dense", **json.loads(path.read_text())}
     if not meta.get("complete"):
         raise ReprolibError(f"the index in {index_dir} is incomplete; re-run `reprolib encode` to finish it")
     return meta
@@ -211,17 +243,38 @@ def _flat_index(dim, resources, fp16):
     return faiss.index_cpu_to_gpu_multiple_py(resources, index, options)
 
 
+def top_k(scores, k, positions=None):
+    """(scores, positions) of each row's k best entries of `scores` [Q, M], sorted by score descending, ties
+    to the lower position; `positions` [Q, M] name the entries (None: their column numbers).
+
+    argpartition finds the k best in O(M) but cuts a run of equal scores anywhere; the rows where such a
+    run crosses the cut are re-picked, so that the result does not depend on how candidates were split
+    into shards or query blocks.
+    """
+    width = scores.shape[1]
+    if width > k:
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(scores, keep, axis=1).min(axis=1)
+        for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+            above = np.flatnonzero(scores[r] > kth[r])
+            tied = np.flatnonzero(scores[r] == kth[r])
+            if positions is not None:
+                tied = tied[np.argsort(positions[r, tied], kind="stable")]
+            keep[r] = np.concatenate([above, tied[:k - len(above)]])
+    else:
+        keep = np.broadcast_to(np.arange(width), scores.shape)
+    top = np.take_along_axis(scores, keep, axis=1)
+    where = keep if positions is None else np.take_along_axis(positions, keep, axis=1)
+    order = np.lexsort((where, -top), axis=1)
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(where, order, axis=1)
+
+
 def _merge_topk(scores, positions, new_scores, new_positions, k):
     """Top-k of the union of two (Q, *) candidate sets, sorted by score desc (ties: lower position)."""
     if scores is not None:
         new_scores = np.concatenate([scores, new_scores], axis=1)
         new_positions = np.concatenate([positions, new_positions], axis=1)
-    if new_scores.shape[1] > k:
-        keep = np.argpartition(-new_scores, k - 1, axis=1)[:, :k]
-        new_scores = np.take_along_axis(new_scores, keep, axis=1)
-        new_positions = np.take_along_axis(new_positions, keep, axis=1)
-    order = np.lexsort((new_positions, -new_scores), axis=1)
-    return np.take_along_axis(new_scores, order, axis=1), np.take_along_axis(new_positions, order, axis=1)
+    return top_k(new_scores, k, new_positions)
 
 
 def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="auto", gpu_fp16=False, progress=False,
@@ -239,6 +292,8 @@ def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="a
     if index_type not in INDEX_TYPES:
         raise ReprolibError(f"unknown index type {index_type!r}; choose from {', '.join(INDEX_TYPES)}")
     meta = load_meta(index_dir)
+    if meta["kind"] != "dense":
+        raise ReprolibError(f"{index_dir} is a {meta['kind']} index; search it with search_sparse")
     queries = np.ascontiguousarray(np.asarray(query_embeddings, dtype=np.float32))
     if queries.ndim != 2:
         raise ReprolibError(f"query embeddings must be 2-D, got shape {queries.shape}")
@@ -354,6 +409,92 @@ def _training_sample(index_dir, meta, size):
 def _remove_ann_files(index_dir):
     for path in Path(index_dir).glob("*.faiss"):
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- sparse indexes
+SCORE_BLOCK = 2**23       # query x passage scores computed at once (64 MiB of float64): bounds search memory
+IMPACT_SCALE = 100        # LexMAE's quantization factor: weight w becomes the integer impact round(100 w)
+
+
+def impact_weights(weights):
+    """Anserini's impacts of a sparse matrix of weights: round(100 w) (half to even, as Python's round), zeros
+    dropped. Kept as float64, whose sums of integers are exact below 2**53 and take scipy's fast path."""
+    impacts = scipy.sparse.csr_matrix(weights, dtype=np.float64, copy=True)
+    impacts.data = np.rint(impacts.data * IMPACT_SCALE)
+    impacts.eliminate_zeros()
+    return impacts
+
+
+def _search_weights(weights, quantize):
+    """What a sparse search multiplies: the float32 weights as stored, or their integer impacts."""
+    return impact_weights(weights) if quantize else scipy.sparse.csr_matrix(weights, dtype=np.float32)
+
+
+def search_sparse(queries, index_dir, topk=1000, quantize=False, progress=False):
+    """Exact top-k dot products of sparse query vectors (a scipy matrix [Q, V], e.g. from
+    SparseEncoder.encode_queries) with a sparse index.
+
+    quantize=False scores the float32 weights as stored; True scores as Anserini's impact search
+    does (RECIPES.md §4.4): the integer dot product of round(100 w) of query and passage weights. Each
+    shard is turned term-major (an inverted index: token -> passages) and multiplied by a block of
+    queries, so only the passages sharing a token with a query are touched. Passages sharing none
+    (score 0) are not hits.
+    Returns (scores [Q, k]: float32, or int64 when quantized; positions int64 [Q, k]: corpus rows, -1 past
+    a query's last hit), k = min(topk, number of passages), sorted by descending score, ties to the lower
+    position.
+    """
+    meta = load_meta(index_dir)
+    if meta["kind"] != "sparse":
+        raise ReprolibError(f"{index_dir} is a {meta['kind']} index; search it with search")
+    if not scipy.sparse.issparse(queries) or queries.ndim != 2:
+        raise ReprolibError("queries must be a 2-D scipy sparse matrix (SparseEncoder.encode_queries)")
+    if queries.shape[1] != meta["dim"]:
+        raise ReprolibError(f"queries have {queries.shape[1]} vocabulary entries, the index has {meta['dim']}")
+    num_queries, k = queries.shape[0], min(int(topk), meta["num_passages"])
+    if k <= 0 or num_queries == 0:
+        return np.zeros((num_queries, 0), np.float32), np.zeros((num_queries, 0), np.int64)
+    queries = _search_weights(queries, quantize)
+    scores = positions = None
+    for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
+        shard = scipy.sparse.load_npz(shard_path(index_dir, number, "sparse"))
+        postings = _search_weights(shard, quantize).T.tocsr()  # token -> passages
+        block = max(1, SCORE_BLOCK // postings.shape[1])
+        found = [top_k((queries[start:start + block] @ postings).toarray(), k)
+                 for start in range(0, num_queries, block)]
+        shard_scores = np.concatenate([f[0] for f in found])
+        shard_positions = np.concatenate([f[1] for f in found]) + number * meta["shard_size"]
+        scores, positions = _merge_topk(scores, positions, shard_scores, shard_positions, k)
+    positions[scores <= 0] = -1
+    return scores.astype(np.int64 if quantize else np.float32), positions
+
+
+def _nonzeros(index_dir, meta):
+    """Non-zero weights of every passage, from the shards' row pointers (the weights are not read)."""
+    counts = []
+    for number in range(meta["num_shards"]):
+        with np.load(shard_path(index_dir, number, "sparse")) as f:
+            counts.append(np.diff(f["indptr"]))
+    return np.concatenate(counts) if counts else np.zeros(0, np.int64)
+
+
+def _summary(counts):
+    if len(counts) == 0:
+        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "max": 0}
+    return {"mean": round(float(np.mean(counts)), 2), "median": float(np.median(counts)),
+            "p90": float(np.percentile(counts, 90)), "max": int(np.max(counts))}
+
+
+def sparsity(index_dir, queries=None):
+    """How sparse a sparse index (and, given `queries`, a scipy matrix of encoded queries) is:
+    {"passages": {"nonzeros": int array, one count per passage, "mean", "median", "p90", "max"},
+    "queries": the same per query (with `queries`)}."""
+    meta = load_meta(index_dir)
+    if meta["kind"] != "sparse":
+        raise ReprolibError(f"{index_dir} is a {meta['kind']} index; sparsity needs a sparse one")
+    per_row = {"passages": _nonzeros(index_dir, meta)}
+    if queries is not None:
+        per_row["queries"] = np.diff(scipy.sparse.csr_matrix(queries).indptr)
+    return {side: {"nonzeros": counts, **_summary(counts)} for side, counts in per_row.items()}
 
 
 def run_from_hits(qids, scores, positions, corpus):

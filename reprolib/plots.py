@@ -83,3 +83,44 @@ def score_histogram(scores, path=None, title="Scores of positives and negatives"
     ax.set(xlabel="score q·p", ylabel="density", title=title)
     ax.legend()
     return _finish(fig, path)
+
+
+def sparsity_histogram(nonzeros, path=None, title="Non-zero weights per text"):
+    """`nonzeros`: {label: non-zero count per text}, e.g. queries and passages of a sparse index; log x axis
+    (texts with no weight at all are counted in the legend)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    values = {label: np.asarray(v) for label, v in nonzeros.items() if np.any(np.asarray(v) > 0)}
+    if values:
+        low = min(int(v[v > 0].min()) for v in values.values())
+        high = max(int(v.max()) for v in values.values())
+        bins = np.geomspace(low, max(high, low + 1) + 1, 40)
+        for label, v in values.items():
+            empty = int((v == 0).sum())
+            ax.hist(v[v > 0], bins=bins, alpha=0.55, label=f"{label} (median {np.median(v):g}"
+                    + (f", {empty:,} empty" if empty else "") + ")")
+        ax.legend()
+    ax.set(xscale="log", xlabel="non-zero weights", ylabel="texts", title=title)
+    return _finish(fig, path)
+
+
+def attention_mask(visibility, tokens, path=None, title="Attention mask"):
+    """`visibility`: [L, L] 0/1, row i may attend to column j where 1; tokens label both axes."""
+    visibility = np.asarray(visibility)
+    size = max(4.0, 0.2 * len(tokens) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(visibility, cmap="Greys", vmin=0, vmax=1.6, interpolation="nearest")
+    ticks = np.arange(len(tokens))
+    ax.set_xticks(ticks, tokens, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, tokens, fontsize=7)
+    ax.set(xlabel="attends to (key / value position)", ylabel="reconstructs (query position)", title=title)
+    return _finish(fig, path)
+
+
+def term_weights(terms, path=None, title="Heaviest vocabulary terms"):
+    """`terms`: [(term, weight)] in decreasing weight, e.g. the top of a lexicon (sparse) vector."""
+    fig, ax = plt.subplots(figsize=(5.5, max(2.5, 0.22 * len(terms) + 1)))
+    names, weights = zip(*terms) if terms else ((), ())
+    ax.barh(range(len(names))[::-1], weights, color="tab:purple")
+    ax.set_yticks(range(len(names))[::-1], names, fontsize=8)
+    ax.set(xlabel="weight", title=title)
+    return _finish(fig, path)

@@ -1,5 +1,5 @@
-"""Retrieval into runs {qid: {pid: score}}: BM25 (bm25s), dense search over an index, and turning runs
-into negatives."""
+"""Retrieval into runs {qid: {pid: score}}: BM25 (bm25s), dense and sparse search over an index, and turning
+runs into negatives."""
 import random
 
 from tqdm.auto import tqdm
@@ -9,7 +9,13 @@ from reprolib.data.templates import get_template
 
 def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain",
                 batch_size=4096, progress=True):
-    """BM25 over a `Corpus`; returns a run {qid: {pid: score}}.
+    """BM25 over a `Corpus`; returns a run {qid: {pid: score}} (`bm25_index`, then `bm25_retrieve`)."""
+    index = bm25_index(corpus, k1=k1, b=b, method=method, stopwords=stopwords, template=template, progress=progress)
+    return bm25_retrieve(index, corpus, queries, topk=topk, batch_size=batch_size, progress=progress)
+
+
+def bm25_index(corpus, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain", progress=True):
+    """(bm25s model, its tokenizer) over a `Corpus`.
 
     Passages are streamed from the memory-mapped corpus into bm25s's tokenizer, so the corpus is
     never held as a list of strings; the sparse score matrix is what stays in memory.
@@ -23,7 +29,12 @@ def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", sto
                                    show_progress=progress)
     model = bm25s.BM25(k1=k1, b=b, method=method)
     model.index((token_ids, tokenizer.get_vocab_dict()), show_progress=progress)
+    return model, tokenizer
 
+
+def bm25_retrieve(index, corpus, queries, topk=1000, batch_size=4096, progress=True):
+    """The run {qid: {pid: score}} of `queries` ({qid: text}) over a `bm25_index` of `corpus`."""
+    model, tokenizer = index
     qids = list(queries)
     topk = min(topk, len(corpus))
     run = {}
@@ -49,6 +60,20 @@ def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
     embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, max_length=max_length,
                                         progress=progress)
     scores, positions = index.search(embeddings, index_dir, topk=topk, progress=progress, **search_options)
+    return index.run_from_hits(qids, scores, positions, corpus)
+
+
+def sparse_search(encoder, queries, index_dir, corpus, topk=1000, quantize=False, batch_size=128, max_length=None,
+                  progress=True):
+    """Encode `queries` ({qid: text}) with a SparseEncoder and search the sparse index built from `corpus`:
+    exact float dot products, or Anserini's integer impact scores with `quantize` (reprolib.index.search_sparse).
+    """
+    from reprolib import index
+
+    qids = list(queries)
+    weights = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, max_length=max_length,
+                                     progress=progress)
+    scores, positions = index.search_sparse(weights, index_dir, topk=topk, quantize=quantize, progress=progress)
     return index.run_from_hits(qids, scores, positions, corpus)
 
 

@@ -1,18 +1,20 @@
-"""One Accelerate training loop for contrastive bi-encoder fine-tuning (RECIPES.md §1.5-1.6, §2.3-2.5, §3, §5).
+"""One Accelerate training loop for every objective: contrastive and sparse fine-tuning, RetroMAE and
+LexMAE pretraining (reprolib.objectives; RECIPES.md §1, §2.3-2.5, §3, §4, §5).
 
-    config (YAML or TrainConfig) -> DenseEncoder + TrainGroups -> steps of
-        [micro-batch: tokenize -> q, p = model(query, passage) -> contrastive_loss -> backward] x grad_accum
+    config (YAML or TrainConfig) -> objective: model + examples -> steps of
+        [micro-batch: examples -> objective.loss -> backward] x grad_accum
         -> clip -> AdamW step -> schedule step
-    -> out_dir/model (HF + sentence-transformers files), train_log.csv, tensorboard/, checkpoints/
+    -> out_dir/model, train_log.csv, tensorboard/, checkpoints/
 
 The same code runs in a notebook (one process), under `reprolib train CONFIG.yaml`, and under
 `accelerate launch -m reprolib train CONFIG.yaml` on many GPUs or CPU processes. Each process takes
-its own `batch_size` queries of a global batch; with `cross_device` the passages (and queries) of
+its own `batch_size` examples of a global batch; with `cross_device` the passages (and queries) of
 every process are negatives for every query.
 
 Resume: every `save_steps` the optimizer, schedule, model and RNG states are saved under
 checkpoints/step-N. A re-run with the same config continues from the newest one, with the same
-data order: an epoch's example order and each example's group depend only on (seed, epoch, index).
+data order: an epoch's example order and each example (its group, its masks) depend only on
+(seed, epoch, index).
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ import yaml
 
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
+from reprolib.objectives import OBJECTIVES, Contrastive
 
 LOG_FILE = "train_log.csv"
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
-LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "queries_per_second")
+LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "examples_per_second")
 SCHEDULES = ("linear", "constant")
 
 
@@ -46,11 +49,12 @@ class TrainConfig:
     # data: a file or a dataset directory each (MS MARCO, BEIR or LoTTE layout)
     model: str                            # HF name or path, sentence-transformers folder, or "scratch:<size>"
     out_dir: str
-    train_data: str                       # dataset dir holding corpus, <split> queries and qrels
+    train_data: str                       # dataset dir holding corpus, <split> queries and qrels (pretraining: the corpus)
+    objective: str = "contrastive"        # contrastive | sparse | retromae | lexmae (reprolib.objectives)
     negatives: str | None = None          # qid \t pid,pid,... ; default <train_data>/<split>.negatives.tsv
     corpus: str | None = None             # default: train_data
     split: str = "train"
-    template: str = "plain"               # passage text template (reprolib.data.templates)
+    template: str = "plain"               # passage text template (reprolib.data.templates); retromae_pretrain, lexmae
     # encoder (None: the checkpoint's own setting, else DenseEncoder's default)
     pooling: str | None = None
     normalize: bool | None = None
@@ -58,7 +62,7 @@ class TrainConfig:
     untie: bool = False
     t5_mode: str | None = None
     query_max_len: int | None = None
-    passage_max_len: int | None = None
+    passage_max_len: int | None = None    # pretraining: the sequence length (default: the template's)
     # groups and loss
     group_size: int = 8                   # 1 positive + G-1 negatives
     sampler: str = "retromae"             # retromae | tevatron
@@ -67,9 +71,18 @@ class TrainConfig:
     temperature: float = 1.0
     cross_device: bool = False            # gather negatives from every process
     scale_loss_by_world_size: bool = True  # ×W with cross_device: Tevatron/OpenMatch/Disentangled yes, RetroMAE no
+    gather_queries: bool = True           # with cross_device; LexMAE gathers the passages only
     false_negative_masking: bool = False  # Disentangled
+    # sparse (LexMAE fine-tuning: λ_d 0.002 stage 1, 0.008 stage 2; λ_q = 0.75 λ_d)
+    flops_passage_weight: float = 0.002
+    flops_query_weight: float | None = None   # default 0.75 x flops_passage_weight
+    # pretraining
+    encoder_mask_ratio: float = 0.3
+    decoder_mask_ratio: float = 0.5
+    decoder_layers: int = 2               # LexMAE (RetroMAE's enhanced decoder is one layer)
+    bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
     # optimisation
-    batch_size: int = 16                  # queries per process per micro-batch
+    batch_size: int = 16                  # queries (pretraining: sequences) per process per micro-batch
     grad_accum: int = 1
     epochs: int = 1
     max_steps: int | None = None          # overrides epochs
@@ -121,7 +134,18 @@ class TrainConfig:
             yaml.safe_dump(dataclasses.asdict(self), f, sort_keys=False)
         return Path(path)
 
+    def __post_init__(self):
+        if self.flops_query_weight is None:
+            self.flops_query_weight = 0.75 * self.flops_passage_weight
+
     def check(self, source="config"):
+        if self.objective not in OBJECTIVES:
+            raise ReprolibError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.bottleneck not in ("softmax", "logits_sat"):
+            raise ReprolibError(f"{source}: bottleneck must be softmax or logits_sat, not {self.bottleneck!r}")
+        for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
+            if not 0 < getattr(self, name) < 1:
+                raise ReprolibError(f"{source}: {name} must be between 0 and 1, not {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -139,37 +163,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- setup
-
-def load_groups(config, sep):
-    """The TrainGroups of a config: corpus, split queries, qrels and negatives."""
-    from reprolib.data import Corpus, read_negatives, read_qrels
-    from reprolib.data.groups import TrainGroups
-    from reprolib.data.layout import find_qrels_file, load_queries
-
-    corpus = Corpus.open(config.corpus or config.train_data, progress=False)
-    queries = load_queries(config.train_data, config.split)
-    qrels = read_qrels(find_qrels_file(config.train_data, config.split))
-    negatives_file = config.negatives
-    if negatives_file is None:
-        default = Path(config.train_data) / f"{config.split}.negatives.tsv"
-        negatives_file = default if default.is_file() else None
-    negatives = read_negatives(negatives_file) if negatives_file else {}
-    return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
-                       sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
-                       template=config.template, sep=sep, seed=config.seed)
-
-
-def load_encoder(config, corpus):
-    """DenseEncoder from the config's model (building a scratch model first when asked)."""
-    from reprolib.modeling import DenseEncoder
-    from reprolib.modeling.specs import resolve_model
-
-    model = resolve_model(config.model, corpus, Path(config.out_dir) / "init", seed=config.seed)
-    return DenseEncoder.from_pretrained(
-        model, pooling=config.pooling, normalize=config.normalize, projection_dim=config.projection_dim,
-        untie=config.untie or None, t5_mode=config.t5_mode, query_max_len=config.query_max_len,
-        passage_max_len=config.passage_max_len, template=config.template)
-
 
 def _optimizer(model, config):
     import torch
@@ -191,34 +184,11 @@ def _schedule(optimizer, config, total_steps):
     return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def collate(encoder, items, device):
-    """Tokenized queries and passages of a micro-batch, plus corpus positions for false-negative masking."""
-    import torch
-
-    queries = [item[0] for item in items]
-    passages = [text for item in items for text in item[1]]
-    query_batch = {k: v.to(device) for k, v in encoder.tokenize(queries, "query").items()}
-    # B*G passages vary in length far more than B queries: length-sorted buckets of B waste little padding
-    passage_batch = encoder.tokenize_buckets(passages, "passage", bucket_size=max(len(items), 8)).to(device)
-    passage_ids = torch.tensor([p for item in items for p in item[2]], device=device)
-    width = max(len(item[3]) for item in items)
-    positive_ids = torch.tensor([item[3] + [-1] * (width - len(item[3])) for item in items], device=device)
-    return query_batch, passage_batch, passage_ids, positive_ids
-
-
-def forward_backward(model, encoder, items, config, accelerator):
-    """Loss and gradients of one micro-batch of groups; returns the loss (as a float, scaled by 1/grad_accum)."""
-    from reprolib.losses import contrastive_loss
-
-    queries, passages, passage_ids, positive_ids = collate(encoder, items, accelerator.device)
-    q, p = model(query=queries, passage=passages)
-    loss = contrastive_loss(
-        q.float(), p.float(), config.group_size, temperature=config.temperature,
-        cross_device=config.cross_device, scale_by_world_size=config.scale_loss_by_world_size,
-        passage_ids=passage_ids if config.false_negative_masking else None,
-        positive_ids=positive_ids if config.false_negative_masking else None) / config.grad_accum
-    accelerator.backward(loss)
-    return loss.item()
+def forward_backward(objective, model, items, config, accelerator):
+    """Loss and gradients of one micro-batch; returns the loss and its parts as floats, scaled by 1/grad_accum."""
+    loss, parts = objective.loss(model, items, accelerator.device)
+    accelerator.backward(loss / config.grad_accum)
+    return loss.item() / config.grad_accum, {k: v / config.grad_accum for k, v in parts.items()}
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -243,7 +213,7 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
 # ---------------------------------------------------------------------------- the loop
 
 def train(config, log=print):
-    """Fine-tune a DenseEncoder contrastively; returns the summary dict (also in out_dir/train_summary.json)."""
+    """Train the config's objective; returns the summary dict (also in out_dir/train_summary.json)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -251,6 +221,7 @@ def train(config, log=print):
 
     from reprolib.data.groups import epoch_order
     from reprolib.index import process_state
+    from reprolib.objectives import build_objective
 
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(dict(config))
@@ -277,23 +248,22 @@ def train(config, log=print):
     from reprolib.data import Corpus
     with accelerator.main_process_first():   # the corpus store and a scratch model are built once, by the main process
         corpus = Corpus.open(config.corpus or config.train_data, progress=False)
-        encoder = load_encoder(config, corpus)
-    encoder.train()
+        objective = build_objective(config, corpus)
+    examples = objective.examples
     if config.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable()
-    groups = load_groups(config, encoder.sep_token)
+        objective.model.gradient_checkpointing_enable()
 
     global_batch = config.batch_size * world
-    micro_per_epoch = len(groups) // global_batch          # drop_last: every process gets a full micro-batch
+    micro_per_epoch = len(examples) // global_batch        # drop_last: every process gets a full micro-batch
     steps_per_epoch = micro_per_epoch // config.grad_accum
     if steps_per_epoch == 0:
-        raise ReprolibError(f"{len(groups)} training examples are fewer than one step of "
+        raise ReprolibError(f"{len(examples)} training examples are fewer than one step of "
                             f"{global_batch * config.grad_accum} (batch_size x processes x grad_accum)")
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
-    optimizer = _optimizer(encoder, config)
+    optimizer = _optimizer(objective.model, config)
     scheduler = _schedule(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(encoder, optimizer)
+    model, optimizer = accelerator.prepare(objective.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)   # stepped by us once per optimizer step, not per process
 
     start_step = 0
@@ -307,11 +277,13 @@ def train(config, log=print):
         start_step = state["step"]
         log(f"resuming from {checkpoints[-1]} (step {start_step} of {total_steps})")
     if main:
-        log(f"{len(groups):,} examples, {steps_per_epoch:,} steps per epoch, {total_steps:,} steps; global batch "
-            f"{global_batch * config.grad_accum} queries x {config.group_size} passages on {world} process(es) "
+        per_example = f" x {config.group_size} passages" if isinstance(objective, Contrastive) else ""
+        log(f"{config.objective}: {len(examples):,} examples, {steps_per_epoch:,} steps per epoch, {total_steps:,} "
+            f"steps; global batch {global_batch * config.grad_accum}{per_example} on {world} process(es) "
             f"({accelerator.device}, {config.mixed_precision})")
 
-    writer = _Logger(out_dir, resume_step=start_step, tensorboard=config.tensorboard) if main else None
+    columns = LOG_COLUMNS + objective.loss_parts
+    writer = _Logger(out_dir, columns, resume_step=start_step, tensorboard=config.tensorboard) if main else None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0,
                disable=not (config.progress and main))
     rank = accelerator.process_index
@@ -322,19 +294,21 @@ def train(config, log=print):
     try:
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
-            step_loss = 0.0
+            step_loss, step_parts = 0.0, dict.fromkeys(objective.loss_parts, 0.0)
             for micro in range(config.grad_accum):
                 index = step * config.grad_accum + micro
                 epoch, slot = divmod(index, micro_per_epoch)
-                if epoch != groups.epoch or order is None:
-                    groups.set_epoch(epoch)
-                    order = epoch_order(len(groups), epoch, config.seed)
+                if epoch != examples.epoch or order is None:
+                    examples.set_epoch(epoch)
+                    order = epoch_order(len(examples), epoch, config.seed)
                 first = slot * global_batch + rank * config.batch_size
-                items = [groups[int(i)] for i in order[first:first + config.batch_size]]
+                items = [examples[int(i)] for i in order[first:first + config.batch_size]]
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):   # DDP syncs on the last one only
-                    loss = forward_backward(model, encoder, items, config, accelerator)
+                    loss, parts = forward_backward(objective, model, items, config, accelerator)
                 step_loss += loss / scale
+                for key, value in parts.items():
+                    step_parts[key] += value
             grad_norm = None
             if config.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
@@ -348,7 +322,7 @@ def train(config, log=print):
                 seconds = time.perf_counter() - step_start
                 writer.write(step=done, epoch=round(done / steps_per_epoch, 4), loss=step_loss,
                              learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
-                             queries_per_second=round(global_batch * config.grad_accum / seconds, 2))
+                             examples_per_second=round(global_batch * config.grad_accum / seconds, 2), **step_parts)
             if config.save_steps and done % config.save_steps == 0 and done < total_steps:
                 _save_checkpoint(accelerator, out_dir, done, digest, config.save_total_limit)
     finally:
@@ -357,13 +331,13 @@ def train(config, log=print):
             writer.close()
 
     accelerator.wait_for_everyone()
-    summary = {"config_digest": digest, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 4),
-               "examples": len(groups), "skipped_queries": len(groups.skipped_queries),
-               "processes": world, "global_batch_queries": global_batch * config.grad_accum,
-               "passages_per_query": config.group_size, "seconds": round(time.perf_counter() - started, 2),
+    summary = {"config_digest": digest, "objective": config.objective, "steps": total_steps,
+               "epochs": round(total_steps / steps_per_epoch, 4), **objective.summary(),
+               "processes": world, "global_batch": global_batch * config.grad_accum,
+               "seconds": round(time.perf_counter() - started, 2),
                "resumed_from_step": start_step, "device": str(accelerator.device)}
     if main:
-        accelerator.unwrap_model(model).save(out_dir / "model")
+        objective.save(accelerator.unwrap_model(model), out_dir / "model")
         with atomic_write(summary_path) as f:
             json.dump(summary, f, indent=2)
         log(f"saved {out_dir / 'model'} after {total_steps} steps ({summary['seconds']} s)")
@@ -375,16 +349,17 @@ def train(config, log=print):
 class _Logger:
     """train_log.csv (appended across resumes) and, when tensorboard is installed, event files."""
 
-    def __init__(self, out_dir, resume_step=0, tensorboard=True):
+    def __init__(self, out_dir, columns, resume_step=0, tensorboard=True):
         self.path = Path(out_dir) / LOG_FILE
+        self.columns = columns
         rows = read_log(self.path) if self.path.exists() else []
         rows = [r for r in rows if r["step"] <= resume_step]      # drop steps that will be redone
         with atomic_write(self.path) as f:
-            out = csv.DictWriter(f, LOG_COLUMNS)
+            out = csv.DictWriter(f, columns, extrasaction="ignore")
             out.writeheader()
             out.writerows(rows)
         self.file = open(self.path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, LOG_COLUMNS)
+        self.csv = csv.DictWriter(self.file, columns)
         self.tb = None
         if tensorboard:
             try:
@@ -398,7 +373,7 @@ class _Logger:
         self.csv.writerow(row)
         self.file.flush()
         if self.tb:
-            for key in ("loss", "learning_rate", "grad_norm", "queries_per_second"):
+            for key in ("loss", "learning_rate", "grad_norm", "examples_per_second", *self.columns[len(LOG_COLUMNS):]):
                 if row.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
 
@@ -451,15 +426,3 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
     if process.wait() != 0:
         raise ReprolibError(f"training failed (exit {process.returncode}): {cause or ' '.join(command)}")
     return json.loads((Path(TrainConfig.from_yaml(path).out_dir) / SUMMARY_FILE).read_text())
-
-
-def score_groups(encoder, groups, num_groups=200, batch_size=64):
-    """Scores q·p of each group's positive and of its negatives, for the first `num_groups` groups:
-    how well the encoder separates them (the notebooks plot the two distributions)."""
-    import numpy as np
-
-    items = [groups[i] for i in range(min(num_groups, len(groups)))]
-    queries = encoder.encode_queries([item[0] for item in items], batch_size=batch_size)
-    passages = encoder.encode_passages([text for item in items for text in item[1]], batch_size=batch_size)
-    scores = np.einsum("qd,qgd->qg", queries, passages.reshape(len(items), groups.group_size, -1))
-    return scores[:, 0], scores[:, 1:].ravel()

@@ -414,7 +414,7 @@ def test_encode_and_search_errors(capsys, tmp_path, synthetic_dir, tiny_model):
 
     search = ["search", "--model", str(tiny_model), "--queries", str(synthetic_dir), "--out", str(tmp_path / "run")]
     assert error_line(capsys, search + ["--index", str(tmp_path)]) == \
-        f"error: {tmp_path} is not a dense index (no index.json); build it with `reprolib encode`"
+        f"error: {tmp_path} is not an index (no index.json); build it with `reprolib encode`"
     index.mkdir()
     (index / "index.json").write_text('{"complete": false}')
     assert error_line(capsys, search + ["--index", str(index)]) == \

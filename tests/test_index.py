@@ -130,7 +130,7 @@ def test_run_from_hits(corpus, tmp_path):
 
 
 def test_search_requires_complete_index(tmp_path):
-    with pytest.raises(ReprolibError, match="not a dense index"):
+    with pytest.raises(ReprolibError, match="is not an index"):
         search(np.zeros((1, DIM), np.float32), tmp_path)
 
 

@@ -174,7 +174,7 @@ def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
     lines = []
     config = _config(synthetic_dir, tmp_path / "run", max_steps=3, cross_device=True)
     summary = launch(config, num_processes=2, log=lines.append)
-    assert summary["processes"] == 2 and summary["global_batch_queries"] == 16
+    assert summary["processes"] == 2 and summary["global_batch"] == 16
     assert any("on 2 process(es)" in line for line in lines)
     assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 3
 
@@ -184,5 +184,5 @@ def test_bf16_grad_accumulation_and_checkpointing_train_on_the_cpu(synthetic_dir
                      mixed_precision="bf16", gradient_checkpointing=True)
     summary = train(config, log=lambda *_: None)
     rows = read_log(tmp_path / "run" / "train_log.csv")
-    assert summary["steps"] == 2000 // (100 * 4) and summary["global_batch_queries"] == 400
+    assert summary["steps"] == 2000 // (100 * 4) and summary["global_batch"] == 400
     assert all(np.isfinite(r["loss"]) for r in rows)

@@ -1,10 +1,14 @@
-"""Masks for masked-auto-encoder pretraining (RECIPES.md §1.2): whole-word sampling as HF's
-DataCollatorForWholeWordMask does it (transformers 4.34, which RetroMAE pins), BERT's 80/10/10
-corruption, and RetroMAE's position-specific decoder attention.
+"""Masks for masked-auto-encoder pretraining: whole-word sampling as HF's DataCollatorForWholeWordMask
+does it (transformers 4.34, which RetroMAE pins), BERT's 80/10/10 corruption, RetroMAE's
+position-specific decoder attention (RECIPES.md §1.2), and LexMAE's exact-count token masks with a
+wider decoder mask (§4.1-4.2).
 
-A sequence is a list of token ids [CLS] t1 .. tn [SEP]; `tokens` are its token strings, where a "##"
-piece continues the previous word. Masks are 0/1 numpy arrays over the L positions.
+A sequence is a list of token ids [CLS] t1 .. tn [SEP] (LexMAE: [CLS] title [SEP] passage [SEP]);
+`tokens` are its token strings, where a "##" piece continues the previous word, and `special_mask`
+marks its [CLS]/[SEP]s with 1. Masks are 0/1 numpy arrays over the L positions.
 """
+import math
+
 import numpy as np
 
 IGNORE = -100   # label of positions that carry no loss (torch's cross-entropy default)
@@ -92,24 +96,73 @@ def retromae_example(ids, tokens, mask_id, vocab_size, rng, encoder_ratio=0.3, d
             "decoder_labels": decoder_labels}
 
 
+def exact_token_mask(special_mask, ratio, rng):
+    """0/1 mask of exactly ceil(n * ratio) of the n non-special positions, drawn uniformly (LexMAE's
+    token-level `fix_tgt_num`). The product is a float, as in LexMAE, so n = 10 at 0.3 masks 4."""
+    special_mask = np.asarray(special_mask)
+    candidates = np.flatnonzero(special_mask == 0)
+    mask = np.zeros(len(special_mask), dtype=np.int64)
+    mask[rng.choice(candidates, math.ceil(len(candidates) * ratio), replace=False)] = 1
+    return mask
+
+
+def lexmae_example(ids, special_mask, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5):
+    """One LexMAE pretraining example from a sequence with its specials.
+
+    encoder_input_ids / encoder_labels: `exact_token_mask` at `encoder_ratio`, BERT corruption;
+    decoder_input_ids / decoder_labels: the encoder's mask plus each other text position with probability
+    (decoder_ratio - encoder_ratio) / (1 - encoder_ratio), so about `decoder_ratio` in all, corrupted
+    afresh from the original ids; labels only at the masked positions.
+    special_mask is kept for `collate_lexmae`'s text mask.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    special_mask = np.asarray(special_mask, dtype=np.int64)
+    encoder_mask = exact_token_mask(special_mask, encoder_ratio, rng)
+    encoder_input_ids, encoder_labels = corrupt(ids, encoder_mask, mask_id, vocab_size, rng)
+    extra_rate = (decoder_ratio - encoder_ratio) / (1 - encoder_ratio)      # of the text the encoder left
+    decoder_mask = encoder_mask | ((rng.random(len(ids)) < extra_rate) & (special_mask == 0))
+    decoder_input_ids, decoder_labels = corrupt(ids, decoder_mask, mask_id, vocab_size, rng)
+    return {"encoder_input_ids": encoder_input_ids, "encoder_labels": encoder_labels,
+            "decoder_input_ids": decoder_input_ids, "decoder_labels": decoder_labels, "special_mask": special_mask}
+
+
+def _pad(rows, fill):
+    """The rows as one [len(rows), longest] int64 tensor, right-padded with `fill`."""
+    import torch
+
+    out = np.full((len(rows), max(len(r) for r in rows)), fill, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
+
+
+def _collate_masked(examples, pad_id):
+    """What both methods' batches hold: encoder and decoder ids (padded with pad_id) and labels (with
+    IGNORE), and the attention mask."""
+    batch = {key: _pad([e[key] for e in examples], fill)
+             for key, fill in (("encoder_input_ids", pad_id), ("encoder_labels", IGNORE),
+                               ("decoder_input_ids", pad_id), ("decoder_labels", IGNORE))}
+    batch["attention_mask"] = _pad([np.ones(len(e["decoder_input_ids"])) for e in examples], 0)
+    return batch
+
+
 def collate_retromae(examples, pad_id):
     """Pad a list of `retromae_example`s into tensors; padded columns of the visibility are invisible."""
     import torch
 
-    width = max(len(e["decoder_input_ids"]) for e in examples)
-    batch = {}
-    for key, fill in (("encoder_input_ids", pad_id), ("encoder_labels", IGNORE), ("decoder_input_ids", pad_id),
-                      ("decoder_labels", IGNORE)):
-        rows = np.full((len(examples), width), fill, dtype=np.int64)
-        for r, e in enumerate(examples):
-            rows[r, :len(e[key])] = e[key]
-        batch[key] = torch.from_numpy(rows)
+    batch = _collate_masked(examples, pad_id)
+    width = batch["attention_mask"].shape[1]
     visibility = np.zeros((len(examples), width, width), dtype=np.int64)
-    attention = np.zeros((len(examples), width), dtype=np.int64)
     for r, e in enumerate(examples):
         n = len(e["decoder_input_ids"])
         visibility[r, :n, :n] = e["decoder_visibility"]
-        attention[r, :n] = 1
     batch["decoder_visibility"] = torch.from_numpy(visibility)
-    batch["attention_mask"] = torch.from_numpy(attention)
+    return batch
+
+
+def collate_lexmae(examples, pad_id):
+    """Pad a list of `lexmae_example`s into tensors, with text_mask = attention_mask minus the specials
+    (the positions the lexicon bottleneck pools over)."""
+    batch = _collate_masked(examples, pad_id)
+    batch["text_mask"] = _pad([1 - e["special_mask"] for e in examples], 0)
     return batch

@@ -1,9 +1,24 @@
-"""Models: the dense bi-encoder (and, later, pretraining / sparse / cross-encoder models).
+"""Models: the dense bi-encoder, the sparse (lexicon) encoder, and pretraining models.
 
 Imports are lazy so that `import reprolib.modeling` (and the CLI) does not pay for torch/transformers.
 """
 
-__all__ = ["DenseEncoder"]
+__all__ = ["DenseEncoder", "SparseEncoder", "load_encoder"]
+
+
+def load_encoder(name_or_path, **kwargs):
+    """The encoder a model folder holds: SparseEncoder when its reprolib_encoder.json says kind "sparse",
+    else DenseEncoder (also for HF names and folders without that file). `kwargs` go to `from_pretrained`."""
+    from reprolib.modeling.encoder import saved_config
+
+    saved = saved_config(name_or_path) or {}
+    if saved.get("kind") == "sparse":
+        from reprolib.modeling.sparse import SparseEncoder
+
+        return SparseEncoder.from_pretrained(name_or_path, **kwargs)
+    from reprolib.modeling.dense import DenseEncoder
+
+    return DenseEncoder.from_pretrained(name_or_path, **kwargs)
 
 
 def __getattr__(name):
@@ -11,4 +26,8 @@ def __getattr__(name):
         from reprolib.modeling.dense import DenseEncoder
 
         return DenseEncoder
+    if name == "SparseEncoder":
+        from reprolib.modeling.sparse import SparseEncoder
+
+        return SparseEncoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

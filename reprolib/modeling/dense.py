@@ -14,7 +14,8 @@
 
 Training calls `embed(batch, side)` (or `forward(query=..., passage=...)`, which goes through DDP);
 indexing calls `encode_queries` / `encode_passages`, which sort texts by token length inside chunks,
-pad each batch only to its own longest text, and return float32 numpy rows in the input order.
+pad each batch only to its own longest text, and return float32 numpy rows in the input order
+(tokenization and batching are shared with the sparse encoder: reprolib.modeling.encoder).
 
 `save(path)` writes HF files (config, weights, tokenizer; `query/` and `passage/` when untied), a
 `reprolib_encoder.json`, and, for tied models, the sentence-transformers files so that
@@ -23,7 +24,6 @@ pad each batch only to its own longest text, and return float32 numpy rows in th
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -34,24 +34,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprolib.errors import ReprolibError
+from reprolib.modeling.encoder import SIDES, TextEncoder, saved_config
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "reprolib_encoder.json"
 PROJECTION_NAME = "projection.safetensors"
 FORMAT_VERSION = 1
 POOLINGS = {"cls": "cls", "first": "cls", "mean": "mean"}
-SIDES = ("query", "passage")
 T5_ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 DEFAULTS = dict(pooling="cls", normalize=False, projection_dim=None, projection_bias=True,
                 t5_mode="decoder", query_max_len=32, passage_max_len=128)
 
 
-class DenseEncoder(nn.Module):
+class DenseEncoder(TextEncoder):
+    kind = "dense"
+
     def __init__(self, backbone, tokenizer, *, pooling="cls", normalize=False, projection_dim=None,
                  projection_bias=True, untie=False, t5_mode="decoder", query_max_len=32, passage_max_len=128,
                  passage_backbone=None):
-        super().__init__()
+        super().__init__(backbone, tokenizer, query_max_len, passage_max_len)
         if pooling not in POOLINGS:
             raise ReprolibError(f"unknown pooling {pooling!r}; choose from cls, first, mean")
         if t5_mode not in ("decoder", "encoder"):
@@ -60,12 +61,9 @@ class DenseEncoder(nn.Module):
         self.passage_encoder = passage_backbone      # None when tied
         if untie and passage_backbone is None:
             self.passage_encoder = copy.deepcopy(backbone)
-        self.tokenizer = tokenizer
         self.pooling = POOLINGS[pooling]
         self.normalize = bool(normalize)
         self.t5_mode = t5_mode
-        self.query_max_len = int(query_max_len)
-        self.passage_max_len = int(passage_max_len)
         self.projection_bias = bool(projection_bias)
         self.projection_dim = projection_dim
         self.projection = self.passage_projection = None
@@ -75,8 +73,6 @@ class DenseEncoder(nn.Module):
                 self.passage_projection = copy.deepcopy(self.projection)
         for model in self._backbones():
             _freeze_unused_pooler(model)
-        accepted = inspect.signature(self.encoder.forward).parameters
-        self._input_keys = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(accepted))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -98,15 +94,6 @@ class DenseEncoder(nn.Module):
         """The size of the returned vectors."""
         return int(self.projection_dim) if self.projection_dim else self.hidden_size
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
-
-    @property
-    def sep_token(self):
-        """What a template's `{sep}` becomes for this tokenizer ("[SEP]" for BERT, "</s>" for RoBERTa/T5)."""
-        return self.tokenizer.sep_token or self.tokenizer.eos_token or " "
-
     def _backbones(self):
         return [self.encoder] + ([self.passage_encoder] if self.untied else [])
 
@@ -117,14 +104,11 @@ class DenseEncoder(nn.Module):
             return self.passage_encoder, self.passage_projection
         return self.encoder, self.projection
 
-    def max_len(self, side):
-        return self.query_max_len if side == "query" else self.passage_max_len
-
     # ------------------------------------------------------------------ training-time API
     def embed(self, batch, side="query"):
         """Vectors (B, dim) for a tokenized batch (dict of tensors), keeping the autograd graph."""
         model, projection = self._tower(side)
-        inputs = {k: v for k, v in batch.items() if k in self._input_keys}
+        inputs = self._model_inputs(batch)
         mask = inputs["attention_mask"]
         if self.is_seq2seq:
             start = torch.zeros((mask.shape[0], 1), dtype=torch.long, device=mask.device)
@@ -139,135 +123,16 @@ class DenseEncoder(nn.Module):
             reps = F.normalize(reps, p=2, dim=-1)
         return reps
 
-    def forward(self, query=None, passage=None):
-        """(query vectors or None, passage vectors or None); call the (DDP-wrapped) module like this in training.
-
-        `query` / `passage` is a tokenized batch, or a `Buckets` of them (from `tokenize_buckets`), whose
-        vectors come back in the original text order.
-        """
-        return self._embed_any(query, "query"), self._embed_any(passage, "passage")
-
-    def _embed_any(self, batch, side):
-        if batch is None:
-            return None
-        if isinstance(batch, Buckets):
-            reps = torch.cat([self.embed(chunk, side) for chunk in batch.chunks])
-            return reps[batch.inverse.to(reps.device)]
-        return self.embed(batch, side)
-
-    def tokenize(self, texts, side="query", max_length=None, pad_to_multiple_of=None):
-        """Tokenize a training batch: dynamic padding (to the longest text, optionally to a multiple of N)."""
-        first, second = _split_pairs(texts)
-        enc = self.tokenizer(first, second, truncation=True, max_length=self._clip(max_length or self.max_len(side)),
-                             padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in self._input_keys}
-
-    def tokenize_buckets(self, texts, side="passage", bucket_size=16, max_length=None):
-        """Tokenize a training batch into length-sorted buckets of `bucket_size` texts, each padded only to its
-        own longest text: less padding than one batch padded to the longest of all (what `forward` undoes)."""
-        feats, lengths, order = self._tokenize_by_length(texts, self._clip(max_length or self.max_len(side)))
-        chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
-        return Buckets(chunks, torch.from_numpy(np.argsort(order)))
-
-    def _tokenize_by_length(self, texts, max_length):
-        """Unpadded token lists of `texts`, their lengths, and the order longest first (stable)."""
-        first, second = _split_pairs(texts)
-        feats = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
-        feats = {k: feats[k] for k in feats.keys() if k in self._input_keys}
-        lengths = np.fromiter((len(ids) for ids in feats["input_ids"]), dtype=np.int64)
-        return feats, lengths, np.argsort(-lengths, kind="stable")
-
-    def gradient_checkpointing_enable(self):
-        """Recompute activations in backward (non-reentrant, which works with DDP and frozen poolers)."""
-        options = {"use_reentrant": False}
-        for model in self._backbones():
-            if hasattr(model, "activation_checkpointing_enable"):    # transformers >= 5.x's name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-
     # ------------------------------------------------------------------ inference API
-    def encode_queries(self, queries, batch_size=64, max_length=None, progress=False, chunk_size=16384):
-        """float32 array (N, dim) for a list of query strings, rows in input order."""
-        return self._encode(queries, "query", batch_size, max_length, progress, chunk_size)
-
-    def encode_passages(self, passages, batch_size=64, max_length=None, progress=False, chunk_size=16384,
-                        template=None):
-        """float32 array (N, dim) for passages: strings, or (first, second) pairs tokenized as text pairs.
-
-        With `template` (a name from reprolib.data.templates or a Template), items are (title, text)
-        tuples or {"title", "text"} dicts rendered by it, with `{sep}` = this tokenizer's separator.
-        """
-        if template is not None:
-            passages = self.render(passages, template)
-        return self._encode(passages, "passage", batch_size, max_length, progress, chunk_size)
-
-    def render(self, items, template):
-        from reprolib.data.templates import get_template
-
-        tpl = get_template(template) if isinstance(template, str) else template
-        out = []
-        for item in items:
-            title, text = (item.get("title", ""), item.get("text", "")) if isinstance(item, dict) else item
-            out.append(tpl.render(title or "", text or "", sep=self.sep_token))
-        return out
-
-    @torch.inference_mode()
     def _encode(self, texts, side, batch_size, max_length, progress, chunk_size):
-        if isinstance(texts, (str, tuple)):
-            raise TypeError("pass a list of texts, not a single text")
-        texts = list(texts)
-        max_length = self._clip(max_length or self.max_len(side))
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        device = self.device
-        out = None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        """float32 array (N, dim), rows in the order of `texts` (encode_queries / encode_passages)."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
 
-            bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="text")
-        try:
-            chunk_size = max(int(chunk_size), batch_size)
-            for start in range(0, len(texts), chunk_size):
-                # longest first: an out-of-memory batch shows up at once
-                feats, lengths, order = self._tokenize_by_length(texts[start:start + chunk_size], max_length)
-                for b in range(0, len(order), batch_size):
-                    idx = order[b:b + batch_size]
-                    batch = self._pad(feats, idx, lengths)
-                    reps = self.embed({k: v.to(device) for k, v in batch.items()}, side).float().cpu().numpy()
-                    if out is None:
-                        out = np.empty((len(texts), reps.shape[1]), dtype=np.float32)
-                    out[start + idx] = reps
-                    if bar is not None:
-                        bar.update(len(idx))
-        finally:
-            if bar is not None:
-                bar.close()
-            for m, mode in modes.items():
-                m.training = mode
-        if out is None:
-            out = np.empty((0, self.dim), dtype=np.float32)
+        def keep(rows, reps):
+            out[rows] = reps.float().cpu().numpy()
+
+        self._run_batches(texts, side, batch_size, max_length, progress, chunk_size, keep)
         return out
-
-    def _pad(self, feats, idx, lengths):
-        """Right-pad the rows `idx` of unpadded token lists to their own longest length."""
-        width = int(lengths[idx].max())
-        pad_id = self.tokenizer.pad_token_id or 0
-        batch = {}
-        for key, rows in feats.items():
-            arr = np.full((len(idx), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
-            for r, i in enumerate(idx):
-                row = rows[i]
-                arr[r, :len(row)] = row
-            batch[key] = torch.from_numpy(arr)
-        return batch
-
-    def _clip(self, max_length):
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        if limit and limit < 1_000_000:
-            return min(int(max_length), int(limit))
-        return int(max_length)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -287,7 +152,10 @@ class DenseEncoder(nn.Module):
 
         name_or_path = package_path(name_or_path)   # "package:<pkg>/<subdir>": a model shipped in a package
         path = Path(str(name_or_path))
-        saved = _read_json(path / CONFIG_NAME) if path.is_dir() else None
+        saved = saved_config(path) if path.is_dir() else None
+        if saved and saved.get("kind", "dense") != "dense":
+            raise ReprolibError(f"{path} holds a {saved['kind']} encoder; load it with "
+                                "reprolib.modeling.load_encoder")
         st = None if saved else _read_sentence_transformers(path)
         found = saved or (st or {})
         explicit = dict(pooling=pooling, normalize=normalize, projection_dim=projection_dim,
@@ -338,7 +206,7 @@ class DenseEncoder(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def config_dict(self):
-        return dict(format_version=FORMAT_VERSION, pooling=self.pooling, normalize=self.normalize,
+        return dict(format_version=FORMAT_VERSION, kind=self.kind, pooling=self.pooling, normalize=self.normalize,
                     projection_dim=int(self.projection_dim) if self.projection_dim else None,
                     projection_bias=self.projection_bias, untie=self.untied, t5_mode=self.t5_mode,
                     query_max_len=self.query_max_len, passage_max_len=self.passage_max_len,
@@ -358,7 +226,7 @@ class DenseEncoder(nn.Module):
                             "wrote HF + reprolib files only")
             else:
                 self._save_sentence_transformers(path)
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        self._write_config(path)
         return path
 
     def _save_tower(self, path, model, projection):
@@ -409,34 +277,12 @@ class DenseEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-class Buckets:
-    """Tokenized chunks of a batch in length order, and `inverse`: the chunk rows' positions back in text order."""
-
-    def __init__(self, chunks, inverse):
-        self.chunks, self.inverse = chunks, inverse
-
-    def to(self, device):
-        return Buckets([{k: v.to(device) for k, v in chunk.items()} for chunk in self.chunks], self.inverse)
-
-
 def pool(hidden, mask, pooling):
     """First-token or masked-mean pooling of (B, L, H) hidden states."""
     if pooling == "cls":
         return hidden[:, 0]
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def _split_pairs(texts):
-    """(first texts, second texts or None); items are all strings or all 2-tuples/lists."""
-    texts = list(texts)
-    if texts and isinstance(texts[0], (tuple, list)):
-        if not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in texts):
-            raise ReprolibError("mix of pairs and plain texts: pass all strings or all (first, second) pairs")
-        return [t[0] for t in texts], [t[1] for t in texts]
-    if not all(isinstance(t, str) for t in texts):
-        raise ReprolibError("texts must be strings or (first, second) pairs")
-    return texts, None
 
 
 def _load_backbone(path, t5_mode, **kwargs):

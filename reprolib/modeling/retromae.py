@@ -86,6 +86,12 @@ class RetroMAEForPretraining(nn.Module):
         decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), decoder_labels.view(-1), ignore_index=IGNORE)
         return encoded.loss + decoder_loss, encoded.loss, decoder_loss
 
+    def gradient_checkpointing_enable(self):
+        """Recompute the encoder's activations in backward (the new decoder layers are cheap to keep)."""
+        from reprolib.modeling.encoder import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(self.lm)
+
     def save_pretrained(self, path, tokenizer=None):
         """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
         self.lm.save_pretrained(str(path))

@@ -1,0 +1,230 @@
+"""What the dense and the sparse encoder share: tokenizing texts (or text pairs) with dynamic padding,
+length-sorted buckets for training, `forward(query=..., passage=...)`, and the batched inference loop.
+
+A subclass sets `kind` and defines `embed(batch, side)` (vectors of a tokenized batch, with autograd),
+`_backbones()` (the HF models to checkpoint) and `_encode(texts, side, ...)` (how the inference loop's
+batches become the returned matrix: a numpy array for dense, a scipy CSR matrix for sparse).
+
+Folders written by `save` hold a `reprolib_encoder.json` whose "kind" says which class loads them
+(`reprolib.modeling.load_encoder`); a folder without one is a plain HF model (dense by default).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from reprolib.errors import ReprolibError
+from reprolib.fileio import atomic_write
+
+CONFIG_NAME = "reprolib_encoder.json"
+SIDES = ("query", "passage")
+
+
+class TextEncoder(nn.Module):
+    kind = None
+
+    def __init__(self, model, tokenizer, query_max_len, passage_max_len):
+        """`model`: the HF module that takes the tokenized batch (its forward's arguments decide whether
+        token_type_ids are passed)."""
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.query_max_len = int(query_max_len)
+        self.passage_max_len = int(passage_max_len)
+        accepted = inspect.signature(model.forward).parameters
+        self._input_keys = {"input_ids", "attention_mask"} | ({"token_type_ids"} & set(accepted))
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def sep_token(self):
+        """What a template's `{sep}` becomes for this tokenizer ("[SEP]" for BERT, "</s>" for RoBERTa/T5)."""
+        return self.tokenizer.sep_token or self.tokenizer.eos_token or " "
+
+    def max_len(self, side):
+        if side not in SIDES:
+            raise ValueError(f"side must be 'query' or 'passage', not {side!r}")
+        return self.query_max_len if side == "query" else self.passage_max_len
+
+    # ------------------------------------------------------------------ training-time API
+    def forward(self, query=None, passage=None):
+        """(query vectors or None, passage vectors or None); call the (DDP-wrapped) module like this in training.
+
+        `query` / `passage` is a tokenized batch, or a `Buckets` of them (from `tokenize_buckets`), whose
+        vectors come back in the original text order.
+        """
+        return self._embed_any(query, "query"), self._embed_any(passage, "passage")
+
+    def _embed_any(self, batch, side):
+        if batch is None:
+            return None
+        if isinstance(batch, Buckets):
+            reps = torch.cat([self.embed(chunk, side) for chunk in batch.chunks])
+            return reps[batch.inverse.to(reps.device)]
+        return self.embed(batch, side)
+
+    def _model_inputs(self, batch):
+        return {k: v for k, v in batch.items() if k in self._input_keys}
+
+    def tokenize(self, texts, side="query", max_length=None, pad_to_multiple_of=None):
+        """Tokenize a training batch: dynamic padding (to the longest text, optionally to a multiple of N)."""
+        first, second = _split_pairs(texts)
+        enc = self.tokenizer(first, second, truncation=True, max_length=self._clip(max_length or self.max_len(side)),
+                             padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+        return self._model_inputs(enc)
+
+    def tokenize_buckets(self, texts, side="passage", bucket_size=16, max_length=None):
+        """Tokenize a training batch into length-sorted buckets of `bucket_size` texts, each padded only to its
+        own longest text: less padding than one batch padded to the longest of all (what `forward` undoes)."""
+        feats, lengths, order = self._tokenize_by_length(texts, self._clip(max_length or self.max_len(side)))
+        chunks = [self._pad(feats, order[b:b + bucket_size], lengths) for b in range(0, len(order), bucket_size)]
+        return Buckets(chunks, torch.from_numpy(np.argsort(order)))
+
+    def _tokenize_by_length(self, texts, max_length):
+        """Unpadded token lists of `texts`, their lengths, and the order longest first (stable)."""
+        first, second = _split_pairs(texts)
+        feats = self.tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
+        feats = {k: feats[k] for k in feats.keys() if k in self._input_keys}
+        lengths = np.fromiter((len(ids) for ids in feats["input_ids"]), dtype=np.int64)
+        return feats, lengths, np.argsort(-lengths, kind="stable")
+
+    def gradient_checkpointing_enable(self):
+        for model in self._backbones():
+            enable_gradient_checkpointing(model)
+
+    # ------------------------------------------------------------------ inference API
+    def encode_queries(self, queries, batch_size=64, max_length=None, progress=False, chunk_size=16384):
+        """One float32 row per query string, in input order: a numpy array (dense) or a scipy CSR matrix (sparse)."""
+        return self._encode(_text_list(queries), "query", batch_size, max_length, progress, chunk_size)
+
+    def encode_passages(self, passages, batch_size=64, max_length=None, progress=False, chunk_size=16384,
+                        template=None):
+        """One float32 row per passage, like `encode_queries`: strings, or (first, second) pairs tokenized as
+        text pairs.
+
+        With `template` (a name from reprolib.data.templates or a Template), items are (title, text)
+        tuples or {"title", "text"} dicts rendered by it, with `{sep}` = this tokenizer's separator.
+        """
+        passages = _text_list(passages)
+        if template is not None:
+            passages = self.render(passages, template)
+        return self._encode(passages, "passage", batch_size, max_length, progress, chunk_size)
+
+    def render(self, items, template):
+        from reprolib.data.templates import get_template
+
+        tpl = get_template(template) if isinstance(template, str) else template
+        out = []
+        for item in items:
+            title, text = (item.get("title", ""), item.get("text", "")) if isinstance(item, dict) else item
+            out.append(tpl.render(title or "", text or "", sep=self.sep_token))
+        return out
+
+    @torch.inference_mode()
+    def _run_batches(self, texts, side, batch_size, max_length, progress, chunk_size, keep):
+        """Embed `texts` batch by batch and call keep(rows, vectors), `rows` being the batch's positions in
+        `texts`. Within chunks of `chunk_size` texts, batches go longest first (an out-of-memory batch shows
+        up at once) and are padded only to their own longest text."""
+        max_length = self._clip(max_length or self.max_len(side))
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        device = self.device
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="text")
+        try:
+            chunk_size = max(int(chunk_size), batch_size)
+            for start in range(0, len(texts), chunk_size):
+                feats, lengths, order = self._tokenize_by_length(texts[start:start + chunk_size], max_length)
+                for b in range(0, len(order), batch_size):
+                    idx = order[b:b + batch_size]
+                    batch = self._pad(feats, idx, lengths)
+                    keep(start + idx, self.embed({k: v.to(device) for k, v in batch.items()}, side))
+                    if bar is not None:
+                        bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _pad(self, feats, idx, lengths):
+        """Right-pad the rows `idx` of unpadded token lists to their own longest length."""
+        width = int(lengths[idx].max())
+        pad_id = self.tokenizer.pad_token_id or 0
+        batch = {}
+        for key, rows in feats.items():
+            arr = np.full((len(idx), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
+            for r, i in enumerate(idx):
+                row = rows[i]
+                arr[r, :len(row)] = row
+            batch[key] = torch.from_numpy(arr)
+        return batch
+
+    def _clip(self, max_length):
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if limit and limit < 1_000_000:
+            return min(int(max_length), int(limit))
+        return int(max_length)
+
+    def _write_config(self, path):
+        with atomic_write(Path(path) / CONFIG_NAME) as f:
+            f.write(json.dumps(self.config_dict(), indent=2) + "\n")
+
+
+class Buckets:
+    """Tokenized chunks of a batch in length order, and `inverse`: the chunk rows' positions back in text order."""
+
+    def __init__(self, chunks, inverse):
+        self.chunks, self.inverse = chunks, inverse
+
+    def to(self, device):
+        return Buckets([{k: v.to(device) for k, v in chunk.items()} for chunk in self.chunks], self.inverse)
+
+
+def saved_config(name_or_path):
+    """The reprolib_encoder.json of a folder written by an encoder's `save`, or None (HF names, plain HF folders)."""
+    from reprolib.modeling.specs import package_path
+
+    path = Path(str(package_path(name_or_path))) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReprolibError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _text_list(texts):
+    if isinstance(texts, (str, tuple)):
+        raise TypeError("pass a list of texts, not a single text")
+    return list(texts)
+
+
+def _split_pairs(texts):
+    """(first texts, second texts or None); items are all strings or all 2-tuples/lists."""
+    texts = list(texts)
+    if texts and isinstance(texts[0], (tuple, list)):
+        if not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in texts):
+            raise ReprolibError("mix of pairs and plain texts: pass all strings or all (first, second) pairs")
+        return [t[0] for t in texts], [t[1] for t in texts]
+    if not all(isinstance(t, str) for t in texts):
+        raise ReprolibError("texts must be strings or (first, second) pairs")
+    return texts, None
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute an HF model's activations in backward (non-reentrant, which works with DDP and frozen poolers)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):    # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

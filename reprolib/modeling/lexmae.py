@@ -1,0 +1,93 @@
+"""LexMAE pretraining: a masked auto-encoder with a lexicon bottleneck (Shen et al. 2023; RECIPES.md §4.2).
+
+    encoder   masked text (exactly 30% of the text tokens) --BertForMaskedLM--> MLM logits W [B, L, V],
+              encoder MLM loss on the masked positions
+    bottleneck v = max of W over the text positions ([CLS]/[SEP]/padding left out)         [B, V]
+              a = softmax(v), or "logits_sat": log(1 + ReLU(v)) normalised to sum 1      [B, V]
+              b = a @ E, E = the word embeddings, detached                               [B, H]
+    decoder   BertEmbeddings(decoder ids, ~50% masked), position 0 replaced by b
+              -> `decoder_layers` new BERT layers (bidirectional, padding mask only)
+              -> a new head transform -> the encoder's output projection (tied to E)
+              -> decoder MLM loss on the decoder-masked positions
+    loss = encoder_weight * encoder MLM + decoder_weight * decoder MLM
+
+Only the BertForMaskedLM is kept (`save_pretrained`): the decoder exists for pretraining alone, and
+the saved checkpoint is what the sparse (SPLADE-style) encoder fine-tunes.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reprolib.data.masking import IGNORE
+from reprolib.errors import ReprolibError
+
+BOTTLENECKS = ("softmax", "logits_sat")
+OFF_TEXT = -10000.0     # added to the logits off the text before the max, as LexMAE does
+
+
+class LexMAEForPretraining(nn.Module):
+    def __init__(self, lm, decoder_layers=2, bottleneck="softmax", encoder_weight=1.0, decoder_weight=1.0):
+        """`lm`: a BertForMaskedLM. `bottleneck`: "softmax" (LexMAE's default) or "logits_sat"."""
+        from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
+
+        super().__init__()
+        if bottleneck not in BOTTLENECKS:
+            raise ReprolibError(f"unknown bottleneck {bottleneck!r}; choose from {', '.join(BOTTLENECKS)}")
+        self.lm = lm
+        self.bottleneck_type = bottleneck
+        self.encoder_weight, self.decoder_weight = encoder_weight, decoder_weight
+        self.decoder = nn.ModuleList(BertLayer(lm.config) for _ in range(decoder_layers))
+        self.decoder_transform = BertPredictionHeadTransform(lm.config)
+        for module in (self.decoder, self.decoder_transform):
+            module.apply(lm._init_weights)               # BERT's initialisation (normal, initializer_range)
+        # the encoder's own output layer: its weight is the word embeddings and its bias is shared
+        self.decoder_projection = lm.get_output_embeddings()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        from transformers import BertForMaskedLM
+
+        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)), **kwargs)
+
+    def bottleneck(self, logits, text_mask):
+        """(a, b): the lexicon weights a [B, V] pooled from the MLM logits [B, L, V] over the text
+        positions (text_mask [B, L], 1 on text), and b = a @ E [B, H] with no gradient into E."""
+        off_text = (1 - text_mask.unsqueeze(-1).to(logits.dtype)) * OFF_TEXT
+        v = (logits + off_text).max(dim=1).values
+        if self.bottleneck_type == "softmax":
+            a = v.softmax(dim=-1)
+        else:
+            saturated = torch.log1p(torch.relu(v))
+            a = saturated / (saturated.sum(dim=-1, keepdim=True) + 1e-4)
+        return a, a @ self.lm.get_input_embeddings().weight.detach()
+
+    def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_labels, attention_mask,
+                text_mask):
+        """Returns (total loss, encoder MLM loss, decoder MLM loss)."""
+        encoded = self.lm(input_ids=encoder_input_ids, attention_mask=attention_mask, labels=encoder_labels)
+        _, b = self.bottleneck(encoded.logits, text_mask)
+        embedded = self.lm.bert.embeddings(input_ids=decoder_input_ids)
+        hidden = torch.cat([b.unsqueeze(1).to(embedded.dtype), embedded[:, 1:]], dim=1)
+        # additive padding mask [B, 1, 1, L]: the form BERT's eager and SDPA attention take
+        padding = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        padding = padding.masked_fill(attention_mask == 0, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        for layer in self.decoder:
+            hidden = layer(hidden, attention_mask=padding)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden      # a tuple before transformers 5
+        logits = self.decoder_projection(self.decoder_transform(hidden))
+        decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), decoder_labels.view(-1), ignore_index=IGNORE)
+        total = self.encoder_weight * encoded.loss + self.decoder_weight * decoder_loss
+        return total, encoded.loss, decoder_loss
+
+    def gradient_checkpointing_enable(self):
+        """Recompute the encoder's activations in backward (the new decoder layers are cheap to keep)."""
+        from reprolib.modeling.encoder import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(self.lm)
+
+    def save_pretrained(self, path, tokenizer=None):
+        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
+        self.lm.save_pretrained(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+        return path

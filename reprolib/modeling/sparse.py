@@ -1,0 +1,161 @@
+"""SparseEncoder: the LexMAE / SPLADE lexicon-weighting retriever (RECIPES.md §4.3).
+
+    text --tokenizer--> BERT + MLM head --> logits W [L, V]
+    w_v = max over text positions i of log(1 + ReLU(W_iv))          one weight per vocabulary entry
+
+Text positions exclude padding and every special token ([CLS], [SEP], [PAD], [UNK], [MASK]: the
+tokenizer's `all_special_ids`). Because log1p and ReLU are monotonic, the max is taken over the raw
+logits first and saturated after: one [B, V] operation instead of three over [B, L, V]. Similarity is
+the dot product of the weight vectors; queries and passages share the model.
+
+A checkpoint without an MLM head (a plain BertModel, e.g. all-MiniLM-L6-v2) gets BERT's head with a
+freshly initialised transform and its output projection tied to the word embeddings, so that the
+vocabulary scores start from the embeddings the backbone learned. A checkpoint with a head keeps it.
+
+Training uses `forward(query=..., passage=...)` like the DenseEncoder (vectors [B, V] with autograd);
+`encode_queries` / `encode_passages` return scipy CSR matrices [N, V] (float32), built batch by batch so
+that no dense N x V array exists. `save(path)` writes the HF masked-LM folder and a
+`reprolib_encoder.json` with kind "sparse" and the max lengths.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reprolib.modeling.encoder import TextEncoder, saved_config
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULTS = dict(query_max_len=32, passage_max_len=144)   # LexMAE fine-tuning (§4.3)
+
+
+class SparseEncoder(TextEncoder):
+    kind = "sparse"
+
+    def __init__(self, model, tokenizer, *, query_max_len=32, passage_max_len=144):
+        """`model`: an HF masked-LM (BertForMaskedLM, ...) whose logits score the vocabulary."""
+        super().__init__(model, tokenizer, query_max_len, passage_max_len)
+        self.model = model
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.register_buffer("special_ids", special, persistent=False)
+
+    @property
+    def dim(self):
+        """The width of the returned vectors: the vocabulary size, one weight per token."""
+        return int(self.model.config.vocab_size)
+
+    def _backbones(self):
+        return [self.model]
+
+    # ------------------------------------------------------------------ training-time API
+    def embed(self, batch, side="query"):
+        """Lexicon weights (B, V) for a tokenized batch, keeping the autograd graph (`side` is accepted for
+        the shared API: both sides use the same model)."""
+        inputs = self._model_inputs(batch)
+        logits = self.model(**inputs).logits
+        ids = inputs["input_ids"]
+        text = inputs["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
+        # off-text positions are never the max; a text without text tokens pools to -inf, which ReLU makes 0
+        pooled = logits.masked_fill(~text.unsqueeze(-1), float("-inf")).amax(dim=1)
+        return torch.log1p(torch.relu(pooled))
+
+    # ------------------------------------------------------------------ inference API
+    def _encode(self, texts, side, batch_size, max_length, progress, chunk_size):
+        """scipy CSR float32 [N, V], rows in the order of `texts` (encode_queries / encode_passages)."""
+        import scipy.sparse
+
+        parts, rows = [], []
+
+        def keep(batch_rows, reps):
+            parts.append(scipy.sparse.csr_matrix(reps.float().cpu().numpy()))
+            rows.append(batch_rows)
+
+        self._run_batches(texts, side, batch_size, max_length, progress, chunk_size, keep)
+        if not parts:
+            return scipy.sparse.csr_matrix((0, self.dim), dtype=np.float32)
+        # batches ran in length order: put the rows back in input order
+        return scipy.sparse.vstack(parts, format="csr")[np.argsort(np.concatenate(rows))]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path, query_max_len=None, passage_max_len=None, template=None, **model_kwargs):
+        """Load an HF masked-LM (name or path; "package:" specs too), a plain HF encoder (a head is added), or a
+        folder written by `save`.
+
+        Max lengths come from, in order: the arguments, `template`, the folder's reprolib_encoder.json, then
+        LexMAE's 32 / 144. `model_kwargs` go to AutoModelForMaskedLM.from_pretrained.
+        """
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        from reprolib.modeling.specs import package_path
+
+        name_or_path = str(package_path(name_or_path))
+        saved = saved_config(name_or_path) if Path(name_or_path).is_dir() else None
+        found = saved if saved and saved.get("kind") == cls.kind else {}
+        explicit = dict(query_max_len=query_max_len, passage_max_len=passage_max_len)
+        if template is not None:
+            from reprolib.data.templates import get_template
+
+            tpl = get_template(template) if isinstance(template, str) else template
+            explicit["query_max_len"] = explicit["query_max_len"] or tpl.query_max_len
+            explicit["passage_max_len"] = explicit["passage_max_len"] or tpl.passage_max_len
+        opts = {key: explicit[key] if explicit[key] is not None else found.get(key, default)
+                for key, default in DEFAULTS.items()}
+
+        with _quiet_load_report():  # replaced by the one-line warnings below
+            model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **model_kwargs)
+        prefix = model.base_model_prefix + "."
+        missing = sorted(info["missing_keys"])
+        if any(not key.startswith(prefix) for key in missing):
+            _tie_output_projection(model)
+            logger.warning("%s has no MLM head: added one (fresh transform, output projection tied to the word "
+                           "embeddings)", name_or_path)
+        backbone_missing = [key for key in missing if key.startswith(prefix)]
+        if backbone_missing:
+            logger.warning("%s: %d backbone weights are not in the checkpoint and start random (%s, ...)",
+                           name_or_path, len(backbone_missing), backbone_missing[0])
+        encoder = cls(model, AutoTokenizer.from_pretrained(name_or_path), **opts)
+        encoder.eval()  # like transformers' from_pretrained; training loops call .train()
+        return encoder
+
+    # ------------------------------------------------------------------ saving
+    def config_dict(self):
+        return dict(format_version=FORMAT_VERSION, kind=self.kind, query_max_len=self.query_max_len,
+                    passage_max_len=self.passage_max_len, vocab_size=self.dim)
+
+    def save(self, path):
+        """The HF masked-LM folder (weights, config, tokenizer) + reprolib_encoder.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        self._write_config(path)
+        return path
+
+    def extra_repr(self):
+        return f"vocab={self.dim}, max_len(q/p)={self.query_max_len}/{self.passage_max_len}"
+
+
+def _tie_output_projection(model):
+    """Make the MLM output projection share the word embeddings' weight (and say so in the config, so that
+    the saved model loads tied)."""
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers logs a table of missing / unexpected weights at warning level (the pooler of a BertModel
+    checkpoint, the head's new weights); silence it for one load."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logger.setLevel(level)

@@ -1,0 +1,200 @@
+"""What `reprolib.training.train` optimises: one class per objective, chosen by `TrainConfig.objective`.
+
+    contrastive  DenseEncoder on query groups (1 positive + G-1 negatives): in-batch and
+                 cross-device cross entropy (RECIPES.md §1.5, §2.4, §3, §5)
+    sparse       SparseEncoder on the same groups: the same cross entropy + FLOPS regulariser on
+                 queries and passages, λ_q = 0.75·λ_d by default (LexMAE fine-tuning, §4.3)
+    retromae     BertForMaskedLM + the enhanced-decoding layer on packed corpus text (§1.1-1.2)
+    lexmae       BertForMaskedLM + the lexicon-bottleneck decoder on (title, text) pairs (§4.1-4.2)
+
+An objective (`build(config, corpus)`) holds `model` (the module the loop prepares and steps), `examples` (len, set_epoch(e),
+examples[i]: a function of (seed, epoch, i)), `loss(model, items, device)` -> (loss, {part: value})
+and `save(model, path)`. `loss_parts` names the extra columns of train_log.csv.
+"""
+from pathlib import Path
+
+from reprolib.errors import ReprolibError
+
+
+def load_groups(config, sep):
+    """The TrainGroups of a config: corpus, split queries, qrels and negatives."""
+    from reprolib.data import Corpus, read_negatives, read_qrels
+    from reprolib.data.groups import TrainGroups
+    from reprolib.data.layout import find_qrels_file, load_queries
+
+    corpus = Corpus.open(config.corpus or config.train_data, progress=False)
+    queries = load_queries(config.train_data, config.split)
+    qrels = read_qrels(find_qrels_file(config.train_data, config.split))
+    negatives_file = config.negatives
+    if negatives_file is None:
+        default = Path(config.train_data) / f"{config.split}.negatives.tsv"
+        negatives_file = default if default.is_file() else None
+    negatives = read_negatives(negatives_file) if negatives_file else {}
+    return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
+                       sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
+                       template=config.template, sep=sep, seed=config.seed)
+
+
+def _init_model(config, corpus):
+    """The config's model as a loadable path (a "scratch:<size>" model is built under out_dir/init first)."""
+    from reprolib.modeling.specs import resolve_model
+
+    return resolve_model(config.model, corpus, Path(config.out_dir) / "init", seed=config.seed)
+
+
+def load_encoder(config, corpus):
+    """The DenseEncoder (SparseEncoder for the sparse objective) a config fine-tunes."""
+    if config.objective == "sparse":
+        from reprolib.modeling.sparse import SparseEncoder
+
+        return SparseEncoder.from_pretrained(_init_model(config, corpus), query_max_len=config.query_max_len,
+                                             passage_max_len=config.passage_max_len, template=config.template)
+    from reprolib.modeling import DenseEncoder
+
+    return DenseEncoder.from_pretrained(
+        _init_model(config, corpus), pooling=config.pooling, normalize=config.normalize,
+        projection_dim=config.projection_dim, untie=config.untie or None, t5_mode=config.t5_mode,
+        query_max_len=config.query_max_len, passage_max_len=config.passage_max_len, template=config.template)
+
+
+def collate(encoder, items, device):
+    """Tokenized queries and passages of a micro-batch of groups, plus corpus positions for
+    false-negative masking."""
+    import torch
+
+    queries = [item[0] for item in items]
+    passages = [text for item in items for text in item[1]]
+    query_batch = {k: v.to(device) for k, v in encoder.tokenize(queries, "query").items()}
+    # B*G passages vary in length far more than B queries: length-sorted buckets of B waste little padding
+    passage_batch = encoder.tokenize_buckets(passages, "passage", bucket_size=max(len(items), 8)).to(device)
+    passage_ids = torch.tensor([p for item in items for p in item[2]], device=device)
+    width = max(len(item[3]) for item in items)
+    positive_ids = torch.tensor([item[3] + [-1] * (width - len(item[3])) for item in items], device=device)
+    return query_batch, passage_batch, passage_ids, positive_ids
+
+
+class Contrastive:
+    loss_parts = ()
+
+    def __init__(self, config, encoder, groups=None):
+        self.config = config
+        self.model = encoder
+        self.examples = groups
+
+    @classmethod
+    def build(cls, config, corpus):
+        encoder = load_encoder(config, corpus)
+        return cls(config, encoder, load_groups(config, encoder.sep_token))
+
+    def ranking_loss(self, model, items, device):
+        """Cross entropy over the (gathered) batch, and the query and passage vectors it scored."""
+        from reprolib.losses import contrastive_loss
+
+        config = self.config
+        queries, passages, passage_ids, positive_ids = collate(self.model, items, device)
+        q, p = model(query=queries, passage=passages)
+        masking = config.false_negative_masking
+        loss = contrastive_loss(
+            q.float(), p.float(), config.group_size, temperature=config.temperature,
+            cross_device=config.cross_device, scale_by_world_size=config.scale_loss_by_world_size,
+            gather_queries=config.gather_queries,
+            passage_ids=passage_ids if masking else None, positive_ids=positive_ids if masking else None)
+        return loss, q, p
+
+    def loss(self, model, items, device):
+        return self.ranking_loss(model, items, device)[0], {}
+
+    def save(self, model, path):
+        model.save(path)
+
+    def summary(self):
+        return {"examples": len(self.examples), "skipped_queries": len(self.examples.skipped_queries),
+                "passages_per_query": self.config.group_size}
+
+
+class Sparse(Contrastive):
+    loss_parts = ("ranking_loss", "flops_query", "flops_passage")
+
+    def loss(self, model, items, device):
+        from reprolib.losses import flops_regularizer
+
+        config = self.config
+        ranking, q, p = self.ranking_loss(model, items, device)
+        flops_q, flops_p = flops_regularizer(q.float()), flops_regularizer(p.float())
+        loss = ranking + config.flops_query_weight * flops_q + config.flops_passage_weight * flops_p
+        return loss, {"ranking_loss": ranking.item(), "flops_query": flops_q.item(), "flops_passage": flops_p.item()}
+
+
+class MaskedAutoEncoder:
+    """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone."""
+    loss_parts = ("encoder_loss", "decoder_loss")
+
+    @classmethod
+    def build(cls, config, corpus):
+        return cls(config, corpus)
+
+    def __init__(self, config, corpus):
+        from transformers import AutoTokenizer
+
+        from reprolib.data.pretraining import PretrainingExamples, build_sequences
+        from reprolib.data.templates import get_template
+
+        self.config = config
+        path = _init_model(config, corpus)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        template = get_template(config.template)
+        max_length = config.passage_max_len or template.passage_max_len
+        sequences = build_sequences(corpus, self.tokenizer, config.objective, max_length, template=template,
+                                    progress=config.progress)
+        self.examples = PretrainingExamples(sequences, self.tokenizer, config.objective,
+                                            encoder_ratio=config.encoder_mask_ratio,
+                                            decoder_ratio=config.decoder_mask_ratio, seed=config.seed)
+        if config.objective == "retromae":
+            from reprolib.modeling.retromae import RetroMAEForPretraining
+
+            self.model = RetroMAEForPretraining.from_pretrained(path)
+        else:
+            from reprolib.modeling.lexmae import LexMAEForPretraining
+
+            self.model = LexMAEForPretraining.from_pretrained(path, decoder_layers=config.decoder_layers,
+                                                              bottleneck=config.bottleneck)
+
+    def loss(self, model, items, device):
+        batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}
+        loss, encoder_loss, decoder_loss = model(**batch)
+        return loss, {"encoder_loss": encoder_loss.item(), "decoder_loss": decoder_loss.item()}
+
+    def save(self, model, path):
+        model.save_pretrained(path, tokenizer=self.tokenizer)
+
+    def summary(self):
+        lengths = [len(s) for s in self.examples.sequences]
+        return {"examples": len(lengths), "tokens": int(sum(lengths))}
+
+
+OBJECTIVES = {"contrastive": Contrastive, "sparse": Sparse, "retromae": MaskedAutoEncoder,
+              "lexmae": MaskedAutoEncoder}
+
+
+def build_objective(config, corpus):
+    if config.objective not in OBJECTIVES:
+        raise ReprolibError(f"unknown objective {config.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[config.objective].build(config, corpus)
+
+
+def score_groups(encoder, groups, num_groups=200, batch_size=64):
+    """Scores q·p of each group's positive and of its negatives, for the first `num_groups` groups:
+    how well the encoder separates them (the notebooks plot the two distributions). Works for dense
+    (numpy) and sparse (scipy CSR) encodings."""
+    import numpy as np
+
+    items = [groups[i] for i in range(min(num_groups, len(groups)))]
+    queries = encoder.encode_queries([item[0] for item in items], batch_size=batch_size)
+    passages = encoder.encode_passages([text for item in items for text in item[1]], batch_size=batch_size)
+    paired = queries[np.repeat(np.arange(len(items)), groups.group_size)]      # row i*G+j: query i
+    if hasattr(paired, "multiply"):
+        scores = np.asarray(paired.multiply(passages).sum(axis=1)).ravel()
+    else:
+        scores = np.einsum("nd,nd->n", paired, passages)
+    scores = scores.reshape(len(items), groups.group_size)
+    return scores[:, 0], scores[:, 1:].ravel()

@@ -1,0 +1,195 @@
+"""LexMAE pretraining: exact-count encoder masks, the wider decoder mask, BERT corruption, the lexicon
+bottleneck (pooling, normalisation, no gradient into the embeddings), the tied decoder output, the saved
+checkpoint, and losses that fall on the synthetic corpus with a micro BERT built from it."""
+import math
+
+import numpy as np
+import pytest
+
+from reprolib.data.masking import IGNORE, collate_lexmae, exact_token_mask, lexmae_example
+
+MASK_ID, VOCAB = 4, 500
+
+
+def pair_special_mask(title_len, text_len):
+    """[CLS] title [SEP] text [SEP]: three specials."""
+    return np.array([1] + [0] * title_len + [1] + [0] * text_len + [1])
+
+
+def test_exact_token_mask_takes_ceil_of_the_text_and_never_a_special():
+    rng = np.random.default_rng(0)
+    for n in range(0, 140):
+        special = pair_special_mask(n // 4, n - n // 4)
+        for _ in range(5):
+            mask = exact_token_mask(special, 0.3, rng)
+            assert mask.sum() == math.ceil(n * 0.3)
+            assert (mask[special == 1] == 0).all()
+    rates = np.mean([exact_token_mask(pair_special_mask(3, 7), 0.3, rng) for _ in range(4000)], axis=0)
+    text = pair_special_mask(3, 7) == 0
+    assert np.allclose(rates[text], rates[text].mean(), atol=0.05)       # every text position alike
+
+
+def _examples(count, rng, title_len=5, text_len=35):
+    special = pair_special_mask(title_len, text_len)
+    ids = np.where(special == 1, 3, rng.integers(10, VOCAB, size=len(special)))
+    return ids, special, [lexmae_example(ids, special, MASK_ID, VOCAB, rng) for _ in range(count)]
+
+
+def test_decoder_mask_contains_the_encoder_mask_and_covers_about_half():
+    ids, special, examples = _examples(3000, np.random.default_rng(1))
+    n = int((special == 0).sum())
+    decoder_shares = []
+    for e in examples:
+        encoder_masked, decoder_masked = e["encoder_labels"] != IGNORE, e["decoder_labels"] != IGNORE
+        assert encoder_masked.sum() == math.ceil(n * 0.3)
+        assert (decoder_masked[encoder_masked]).all()                        # decoder mask ⊇ encoder mask
+        assert not decoder_masked[special == 1].any()
+        decoder_shares.append(decoder_masked.sum() / n)
+    assert abs(np.mean(decoder_shares) - 0.5) < 0.01
+
+
+def test_corruption_is_80_10_10_with_labels_only_at_masked_positions():
+    ids, special, examples = _examples(3000, np.random.default_rng(2))
+    for side in ("encoder", "decoder"):
+        inputs = np.stack([e[f"{side}_input_ids"] for e in examples])
+        labels = np.stack([e[f"{side}_labels"] for e in examples])
+        masked = labels != IGNORE
+        assert (labels[masked] == np.broadcast_to(ids, labels.shape)[masked]).all()
+        assert (inputs[~masked] == np.broadcast_to(ids, inputs.shape)[~masked]).all()
+        original = np.broadcast_to(ids, inputs.shape)[masked]
+        share_mask, share_kept = np.mean(inputs[masked] == MASK_ID), np.mean(inputs[masked] == original)
+        assert abs(share_mask - 0.8) < 0.02 and abs(share_kept - 0.1) < 0.02, side
+
+
+def test_decoder_corruption_is_drawn_afresh():
+    _, _, examples = _examples(500, np.random.default_rng(3))
+    # on positions both sides mask, the decoder's 80/10/10 draw is independent of the encoder's
+    both = [(e["encoder_input_ids"] == MASK_ID)[e["encoder_labels"] != IGNORE]
+            != (e["decoder_input_ids"] == MASK_ID)[e["encoder_labels"] != IGNORE] for e in examples]
+    assert 0.2 < np.mean(np.concatenate(both)) < 0.4                     # 2 * 0.8 * 0.2 = 0.32
+
+
+def test_collate_pads_and_text_mask_drops_specials_and_padding():
+    rng = np.random.default_rng(4)
+    long = lexmae_example(np.arange(100, 110), pair_special_mask(3, 4), MASK_ID, VOCAB, rng)
+    short = lexmae_example(np.arange(100, 106), pair_special_mask(1, 2), MASK_ID, VOCAB, rng)
+    batch = collate_lexmae([long, short], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1] * 10, [1] * 6 + [0] * 4]
+    assert batch["text_mask"].tolist() == [[0, 1, 1, 1, 0, 1, 1, 1, 1, 0], [0, 1, 0, 1, 1, 0, 0, 0, 0, 0]]
+    assert (batch["decoder_input_ids"][1, 6:] == 0).all() and (batch["encoder_labels"][1, 6:] == IGNORE).all()
+    assert (batch["decoder_labels"][1, 6:] == IGNORE).all()
+
+
+@pytest.fixture(scope="module")
+def micro_bert(synthetic_corpus, tmp_path_factory):
+    pytest.importorskip("torch")
+    from reprolib.modeling.scratch import build_scratch_bert
+
+    return build_scratch_bert(synthetic_corpus, tmp_path_factory.mktemp("lexmae") / "init", size="micro", seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """A micro model gains nothing from a second thread, and loses much to it when the cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(micro_bert, **kwargs):
+    import torch
+
+    from reprolib.modeling.lexmae import LexMAEForPretraining
+
+    torch.manual_seed(0)
+    return LexMAEForPretraining.from_pretrained(micro_bert, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "logits_sat"])
+def test_bottleneck_is_a_distribution_pooled_over_text_only(micro_bert, kind):
+    import torch
+
+    model = _model(micro_bert, bottleneck=kind)
+    logits = torch.randn(2, 6, model.lm.config.vocab_size) * 3
+    text_mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]])      # [CLS] .. [SEP] .. [SEP] / padding
+    a, b = model.bottleneck(logits, text_mask)
+    assert a.shape == (2, model.lm.config.vocab_size) and b.shape == (2, model.lm.config.hidden_size)
+    assert torch.allclose(a.sum(-1), torch.ones(2), atol=1e-3)             # logits_sat: L1 norm, +1e-4 slack
+    if kind == "softmax":
+        assert torch.allclose(a[1], logits[1, 1].softmax(-1))            # one text token: its own logits
+    changed = logits.clone()
+    changed[:, [0, 3, 5]] += 50                                           # specials and padding
+    assert torch.equal(model.bottleneck(changed, text_mask)[0], a)
+    changed[0, 2] += 50                                                   # a text position
+    assert not torch.equal(model.bottleneck(changed, text_mask)[0][0], a[0])
+
+
+def test_bottleneck_sends_no_gradient_into_the_word_embeddings(micro_bert):
+    import torch
+
+    model = _model(micro_bert)
+    logits = torch.randn(2, 5, model.lm.config.vocab_size, requires_grad=True)
+    _, b = model.bottleneck(logits, torch.ones(2, 5, dtype=torch.long))
+    embeddings = model.lm.get_input_embeddings().weight
+    (grad_embeddings, grad_logits) = torch.autograd.grad(b.sum(), [embeddings, logits], allow_unused=True)
+    assert grad_embeddings is None                                       # the path through E is cut ...
+    assert grad_logits is not None and grad_logits.abs().sum() > 0         # ... the path through a is not
+
+
+def test_decoder_loss_reaches_the_encoder_through_the_bottleneck(micro_bert):
+    import torch
+
+    model = _model(micro_bert)
+    _, _, examples = _examples(4, np.random.default_rng(5), title_len=3, text_len=10)
+    _, _, decoder_loss = model(**collate_lexmae(examples, pad_id=0))
+    top_layer = model.lm.bert.encoder.layer[-1].output.dense.weight      # used by the encoder alone
+    (grad,) = torch.autograd.grad(decoder_loss, [top_layer])
+    assert grad.abs().sum() > 0
+
+
+def test_decoder_output_is_tied_to_the_word_embeddings_and_new_layers_are_bert_initialised(micro_bert):
+    model = _model(micro_bert, decoder_layers=3)
+    embeddings = model.lm.get_input_embeddings().weight
+    assert model.decoder_projection.weight.data_ptr() == embeddings.data_ptr()
+    assert model.decoder_projection.bias is model.lm.cls.predictions.bias
+    assert model.decoder_transform is not model.lm.cls.predictions.transform
+    assert len(model.decoder) == 3
+    query = model.decoder[0].attention.self.query
+    assert abs(query.weight.std().item() - model.lm.config.initializer_range) < 0.005
+    assert query.bias.abs().max() == 0
+
+
+def test_lexmae_losses_fall_and_the_checkpoint_reloads(synthetic_corpus, micro_bert, tmp_path, one_thread):
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_bert)
+    model = _model(micro_bert)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    rng = np.random.default_rng(0)
+    pairs = [(synthetic_corpus.title(i), synthetic_corpus.text(i)) for i in range(256)]
+    special_ids = [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    losses = []
+    for step in range(120):
+        examples = []
+        for i in rng.choice(len(pairs), 16, replace=False):
+            ids = tokenizer(*pairs[i], truncation="longest_first", max_length=48)["input_ids"]
+            special = np.isin(ids, special_ids).astype(np.int64)
+            assert special.sum() == 3
+            examples.append(lexmae_example(ids, special, tokenizer.mask_token_id, len(tokenizer), rng))
+        loss, encoder_loss, decoder_loss = model(**collate_lexmae(examples, tokenizer.pad_token_id))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((encoder_loss.item(), decoder_loss.item()))
+    first, last = np.mean(losses[:10], axis=0), np.mean(losses[-10:], axis=0)
+    assert last[0] < first[0] - 0.5 and last[1] < first[1] - 0.5, (first, last)
+    assert model.decoder_projection.weight.data_ptr() == model.lm.get_input_embeddings().weight.data_ptr()
+    saved = model.save_pretrained(tmp_path / "pretrained", tokenizer)
+    reloaded = BertForMaskedLM.from_pretrained(saved)
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.lm.get_input_embeddings().weight)
+    assert torch.equal(reloaded.cls.predictions.transform.dense.weight, model.lm.cls.predictions.transform.dense.weight)
+    assert not any("decoder." in name and "predictions" not in name for name in reloaded.state_dict())
