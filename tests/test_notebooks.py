@@ -20,6 +20,7 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(path)
 
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
+    text = text.replace("max_steps: 600", "max_steps: 20")          # the pretraining stage: it runs, not more
     text = text.replace("notebook: ", f"notebook: {ROOT / 'notebooks'}/")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
@@ -43,6 +44,9 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0
     assert stages["finetune"]["metrics"]["group_accuracy_after"] > stages["finetune"]["metrics"]["group_accuracy_before"]
     assert stages["dense_hn"]["metrics"]["RR@10"] > 0.1      # 1,000 passages, one short epoch: it retrieves, not more
+    assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
+    assert stages["pretrain"]["metrics"]["train_steps"] == 20
+    assert (run_dir / "dense_control" / "run.trec").stat().st_size > 0
     assert "Reproduction checks" in (run_dir / "REPORT.md").read_text()
 
     logs.clear()
@@ -76,3 +80,45 @@ def test_every_stage_param_is_a_parameter_of_its_notebook(params_file):
     for stage in pipeline.stages:
         unknown = set(stage.params) - _parameter_names(stage.notebook)
         assert not unknown, f"{params_file.name}: stage {stage.id} passes {sorted(unknown)} to {stage.notebook.name}"
+
+
+SPARSE_PIPELINE = """
+run: sparse
+defaults: {seed: 42}
+stages:
+  - {id: data, notebook: NB/00_prepare_data, params: {dataset: synthetic, num_passages: 1000}}
+  - id: pretrain
+    notebook: NB/11_pretrain_lexmae
+    params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
+             max_steps: 6, learning_rate: 1.0e-3}
+  - id: finetune
+    notebook: NB/21_finetune_sparse
+    params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
+             group_size: 4, batch_size: 8, max_steps: 6, learning_rate: 1.0e-3}
+  - id: index
+    notebook: NB/30_encode_index
+    params: {model: "${stages.finetune.out}/model", corpus: "${stages.data.out}", template: lexmae,
+             queries: "${stages.data.out}"}
+  - id: sparse
+    notebook: NB/40_retrieve_evaluate
+    params: {method: sparse, model: "${stages.finetune.out}/model", index: "${stages.index.out}/index",
+             corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}", split: dev}
+  - id: mine
+    notebook: NB/50_mine_hard_negatives
+    params: {model: "${stages.finetune.out}/model", index: "${stages.index.out}/index", corpus: "${stages.data.out}",
+             queries: "${stages.data.out}", qrels: "${stages.data.out}", split: train, depth: 50}
+"""
+
+
+def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
+    params = tmp_path / "sparse.yaml"
+    params.write_text(SPARSE_PIPELINE.replace("NB/", f"{ROOT / 'notebooks'}/"))
+    manifest = run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
+    stages = manifest["stages"]
+    assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
+    run_dir = tmp_path / "out" / "sparse"
+    assert {"loss.png", "bottleneck_terms.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
+    assert {"flops.png", "sparsity.png", "query_terms.png"} <= {p.name for p in (run_dir / "finetune").iterdir()}
+    assert stages["finetune"]["metrics"]["nonzeros_per_passage"] > 0
+    assert {"RR@10", "quantized_RR@10"} <= set(stages["sparse"]["metrics"])
+    assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0

@@ -126,3 +126,41 @@ def test_packing_emits_a_block_once_it_reaches_the_target_before_appending():
             return ["short title dropped", "is grey"][i]
 
     assert list(passage_texts(Two())) == ["short title dropped", "Seduku oxide is grey"]
+
+
+def test_encoder_loss_is_hf_masked_lm_loss_and_decoder_sees_only_its_visible_columns(synthetic_corpus, tmp_path):
+    """The MLM head runs on the labelled positions only; the loss is still HF BertForMaskedLM's."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from reprolib.modeling.retromae import RetroMAEForPretraining
+    from reprolib.modeling.scratch import build_scratch_bert
+
+    init = build_scratch_bert(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    model = RetroMAEForPretraining(BertForMaskedLM.from_pretrained(init)).eval()
+    rng = np.random.default_rng(5)
+    examples = []
+    for i in range(4):
+        ids = tokenizer(synthetic_corpus.text(i), truncation=True, max_length=32)["input_ids"]
+        examples.append(retromae_example(ids, tokenizer.convert_ids_to_tokens(ids), tokenizer.mask_token_id,
+                                         len(tokenizer), rng))
+    batch = collate_retromae(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        _, encoder_loss, decoder_loss = model(**batch)
+        reference = model.lm(input_ids=batch["encoder_input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["encoder_labels"]).loss
+        assert encoder_loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        # changing a token that row i cannot see leaves row i's decoder output unchanged
+        hidden = model.lm.bert(input_ids=batch["encoder_input_ids"], attention_mask=batch["attention_mask"])
+        h = hidden.last_hidden_state[:, :1]
+        emb = model.lm.bert.embeddings
+        length = batch["decoder_input_ids"].shape[1]
+        query = h + emb.position_embeddings.weight[:length]
+        def decode(ids):
+            key_value = torch.cat([h, emb(input_ids=ids)[:, 1:]], dim=1)
+            return model.decoder(query, key_value, batch["decoder_visibility"])
+        hidden_col = int(np.flatnonzero(batch["decoder_visibility"][0, 3].numpy() == 0)[-1])
+        changed = batch["decoder_input_ids"].clone()
+        changed[0, hidden_col] = (changed[0, hidden_col] + 7) % len(tokenizer)
+        assert torch.allclose(decode(batch["decoder_input_ids"])[0, 3], decode(changed)[0, 3], atol=1e-6)

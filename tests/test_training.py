@@ -186,3 +186,18 @@ def test_bf16_grad_accumulation_and_checkpointing_train_on_the_cpu(synthetic_dir
     rows = read_log(tmp_path / "run" / "train_log.csv")
     assert summary["steps"] == 2000 // (100 * 4) and summary["global_batch"] == 400
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_sparse_objective_adds_flops_of_queries_and_passages_to_the_cross_entropy(synthetic_dir, tmp_path):
+    from reprolib.modeling import SparseEncoder, load_encoder
+
+    config = _config(synthetic_dir, tmp_path / "sparse", objective="sparse", pooling=None, normalize=None,
+                     temperature=1.0, max_steps=3, flops_passage_weight=0.01)
+    assert config.flops_query_weight == pytest.approx(0.0075)      # λ_q = 0.75 λ_d unless given
+    summary = train(config, log=lambda *_: None)
+    assert summary["objective"] == "sparse"
+    for row in read_log(tmp_path / "sparse" / "train_log.csv"):
+        assert row["loss"] == pytest.approx(row["ranking_loss"] + 0.0075 * row["flops_query"]
+                                            + 0.01 * row["flops_passage"], rel=1e-5)
+        assert row["flops_query"] > 0 and row["flops_passage"] > 0
+    assert isinstance(load_encoder(tmp_path / "sparse" / "model"), SparseEncoder)

@@ -74,17 +74,24 @@ class RetroMAEForPretraining(nn.Module):
     def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_visibility, decoder_labels,
                 attention_mask):
         """Returns (total loss, encoder MLM loss, decoder loss)."""
-        encoded = self.lm(input_ids=encoder_input_ids, attention_mask=attention_mask, labels=encoder_labels,
-                          output_hidden_states=True)
-        h = encoded.hidden_states[-1][:, :1]                                     # [B, 1, H]
+        hidden = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder_loss = self._mlm_loss(hidden, encoder_labels)
+        h = hidden[:, :1]                                                        # [B, 1, H]
         embeddings = self.lm.bert.embeddings
         key_value = torch.cat([h, embeddings(input_ids=decoder_input_ids)[:, 1:]], dim=1)
         length = decoder_input_ids.shape[1]
         query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
         decoded = self.decoder(query, key_value, decoder_visibility)
-        logits = self.lm.cls(decoded)
-        decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), decoder_labels.view(-1), ignore_index=IGNORE)
-        return encoded.loss + decoder_loss, encoded.loss, decoder_loss
+        decoder_loss = self._mlm_loss(decoded, decoder_labels)
+        return encoder_loss + decoder_loss, encoder_loss, decoder_loss
+
+    def _mlm_loss(self, hidden, labels):
+        """Mean cross entropy of the MLM head at the labelled positions. The head (a |V|-wide projection, the
+        costliest layer of a small BERT) runs there only: HF's BertForMaskedLM scores every position,
+        though only the 30% masked ones count."""
+        labelled = labels != IGNORE
+        logits = self.lm.cls(hidden[labelled])
+        return F.cross_entropy(logits, labels[labelled])
 
     def gradient_checkpointing_enable(self):
         """Recompute the encoder's activations in backward (the new decoder layers are cheap to keep)."""
