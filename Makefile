@@ -28,13 +28,15 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install   # about 40 minutes on 2 cores; results in bench/results/
+bench: install   # about 70 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/corpus_access.py
 	$(BIN)/python bench/encode_throughput.py
 	$(BIN)/python bench/encode_rss.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/scifact_zero_shot.py
 	$(BIN)/python bench/sparse_search.py $(if $(SPARSE_MODEL),--model $(SPARSE_MODEL))
+	$(BIN)/python bench/retromae_step.py
+	$(BIN)/python bench/retromae_synthetic.py
 
 clean:
 	rm -rf $(VENV) outputs/quickstart

@@ -43,7 +43,7 @@ def dev_rr10(model_dir, data_dir, work):
     encoder = DenseEncoder.from_pretrained(model_dir)
     encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
     run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
-    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10")["RR@10"]
+    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]
 
 
 def main():

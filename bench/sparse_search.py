@@ -65,6 +65,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a folder saved by SparseEncoder")
     parser.add_argument("--limit", type=int, help="a seeded sample of this many passages (smoke test)")
+    parser.add_argument("--index", type=Path, help="reuse this sparse index of the whole SciFact corpus, built "
+                                                   "with --model (e.g. by a pipeline's index stage)")
     parser.add_argument("--topk", type=int, default=1000)
     parser.add_argument("--template", default="lexmae", help="passage template (default: LexMAE's (title, text) pair)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -88,7 +90,7 @@ def run(args, workdir):
 
     from reprolib.data import Corpus, read_qrels
     from reprolib.data.layout import find_qrels_file, load_queries
-    from reprolib.index import encode_corpus, run_from_hits, search_sparse, sparsity
+    from reprolib.index import encode_corpus, load_meta, run_from_hits, search_sparse, sparsity
     from reprolib.metrics import evaluate
     from reprolib.modeling import load_encoder
     from reprolib.search import bm25_index, bm25_retrieve
@@ -102,10 +104,18 @@ def run(args, workdir):
     queries = load_queries(SCIFACT, "test")
     qrels = read_qrels(find_qrels_file(SCIFACT, "test"))
     qids, texts = list(queries), list(queries.values())
-    index = workdir / "index"
-    meta, encode_seconds = timed(lambda: encode_corpus(encoder, corpus, index, batch_size=args.batch_size,
-                                                       template=args.template, progress=False))
-    print(f"{encode_seconds:7.1f}s  encoded {len(corpus)} passages", file=sys.stderr, flush=True)
+    if args.index:
+        if args.limit:
+            sys.exit("--index holds the whole corpus; drop --limit")
+        index, encode_seconds = args.index, None
+        if load_meta(index)["num_passages"] != len(corpus):
+            sys.exit(f"{index} does not hold the {len(corpus)} SciFact passages")
+    else:
+        index = workdir / "index"
+        _, encode_seconds = timed(lambda: encode_corpus(encoder, corpus, index, batch_size=args.batch_size,
+                                                        template=args.template, progress=False))
+        print(f"{encode_seconds:7.1f}s  encoded {len(corpus)} passages", file=sys.stderr, flush=True)
+    meta = load_meta(index)
     bm25, bm25_index_seconds = timed(lambda: bm25_index(corpus, progress=False))
 
     seconds = {"encode_queries": [], "float": [], "quantized": [], "bm25": []}
@@ -144,7 +154,7 @@ def run(args, workdir):
         "nonzeros": {side: {k: v for k, v in s.items() if k != "nonzeros"} for side, s in stats.items()},
         "seconds_median": {name: round(value, 3) for name, value in median.items()},
         "seconds": {name: [round(v, 3) for v in values] for name, values in seconds.items()},
-        "setup_seconds": {"encode_corpus": round(encode_seconds, 1), "bm25_index": round(bm25_index_seconds, 1)},
+        "setup_seconds": {"encode_corpus": encode_seconds and round(encode_seconds, 1), "bm25_index": round(bm25_index_seconds, 1)},
         "load_average_at_end": load_average(),
         "notes": ["Retrieval seconds run from encoded queries (sparse) or query texts (bm25: bm25s's tokenizer "
                   "included) to the run {qid: {pid: score}}; corpus encoding and BM25 indexing are setup_seconds.",
