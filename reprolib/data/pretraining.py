@@ -14,6 +14,7 @@ resume sees the same masks, as the training groups do.
 """
 import numpy as np
 
+from reprolib.data.masking import collate_lexmae, collate_retromae, lexmae_example, retromae_example
 from reprolib.data.templates import get_template
 
 METHODS = ("retromae", "lexmae")
@@ -102,8 +103,6 @@ class PretrainingExamples:
         self.epoch = int(epoch)
 
     def __getitem__(self, index):
-        from reprolib.data.masking import lexmae_example, retromae_example
-
         ids = self.sequences[index].astype(np.int64)
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         vocab_size = len(self.tokenizer)
@@ -116,7 +115,5 @@ class PretrainingExamples:
                               encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio)
 
     def collate(self, examples):
-        from reprolib.data.masking import collate_lexmae, collate_retromae
-
         collate = collate_retromae if self.method == "retromae" else collate_lexmae
         return collate(examples, self.tokenizer.pad_token_id)

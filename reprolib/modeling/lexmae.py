@@ -15,17 +15,16 @@ Only the BertForMaskedLM is kept (`save_pretrained`): the decoder exists for pre
 the saved checkpoint is what the sparse (SPLADE-style) encoder fine-tunes.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from reprolib.data.masking import IGNORE
 from reprolib.errors import ReprolibError
+from reprolib.modeling.autoencoder import MaskedAutoEncoder
 
 BOTTLENECKS = ("softmax", "logits_sat")
 OFF_TEXT = -10000.0     # added to the logits off the text before the max, as LexMAE does
 
 
-class LexMAEForPretraining(nn.Module):
+class LexMAEForPretraining(MaskedAutoEncoder):
     def __init__(self, lm, decoder_layers=2, bottleneck="softmax", encoder_weight=1.0, decoder_weight=1.0):
         """`lm`: a BertForMaskedLM. `bottleneck`: "softmax" (LexMAE's default) or "logits_sat"."""
         from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
@@ -74,20 +73,6 @@ class LexMAEForPretraining(nn.Module):
         for layer in self.decoder:
             hidden = layer(hidden, attention_mask=padding)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden      # a tuple before transformers 5
-        logits = self.decoder_projection(self.decoder_transform(hidden))
-        decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), decoder_labels.view(-1), ignore_index=IGNORE)
+        decoder_loss = self.mlm_loss(hidden, decoder_labels, lambda h: self.decoder_projection(self.decoder_transform(h)))
         total = self.encoder_weight * encoded.loss + self.decoder_weight * decoder_loss
         return total, encoded.loss, decoder_loss
-
-    def gradient_checkpointing_enable(self):
-        """Recompute the encoder's activations in backward (the new decoder layers are cheap to keep)."""
-        from reprolib.modeling.encoder import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(self.lm)
-
-    def save_pretrained(self, path, tokenizer=None):
-        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
-        self.lm.save_pretrained(str(path))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
-        return path

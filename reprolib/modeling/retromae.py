@@ -13,10 +13,9 @@ so the saved checkpoint is what `DenseEncoder.from_pretrained` fine-tunes.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from reprolib.data.masking import IGNORE
+from reprolib.modeling.autoencoder import MaskedAutoEncoder
 
 
 class EnhancedDecoderLayer(nn.Module):
@@ -58,7 +57,7 @@ class EnhancedDecoderLayer(nn.Module):
         return self.output_norm(hidden + self.dropout(self.output(self.activation(self.intermediate(hidden)))))
 
 
-class RetroMAEForPretraining(nn.Module):
+class RetroMAEForPretraining(MaskedAutoEncoder):
     def __init__(self, lm):
         """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder)."""
         super().__init__()
@@ -75,33 +74,12 @@ class RetroMAEForPretraining(nn.Module):
                 attention_mask):
         """Returns (total loss, encoder MLM loss, decoder loss)."""
         hidden = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
-        encoder_loss = self._mlm_loss(hidden, encoder_labels)
+        encoder_loss = self.mlm_loss(hidden, encoder_labels, self.lm.cls)
         h = hidden[:, :1]                                                        # [B, 1, H]
         embeddings = self.lm.bert.embeddings
         key_value = torch.cat([h, embeddings(input_ids=decoder_input_ids)[:, 1:]], dim=1)
         length = decoder_input_ids.shape[1]
         query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
         decoded = self.decoder(query, key_value, decoder_visibility)
-        decoder_loss = self._mlm_loss(decoded, decoder_labels)
+        decoder_loss = self.mlm_loss(decoded, decoder_labels, self.lm.cls)
         return encoder_loss + decoder_loss, encoder_loss, decoder_loss
-
-    def _mlm_loss(self, hidden, labels):
-        """Mean cross entropy of the MLM head at the labelled positions. The head (a |V|-wide projection, the
-        costliest layer of a small BERT) runs there only: HF's BertForMaskedLM scores every position,
-        though only the 30% masked ones count."""
-        labelled = labels != IGNORE
-        logits = self.lm.cls(hidden[labelled])
-        return F.cross_entropy(logits, labels[labelled])
-
-    def gradient_checkpointing_enable(self):
-        """Recompute the encoder's activations in backward (the new decoder layers are cheap to keep)."""
-        from reprolib.modeling.encoder import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(self.lm)
-
-    def save_pretrained(self, path, tokenizer=None):
-        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
-        self.lm.save_pretrained(str(path))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(path))
-        return path
