@@ -73,6 +73,7 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         for layer in self.decoder:
             hidden = layer(hidden, attention_mask=padding)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden      # a tuple before transformers 5
-        decoder_loss = self.mlm_loss(hidden, decoder_labels, lambda h: self.decoder_projection(self.decoder_transform(h)))
+        decoder_head = lambda h: self.decoder_projection(self.decoder_transform(h))  # noqa: E731
+        decoder_loss = self.mlm_loss(hidden, decoder_labels, decoder_head)
         total = self.encoder_weight * encoded.loss + self.decoder_weight * decoder_loss
         return total, encoded.loss, decoder_loss
