@@ -121,6 +121,11 @@ def contrastive_loss(
     return loss
 
 
+def group_scores(q, p, group_size):
+    """[B, G] scores of each query against its own group only: row i is q_i · p_{iG .. iG+G-1}."""
+    return torch.einsum("bd,bgd->bg", q, p.view(q.shape[0], group_size, -1))
+
+
 def kl_distillation(student_scores, teacher_scores, temperature=1.0, reduction="mean"):
     """KL(teacher ‖ student) = KLDivLoss(log_softmax(student/τ), softmax(teacher)) over the last dim.
 
@@ -152,6 +157,21 @@ def margin_mse(student_pos, student_neg, teacher_pos, teacher_neg):
     student_margin = student_pos - student_neg
     teacher_margin = (teacher_pos - teacher_neg).detach()
     return F.mse_loss(student_margin, teacher_margin.to(student_margin.dtype))
+
+
+def cross_encoder_loss(logits, kind="listwise"):
+    """Loss of cross-encoder logits [B, G] whose column 0 is each query's positive.
+
+    listwise: cross entropy of the positive against its group (RetroMAE's reranker, 1 + 64 passages);
+    bce: binary cross entropy per pair, label 1 for the positive and 0 for the negatives (mean over B·G).
+    """
+    if kind == "listwise":
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    if kind == "bce":
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    raise ValueError(f"cross-encoder loss must be 'listwise' or 'bce', not {kind!r}")
 
 
 def flops_regularizer(x):

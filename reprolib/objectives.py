@@ -1,9 +1,12 @@
 """What `reprolib.training.train` optimises: one class per objective, chosen by `TrainConfig.objective`.
 
     contrastive  DenseEncoder on query groups (1 positive + G-1 negatives): in-batch and
-                 cross-device cross entropy (RECIPES.md §1.5, §2.4, §3, §5)
-    sparse       SparseEncoder on the same groups: the same cross entropy + FLOPS regulariser on
+                 cross-device cross entropy (RECIPES.md §1.5, §2.4, §3, §5); with `teacher_scores`,
+                 distillation (KL or Margin-MSE on each query's group) + contrastive_weight x that
+    sparse       SparseEncoder on the same groups: the same losses + FLOPS regulariser on
                  queries and passages, λ_q = 0.75·λ_d by default (LexMAE fine-tuning, §4.3)
+    cross_encoder  CrossEncoder on the same groups: listwise cross entropy over each group (RetroMAE's
+                 reranker) or per-pair binary cross entropy
     retromae     BertForMaskedLM + the enhanced-decoding layer on packed corpus text (§1.1-1.2)
     lexmae       BertForMaskedLM + the lexicon-bottleneck decoder on (title, text) pairs (§4.1-4.2)
 
@@ -17,22 +20,40 @@ from reprolib.errors import ReprolibError
 
 
 def load_groups(config, sep):
-    """The TrainGroups of a config: corpus, split queries, qrels and negatives."""
-    from reprolib.data import Corpus, read_negatives, read_qrels
+    """The TrainGroups of a config: corpus, split queries, qrels and negatives (and teacher scores)."""
+    from reprolib.data import Corpus, read_negatives, read_qrels, read_scores
     from reprolib.data.groups import TrainGroups
     from reprolib.data.layout import find_qrels_file, load_queries
 
     corpus = Corpus.open(config.corpus or config.train_data, progress=False)
     queries = load_queries(config.train_data, config.split)
     qrels = read_qrels(find_qrels_file(config.train_data, config.split))
+    teacher = read_scores(config.teacher_scores) if config.teacher_scores else None
     negatives_file = config.negatives
-    if negatives_file is None:
+    if negatives_file is None and teacher is None:
         default = Path(config.train_data) / f"{config.split}.negatives.tsv"
         negatives_file = default if default.is_file() else None
     negatives = read_negatives(negatives_file) if negatives_file else {}
+    if teacher is not None:
+        qrels, negatives = _scored_only(qrels, negatives if negatives_file else None, teacher)
     return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
                        sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
-                       template=config.template, sep=sep, seed=config.seed)
+                       template=config.template, sep=sep, seed=config.seed, teacher=teacher)
+
+
+def _scored_only(qrels, negatives, teacher):
+    """Qrels and negatives restricted to the pairs the teacher scored. Without a negatives file the
+    negatives are the teacher's scored passages that are not positives, in the scores file's order
+    (Disentangled samples them from the cross-encoder scores; RetroMAE's teacher scored its negatives)."""
+    scored_qrels, scored_negatives = {}, {}
+    for qid, judged in qrels.items():
+        scored = teacher.get(qid, {})
+        scored_qrels[qid] = {pid: rel for pid, rel in judged.items() if pid in scored}
+        if negatives is None:
+            scored_negatives[qid] = [pid for pid in scored if judged.get(pid, 0) <= 0]
+        else:
+            scored_negatives[qid] = [pid for pid in negatives.get(qid, []) if pid in scored]
+    return scored_qrels, scored_negatives
 
 
 def _init_model(config, corpus):
@@ -74,12 +95,11 @@ def collate(encoder, items, device):
 
 
 class Contrastive:
-    loss_parts = ()
-
     def __init__(self, config, encoder, groups=None):
         self.config = config
         self.model = encoder
         self.examples = groups
+        self.loss_parts = ("ranking_loss", "distill_loss") if config.distillation else ()
 
     @classmethod
     def build(cls, config, corpus):
@@ -102,7 +122,21 @@ class Contrastive:
         return loss, q, p
 
     def loss(self, model, items, device):
-        return self.ranking_loss(model, items, device)[0], {}
+        return self.retrieval_loss(model, items, device)[:2]
+
+    def retrieval_loss(self, model, items, device):
+        """(loss, parts, q, p): the ranking cross entropy, or with teacher scores the distillation loss +
+        contrastive_weight x the ranking cross entropy."""
+        ranking, q, p = self.ranking_loss(model, items, device)
+        config = self.config
+        if not config.distillation:
+            return ranking, {}, q, p
+        import torch
+
+        teacher = torch.tensor([item[4] for item in items], dtype=torch.float32, device=device)
+        distill = distillation_loss(config.distillation, q.float(), p.float(), teacher, config.temperature)
+        loss = distill + config.contrastive_weight * ranking
+        return loss, {"ranking_loss": ranking.item(), "distill_loss": distill.item()}, q, p
 
     def save(self, model, path):
         model.save(path)
@@ -113,16 +147,50 @@ class Contrastive:
 
 
 class Sparse(Contrastive):
-    loss_parts = ("ranking_loss", "flops_query", "flops_passage")
+    def __init__(self, config, encoder, groups=None):
+        super().__init__(config, encoder, groups)
+        self.loss_parts = ("ranking_loss", *self.loss_parts[1:], "flops_query", "flops_passage")
 
     def loss(self, model, items, device):
         from reprolib.losses import flops_regularizer
 
         config = self.config
-        ranking, q, p = self.ranking_loss(model, items, device)
+        loss, parts, q, p = self.retrieval_loss(model, items, device)
+        parts.setdefault("ranking_loss", loss.item())
         flops_q, flops_p = flops_regularizer(q.float()), flops_regularizer(p.float())
-        loss = ranking + config.flops_query_weight * flops_q + config.flops_passage_weight * flops_p
-        return loss, {"ranking_loss": ranking.item(), "flops_query": flops_q.item(), "flops_passage": flops_p.item()}
+        loss = loss + config.flops_query_weight * flops_q + config.flops_passage_weight * flops_p
+        return loss, {**parts, "flops_query": flops_q.item(), "flops_passage": flops_p.item()}
+
+
+def distillation_loss(kind, q, p, teacher, temperature=1.0):
+    """The student's scores of each query's own group (q·p/τ, [B, G], positive first) against the teacher's
+    raw scores [B, G]: kl = KL(teacher ‖ student) averaged over B·G (RetroMAE), kl_batchmean over B
+    (LexMAE), margin_mse = MSE of the positive-minus-negative margins (Disentangled, OpenMatch)."""
+    from reprolib.losses import group_scores, kl_distillation, margin_mse
+
+    student = group_scores(q, p, teacher.shape[1]) / temperature
+    if kind == "margin_mse":
+        return margin_mse(student[:, 0], student[:, 1:], teacher[:, 0], teacher[:, 1:])
+    return kl_distillation(student, teacher, reduction="batchmean" if kind == "kl_batchmean" else "mean")
+
+
+class CrossEncoderObjective(Contrastive):
+    """A cross-encoder on the contrastive groups: logits [B, G] of (query, passage) pairs, positive first."""
+
+    @classmethod
+    def build(cls, config, corpus):
+        from reprolib.modeling.cross_encoder import CrossEncoder
+
+        model = CrossEncoder.from_pretrained(_init_model(config, corpus), max_len=config.passage_max_len)
+        return cls(config, model, load_groups(config, model.sep_token))
+
+    def loss(self, model, items, device):
+        from reprolib.losses import cross_encoder_loss
+
+        pairs = [(item[0], text) for item in items for text in item[1]]
+        batch = self.model.tokenize_buckets(pairs, "passage", bucket_size=max(len(items), 8)).to(device)
+        logits = model(passage=batch)[1].float().view(len(items), -1)
+        return cross_encoder_loss(logits, self.config.cross_encoder_loss), {}
 
 
 class MaskedAutoEncoder:
@@ -172,7 +240,8 @@ class MaskedAutoEncoder:
         return {"examples": len(lengths), "tokens": int(sum(lengths))}
 
 
-OBJECTIVES = {"contrastive": Contrastive, "sparse": Sparse, "retromae": MaskedAutoEncoder,
+OBJECTIVES = {"contrastive": Contrastive, "sparse": Sparse, "cross_encoder": CrossEncoderObjective,
+              "retromae": MaskedAutoEncoder,
               "lexmae": MaskedAutoEncoder}
 
 

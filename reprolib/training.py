@@ -42,6 +42,7 @@ SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
 LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "examples_per_second")
 SCHEDULES = ("linear", "constant")
+DISTILLATIONS = ("kl", "kl_batchmean", "margin_mse")
 
 
 @dataclasses.dataclass
@@ -50,7 +51,7 @@ class TrainConfig:
     model: str                            # HF name or path, sentence-transformers folder, or "scratch:<size>"
     out_dir: str
     train_data: str                       # dataset dir holding corpus, <split> queries and qrels (pretraining: the corpus)
-    objective: str = "contrastive"        # contrastive | sparse | retromae | lexmae (reprolib.objectives)
+    objective: str = "contrastive"        # contrastive | sparse | cross_encoder | retromae | lexmae (reprolib.objectives)
     negatives: str | None = None          # qid \t pid,pid,... ; default <train_data>/<split>.negatives.tsv
     corpus: str | None = None             # default: train_data
     split: str = "train"
@@ -62,7 +63,7 @@ class TrainConfig:
     untie: bool = False
     t5_mode: str | None = None
     query_max_len: int | None = None
-    passage_max_len: int | None = None    # pretraining: the sequence length (default: the template's)
+    passage_max_len: int | None = None    # pretraining: the sequence length (default: the template's); cross_encoder: the pair's
     # groups and loss
     group_size: int = 8                   # 1 positive + G-1 negatives
     sampler: str = "retromae"             # retromae | tevatron
@@ -73,6 +74,12 @@ class TrainConfig:
     scale_loss_by_world_size: bool = True  # ×W with cross_device: Tevatron/OpenMatch/Disentangled yes, RetroMAE no
     gather_queries: bool = True           # with cross_device; LexMAE gathers the passages only
     false_negative_masking: bool = False  # Disentangled
+    # distillation from teacher scores (contrastive and sparse): loss = distill + contrastive_weight x ranking CE
+    teacher_scores: str | None = None     # qid pid score file, or sentence-transformers' scores .pkl.gz
+    distillation: str | None = None       # kl (RetroMAE, mean over B*G) | kl_batchmean (LexMAE) | margin_mse
+    contrastive_weight: float = 1.0       # RetroMAE 1e-4, LexMAE stage 3 0.2, Disentangled Margin-MSE 0
+    # cross-encoder
+    cross_encoder_loss: str = "listwise"  # listwise (CE over the group) | bce
     # sparse (LexMAE fine-tuning: λ_d 0.002 stage 1, 0.008 stage 2; λ_q = 0.75 λ_d)
     flops_passage_weight: float = 0.002
     flops_query_weight: float | None = None   # default 0.75 x flops_passage_weight
@@ -146,6 +153,15 @@ class TrainConfig:
         for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
             if not 0 < getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be between 0 and 1, not {getattr(self, name)}")
+        if self.distillation not in (None, *DISTILLATIONS):
+            raise ReprolibError(f"{source}: distillation must be one of {', '.join(DISTILLATIONS)}, not {self.distillation!r}")
+        if bool(self.distillation) != bool(self.teacher_scores):
+            raise ReprolibError(f"{source}: distillation and teacher_scores go together (got distillation="
+                                f"{self.distillation!r}, teacher_scores={self.teacher_scores!r})")
+        if self.distillation and self.objective not in ("contrastive", "sparse"):
+            raise ReprolibError(f"{source}: distillation trains a contrastive or sparse retriever, not {self.objective!r}")
+        if self.cross_encoder_loss not in ("listwise", "bce"):
+            raise ReprolibError(f"{source}: cross_encoder_loss must be listwise or bce, not {self.cross_encoder_loss!r}")
         if self.schedule not in SCHEDULES:
             raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):

@@ -16,6 +16,10 @@ Two samplers, as the recipes do it (RECIPES.md §1.5, §2.3, §3, §5):
 
 Every draw is a function of (seed, epoch, example index), so an epoch's groups are the same on
 every process and after a resume.
+
+With teacher scores (distillation), a group also carries the teacher's score of each of its passages, so
+every passage must have one: the caller keeps only scored positives and negatives, and a query with
+fewer than G-1 scored negatives repeats them instead of drawing unscored corpus passages.
 """
 import random
 
@@ -28,14 +32,17 @@ SAMPLERS = ("retromae", "tevatron")
 
 
 class TrainGroups:
-    """`groups[i]` -> (query text, [G passage texts], [G corpus positions], [positive positions]).
+    """`groups[i]` -> (query text, [G passage texts], [G corpus positions], [positive positions]), plus
+    [G teacher scores] when `teacher` is given.
 
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
-    negatives: {qid: [pid, ...]} in rank order (missing queries get corpus-random negatives).
+    negatives: {qid: [pid, ...]} in rank order (missing queries get corpus-random negatives);
+    teacher: {qid: {pid: score}} covering every positive and negative (queries without a scored
+    negative are skipped).
     """
 
     def __init__(self, corpus, queries, qrels, negatives, group_size=8, sampler="retromae",
-                 sample_neg_from_topk=200, per_query=None, template="plain", sep="[SEP]", seed=42):
+                 sample_neg_from_topk=200, per_query=None, template="plain", sep="[SEP]", seed=42, teacher=None):
         if sampler not in SAMPLERS:
             raise ReprolibError(f"unknown negative sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if group_size < 1:
@@ -48,21 +55,25 @@ class TrainGroups:
         self.sep = sep
         self.seed = int(seed)
         self.epoch = 0
+        self.teacher = teacher
         per_query = sampler == "tevatron" if per_query is None else per_query
 
         self.queries = []     # (qid, text, positive positions, negative positions)
         self.examples = []    # (query index, positive positions drawn from)
-        missing_positive = []
+        skipped = []
         for qid, judged in qrels.items():
             if qid not in queries:
                 continue
             pids = [pid for pid, rel in judged.items() if rel > 0]
             positives = [int(p) for p in corpus.positions(pids) if p >= 0]
             if not positives:
-                missing_positive.append(qid)
+                skipped.append(qid)
                 continue
             negative_positions = corpus.positions(negatives.get(qid, []))
             negative_positions = [int(p) for p in negative_positions if p >= 0 and p not in positives]
+            if teacher is not None and not negative_positions:
+                skipped.append(qid)
+                continue
             index = len(self.queries)
             self.queries.append((qid, queries[qid], positives, negative_positions))
             if per_query:
@@ -71,7 +82,7 @@ class TrainGroups:
                 self.examples.extend((index, [p]) for p in positives)
         if not self.examples:
             raise ReprolibError("no training examples: no judged query has its text and a positive in the corpus")
-        self.skipped_queries = missing_positive
+        self.skipped_queries = skipped
 
     def __len__(self):
         return len(self.examples)
@@ -90,7 +101,10 @@ class TrainGroups:
         else:
             positive, chosen = self._tevatron(i, positives, negatives, all_positives)
         positions = [positive] + chosen
-        return query, [self.passage_text(p) for p in positions], positions, all_positives
+        group = (query, [self.passage_text(p) for p in positions], positions, all_positives)
+        if self.teacher is None:
+            return group
+        return group + ([self.teacher[qid][self.corpus.id(p)] for p in positions],)
 
     def _retromae(self, i, positives, negatives, all_positives):
         rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
@@ -98,6 +112,8 @@ class TrainGroups:
         need = self.group_size - 1
         pool = negatives[:self.topk]
         if len(pool) < need:
+            if self.teacher is not None:   # corpus passages have no teacher score: repeat the scored ones
+                return positive, pool + rng.choices(pool, k=need - len(pool))
             return positive, pool + self._random_negatives(rng, need - len(pool), all_positives)
         return positive, rng.sample(pool, need)
 

@@ -1,9 +1,9 @@
-"""Models: the dense bi-encoder, the sparse (lexicon) encoder, and pretraining models.
+"""Models: the dense bi-encoder, the sparse (lexicon) encoder, the cross-encoder, and pretraining models.
 
 Imports are lazy so that `import reprolib.modeling` (and the CLI) does not pay for torch/transformers.
 """
 
-__all__ = ["DenseEncoder", "SparseEncoder", "load_encoder"]
+__all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
 
 
 def load_encoder(name_or_path, **kwargs):
@@ -11,7 +11,11 @@ def load_encoder(name_or_path, **kwargs):
     else DenseEncoder (also for HF names and folders without that file). `kwargs` go to `from_pretrained`."""
     from reprolib.modeling.encoder import saved_config
 
+    from reprolib.errors import ReprolibError
+
     saved = saved_config(name_or_path) or {}
+    if saved.get("kind") == "cross_encoder":
+        raise ReprolibError(f"{name_or_path} is a cross-encoder: it reranks (reprolib rerank), it cannot encode")
     if saved.get("kind") == "sparse":
         from reprolib.modeling.sparse import SparseEncoder
 
@@ -26,6 +30,10 @@ def __getattr__(name):
         from reprolib.modeling.dense import DenseEncoder
 
         return DenseEncoder
+    if name == "CrossEncoder":
+        from reprolib.modeling.cross_encoder import CrossEncoder
+
+        return CrossEncoder
     if name == "SparseEncoder":
         from reprolib.modeling.sparse import SparseEncoder
 

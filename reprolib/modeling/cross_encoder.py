@@ -1,0 +1,86 @@
+"""Cross-encoder: one transformer reads the query and the passage together ([CLS] q [SEP] p [SEP]) and a
+linear head on [CLS] gives one relevance logit (AutoModelForSequenceClassification with num_labels=1).
+
+It is the teacher of the distillation recipes (RECIPES.md §1.5: RetroMAE trains one with listwise cross
+entropy over 1 positive + 64 negatives; sentence-transformers' ms-marco-MiniLM-L-6-v2 scores are the
+Disentangled and OpenMatch teachers) and a reranker of a first-stage run.
+
+It shares the tokenize / length-bucket / batched-inference code of the bi-encoders (`TextEncoder`): a
+"passage" here is a (query, passage) pair, and `embed` returns one logit per pair instead of a vector.
+`max_len` bounds the pair's tokens, the specials included.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from reprolib.modeling.encoder import TextEncoder, saved_config
+from reprolib.modeling.sparse import _quiet_load_report
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_LEN = 200        # RetroMAE's reranker (examples/reranker/README.md)
+
+
+class CrossEncoder(TextEncoder):
+    kind = "cross_encoder"
+
+    def __init__(self, model, tokenizer, *, max_len=DEFAULT_MAX_LEN):
+        super().__init__(model, tokenizer, max_len, max_len)
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, max_len=None, **model_kwargs):
+        """An HF checkpoint (a sequence-classification one keeps its head; a plain encoder gets a new,
+        randomly initialised one), a "package:" spec, or a folder written by `save`."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from reprolib.modeling.specs import package_path
+
+        name_or_path = str(package_path(name_or_path))
+        saved = saved_config(name_or_path) if Path(name_or_path).is_dir() else None
+        found = saved if saved and saved.get("kind") == cls.kind else {}
+        with _quiet_load_report():   # the new head's weights are expected to be missing
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_kwargs)
+        encoder = cls(model, AutoTokenizer.from_pretrained(name_or_path),
+                      max_len=max_len or found.get("max_len", DEFAULT_MAX_LEN))
+        encoder.eval()
+        return encoder
+
+    def _backbones(self):
+        return [self.model]
+
+    # ------------------------------------------------------------------ training-time API
+    def embed(self, batch, side="passage"):
+        """One logit per tokenized (query, passage) pair, keeping the autograd graph."""
+        return self.model(**self._model_inputs(batch)).logits.squeeze(-1)
+
+    # ------------------------------------------------------------------ inference API
+    def score(self, pairs, batch_size=64, progress=False, chunk_size=16384):
+        """float32 logits of (query text, passage text) pairs, in input order."""
+        return self._encode(list(pairs), "passage", batch_size, None, progress, chunk_size)
+
+    def _encode(self, texts, side, batch_size, max_length, progress, chunk_size):
+        out = np.zeros(len(texts), dtype=np.float32)
+
+        def keep(rows, logits):
+            out[rows] = logits.float().cpu().numpy()
+
+        self._run_batches(texts, side, batch_size, max_length, progress, chunk_size, keep)
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def config_dict(self):
+        return dict(format_version=FORMAT_VERSION, kind=self.kind, max_len=self.passage_max_len)
+
+    def save(self, path):
+        """The HF sequence-classification folder (weights, config, tokenizer) + reprolib_encoder.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        self._write_config(path)
+        return path
+
+    def extra_repr(self):
+        return f"max_len(pair)={self.passage_max_len}"
