@@ -165,6 +165,45 @@ def cmd_mine(args):
     print(f"wrote negatives for {len(negatives)} queries to {args.out}")
 
 
+def cmd_rerank(args):
+    from reprolib.data import Corpus, read_run, write_run
+    from reprolib.data.layout import load_queries
+    from reprolib.rerank import rerank
+    queries = load_queries(args.queries, args.split)
+    run = read_run(args.run)
+    cross_encoder = _load_cross_encoder(args.model, args.max_len)
+    reranked = rerank(cross_encoder, run, Corpus.open(args.corpus), queries, depth=args.depth,
+                      template=args.template, batch_size=args.batch_size)
+    write_run(args.out, reranked, tag="cross-encoder")
+    print(f"reranked the top {args.depth} of {len(reranked)} queries into {args.out}")
+
+
+def cmd_score(args):
+    from reprolib.data import Corpus, read_negatives, read_qrels, read_run
+    from reprolib.data.layout import find_qrels_file, load_queries
+    from reprolib.rerank import score_pairs, teacher_pairs
+    queries = load_queries(args.queries, args.split)
+    candidates = read_run(args.run) if args.run else read_negatives(args.negatives)
+    qrels = read_qrels(find_qrels_file(args.qrels, args.split))
+    pairs = teacher_pairs(qrels, candidates, depth=args.depth)
+    cross_encoder = _load_cross_encoder(args.model, args.max_len)
+    scores = score_pairs(cross_encoder, pairs, Corpus.open(args.corpus), queries, template=args.template,
+                         batch_size=args.batch_size, out_path=args.out)
+    print(f"wrote {sum(len(s) for s in scores.values())} teacher scores for {len(scores)} queries to {args.out}")
+
+
+def _load_cross_encoder(model, max_len):
+    from reprolib.modeling.cross_encoder import CrossEncoder
+    from reprolib.index import process_state
+    if model.startswith((".", "/")) and not Path(model).exists():
+        raise ReprolibError(f"{model}: model folder not found")
+    try:
+        cross_encoder = CrossEncoder.from_pretrained(model, max_len=max_len)
+    except (OSError, ValueError) as e:
+        raise ReprolibError(f"cannot load cross-encoder {model}: {str(e).strip().splitlines()[0]}") from None
+    return cross_encoder.to(process_state().device)
+
+
 def cmd_train(args):
     from reprolib.training import TrainConfig, train
     train(TrainConfig.from_yaml(args.config))
@@ -188,13 +227,14 @@ def build_parser():
     p.set_defaults(func=cmd_status)
 
     data = verbs.add_parser("data", help="prepare or validate datasets").add_subparsers(dest="data_verb", required=True)
-    p = data.add_parser("prepare", help="synthetic | msmarco-passage | beir/<name> | lotte/<domain>/<split>")
+    p = data.add_parser("prepare", help="synthetic | msmarco-passage | msmarco-hard-negatives | beir/<name> | lotte/<domain>/<split>")
     p.add_argument("name")
     p.add_argument("--out", required=True)
     p.add_argument("--num-passages", type=int, default=5000, help="synthetic only")
     p.add_argument("--seed", type=int, default=42, help="synthetic only")
     p.add_argument("--url", action="append", default=[], metavar="KEY=URL",
-                   help="override a download URL: url= for beir/lotte; rocketqa_url=, qrels_train_url=, triples_url= for msmarco-passage")
+                   help="override a download URL: url= for beir/lotte; rocketqa_url=, qrels_train_url=, triples_url= for msmarco-passage; "
+                        "negatives_url=, scores_url= for msmarco-hard-negatives")
     p.set_defaults(func=cmd_prepare)
     p = data.add_parser("validate", help="check every file of a dataset directory (ids, formats, encodings)")
     p.add_argument("dataset")
@@ -271,11 +311,38 @@ def build_parser():
                    help="shuffle each query's negatives before --num (Tevatron/OpenMatch build_hn); default: rank order")
     p.set_defaults(func=cmd_mine)
 
+    p = verbs.add_parser("rerank", help="rescore the top-D hits of a run with a cross-encoder")
+    _cross_encoder_arguments(p)
+    p.add_argument("--run", required=True, help="TREC run to rerank")
+    p.add_argument("--depth", type=int, default=100)
+    p.set_defaults(func=cmd_rerank)
+
+    p = verbs.add_parser("score", help="teacher scores (qid pid score) of each judged query's positives and its "
+                                       "candidates from a run or a negatives file; resumable")
+    _cross_encoder_arguments(p)
+    candidates = p.add_mutually_exclusive_group(required=True)
+    candidates.add_argument("--run", help="TREC run whose top-D hits are scored")
+    candidates.add_argument("--negatives", help="qid \\t pid,pid negatives file whose first D are scored")
+    p.add_argument("--qrels", required=True, help="qrels file or dataset directory (its positives are scored too)")
+    p.add_argument("--depth", type=int, default=200)
+    p.set_defaults(func=cmd_score)
+
     p = verbs.add_parser("train", help="contrastive fine-tuning from a YAML of TrainConfig options "
                                        "(also under `accelerate launch -m reprolib train`)")
     p.add_argument("config")
     p.set_defaults(func=cmd_train)
     return parser
+
+
+def _cross_encoder_arguments(p):
+    p.add_argument("--model", required=True, help="cross-encoder folder (written by training) or HF name")
+    p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
+    p.add_argument("--queries", required=True, help="queries file or dataset directory")
+    p.add_argument("--split", help="split when --queries / --qrels is a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--template", default="plain", help="passage text template")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=int, help="pair max length (default: the model's, else 200)")
 
 
 def main(argv=None):

@@ -9,8 +9,12 @@ and live in `reprolib.data.corpus`.
 | qrels     | TREC `qid 0 pid rel`; `qid \\t pid`; BEIR tsv with header; LoTTE qas.*.jsonl     |
 | negatives | `qid \\t pid,pid,...`; MS MARCO qidpidtriples (via `triples_to_negatives`)       |
 | runs      | TREC `qid Q0 pid rank score tag`                                                |
+| scores    | `qid pid score` (teacher scores; RetroMAE's `[score]` too); sentence-transformers'  |
+|           | cross-encoder scores pickle (`{qid: {pid: logit}}`, `.pkl` or `.pkl.gz`)          |
 """
+import gzip
 import json
+import pickle
 from pathlib import Path
 
 from reprolib.errors import DataError
@@ -143,8 +147,11 @@ def read_negatives(path):
 
 
 def write_negatives(path, negatives):
+    """`negatives`: qid -> [pid, ...], or an iterable of (qid, pids) pairs so that a large table streams
+    through; a query without negatives gets no line."""
+    rows = negatives.items() if isinstance(negatives, dict) else negatives
     with atomic_write(path) as f:
-        for qid, pids in negatives.items():
+        for qid, pids in rows:
             if pids:
                 f.write(f"{qid}\t{','.join(pids)}\n")
 
@@ -177,6 +184,67 @@ def write_run(path, run, tag="reprolib"):
             ranked = sorted(hits.items(), key=lambda hit: -hit[1])
             for rank, (pid, score) in enumerate(ranked, 1):
                 f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
+
+
+# ---------------------------------------------------------------- teacher scores
+
+def read_scores(path):
+    """qid -> {pid: score} of a cross-encoder teacher: a `qid pid score` text file (whitespace separated;
+    RetroMAE writes the score as `[0.12]`) or sentence-transformers' `{qid: {pid: score}}` pickle."""
+    path = Path(path)
+    if path.name.endswith((".pkl", ".pkl.gz")):
+        return _read_scores_pickle(path)
+    scores = {}
+    for number, line in iter_lines(path):
+        fields = line.split()
+        if len(fields) != 3:
+            raise DataError(path, number, f"expected 3 fields (qid pid score), found {len(fields)}: {line[:80]!r}")
+        qid, pid, score = fields
+        try:
+            value = float(score.strip("[]"))
+        except ValueError:
+            raise DataError(path, number, f"score {score!r} is not a number") from None
+        _put_unique(scores.setdefault(qid, {}), pid, value, path, number, f"score for query {qid!r}, doc")
+    return scores
+
+
+def write_scores(path, scores):
+    with atomic_write(path) as f:
+        for qid, hits in scores.items():
+            for pid, score in hits.items():
+                f.write(f"{qid}\t{pid}\t{score:.7g}\n")
+
+
+class _ScoresUnpickler(pickle.Unpickler):
+    """Plain containers and numpy scalars only: a pickle can run any code it names, so nothing else loads."""
+    ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_scores_pickle(path):
+    """sentence-transformers' `{qid: {pid: score}}` pickle as stored (int ids, float or numpy scores).
+
+    No converted copy is made: the MS MARCO file holds 160M scores, so a second table would double the
+    memory a lookup by int id needs.
+    """
+    path = Path(path)
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            table = _ScoresUnpickler(f).load()
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(path, None, f"not a scores pickle ({e})") from None
+    if not isinstance(table, dict) or not all(isinstance(hits, dict) for hits in table.values()):
+        raise DataError(path, None, "expected a pickled dict {qid: {pid: score}}")
+    return table
+
+
+def _read_scores_pickle(path):
+    table = load_scores_pickle(path)
+    return {str(qid): {str(pid): float(score) for pid, score in hits.items()} for qid, hits in table.items()}
 
 
 # ---------------------------------------------------------------- id checks

@@ -1,4 +1,5 @@
-"""Download and lay out the real datasets: MS MARCO passage (RocketQA package), BEIR and LoTTE.
+"""Download and lay out the real datasets: MS MARCO passage (RocketQA package), sentence-transformers'
+MS MARCO hard negatives, BEIR and LoTTE.
 
 Every function writes into `out_dir` in the layout the readers auto-detect, and is idempotent
 and resumable: downloads resume, each output file is written atomically and skipped when it
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from reprolib.data.download import download, extract
+from reprolib.data.sbert_negatives import write_ce_margin_negatives, write_union_negatives
 from reprolib.errors import DataError, ReprolibError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
 
@@ -22,6 +24,9 @@ QRELS_TRAIN_URL = "https://msmarco.z22.web.core.windows.net/msmarcoranking/qrels
 TRIPLES_URL = "https://msmarco.z22.web.core.windows.net/msmarcoranking/qidpidtriples.train.full.2.tsv.gz"
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 LOTTE_URL = "https://downloads.cs.stanford.edu/nlp/data/colbert/colbertv2/lotte.tar.gz"
+SBERT_HF = "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main"
+HARD_NEGATIVES_URL = f"{SBERT_HF}/msmarco-hard-negatives.jsonl.gz"
+CE_SCORES_URL = f"{SBERT_HF}/cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"
 
 # md5 of each public BEIR zip, from the table in beir-cellar/beir README.md at commit ef83d29
 # ("Available Datasets"). They apply to the default BEIR_URL only.
@@ -52,11 +57,13 @@ def prepare(name, out_dir, **options):
     parts = name.split("/")
     if name == "msmarco-passage":
         return prepare_msmarco_passage(out_dir, **options)
+    if name == "msmarco-hard-negatives":
+        return prepare_msmarco_hard_negatives(out_dir, **options)
     if parts[0] == "beir" and len(parts) == 2:
         return prepare_beir(parts[1], out_dir, **options)
     if parts[0] == "lotte" and len(parts) == 3:
         return prepare_lotte(parts[1], parts[2], out_dir, **options)
-    raise ReprolibError(f"unknown dataset {name!r}: expected msmarco-passage, beir/<name> or lotte/<domain>/<split>")
+    raise ReprolibError(f"unknown dataset {name!r}: expected msmarco-hard-negatives, msmarco-passage, beir/<name> or lotte/<domain>/<split>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +203,39 @@ def convert_triples_to_negatives(triples_path, out_path):
             negatives[negative] = None
         if qid is not None:
             out.write(f"{qid}\t{','.join(negatives)}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# sentence-transformers' MS MARCO hard negatives
+# ---------------------------------------------------------------------------------------------
+def prepare_msmarco_hard_negatives(out_dir, negatives_url=HARD_NEGATIVES_URL, scores_url=CE_SCORES_URL,
+                                   download_dir=None, progress=True):
+    """Negatives and teacher scores for MS MARCO train queries, to pair with msmarco-passage (no corpus here):
+
+    train.negatives.union.tsv      every system's negatives minus positives (Disentangled-Retriever)
+    train.negatives.ce_margin.tsv  cross-encoder margin 3, 5 per system (RetroMAE's BEIR model)
+    train.ce_scores.pkl.gz         the cross-encoder scores pickle as published, for `read_scores`
+
+    See `reprolib.data.sbert_negatives` for the two recipes and their sources.
+    """
+    dataset = "msmarco-hard-negatives"
+    out_dir = Path(out_dir)
+    if _is_prepared(out_dir, dataset):
+        return out_dir
+    downloads = Path(download_dir) if download_dir else out_dir / "downloads"
+    union, ce_margin = out_dir / "train.negatives.union.tsv", out_dir / "train.negatives.ce_margin.tsv"
+
+    # Downloaded straight to its final name: an output as well as an input, and ~1 GB not worth a copy.
+    scores = download(scores_url, out_dir / "train.ce_scores.pkl.gz", progress=progress)
+    if not (union.exists() and ce_margin.exists()):
+        negatives = download(negatives_url, downloads / "msmarco-hard-negatives.jsonl.gz", progress=progress)
+        if not union.exists():
+            write_union_negatives(negatives, union)
+        if not ce_margin.exists():
+            write_ce_margin_negatives(negatives, scores, ce_margin)
+
+    _write_marker(out_dir, dataset, {"negatives": negatives_url, "scores": scores_url}, [union.name, ce_margin.name])
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------
