@@ -251,10 +251,9 @@ def build_objective(config, corpus):
     return OBJECTIVES[config.objective].build(config, corpus)
 
 
-def score_groups(encoder, groups, num_groups=200, batch_size=64):
-    """Scores q·p of each group's positive and of its negatives, for the first `num_groups` groups:
-    how well the encoder separates them (the notebooks plot the two distributions). Works for dense
-    (numpy) and sparse (scipy CSR) encodings."""
+def group_score_matrix(encoder, groups, num_groups=200, batch_size=64):
+    """[n, G] scores q·p of the first `num_groups` groups' passages (column 0: the positive), for dense
+    (numpy) and sparse (scipy CSR) encodings; and the groups' items."""
     import numpy as np
 
     items = [groups[i] for i in range(min(num_groups, len(groups)))]
@@ -265,5 +264,11 @@ def score_groups(encoder, groups, num_groups=200, batch_size=64):
         scores = np.asarray(paired.multiply(passages).sum(axis=1)).ravel()
     else:
         scores = np.einsum("nd,nd->n", paired, passages)
-    scores = scores.reshape(len(items), groups.group_size)
+    return scores.reshape(len(items), groups.group_size), items
+
+
+def score_groups(encoder, groups, num_groups=200, batch_size=64):
+    """Scores of each group's positive and of its negatives, for the first `num_groups` groups: how well the
+    encoder separates them (the notebooks plot the two distributions)."""
+    scores, _ = group_score_matrix(encoder, groups, num_groups, batch_size)
     return scores[:, 0], scores[:, 1:].ravel()

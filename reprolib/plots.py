@@ -71,7 +71,7 @@ def loss_curve(curves, path=None, title="Training loss"):
     return _finish(fig, path)
 
 
-def score_histogram(scores, path=None, title="Scores of positives and negatives"):
+def score_histogram(scores, path=None, title="Scores of positives and negatives", xlabel="score q·p"):
     """`scores`: {label: array of query-passage scores}, e.g. positives vs hard negatives; overlap = confusion."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     values = [np.asarray(v, float) for v in scores.values() if len(v)]
@@ -80,7 +80,7 @@ def score_histogram(scores, path=None, title="Scores of positives and negatives"
         for label, v in scores.items():
             if len(v):
                 ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(v):,})")
-    ax.set(xlabel="score q·p", ylabel="density", title=title)
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.legend()
     return _finish(fig, path)
 
@@ -123,4 +123,70 @@ def term_weights(terms, path=None, title="Heaviest vocabulary terms"):
     ax.barh(range(len(names))[::-1], weights, color="tab:purple")
     ax.set_yticks(range(len(names))[::-1], names, fontsize=8)
     ax.set(xlabel="weight", title=title)
+    return _finish(fig, path)
+
+
+STATUS_COLORS = {"OK": "tab:green", "OKISH": "tab:orange", "FAIL": "tab:red"}
+
+
+def checks_plot(checks, path=None, title="Measured vs the papers' numbers"):
+    """`checks`: rows of reprolib.report.run_checks. One line per check, drawn as measured − paper, so that
+    metrics of any scale share the axis: the paper's number is the line at 0, the tolerance band below it is
+    shaded, and the measured value is a dot coloured by status (a missing one is a red ✗ at 0)."""
+    fig, ax = plt.subplots(figsize=(6.5, max(2.2, 0.45 * len(checks) + 1.3)))
+    labelled = set()  # one legend entry per kind of mark
+
+    def label(name):
+        if name in labelled:
+            return "_nolegend_"
+        labelled.add(name)
+        return name
+
+    for y, row in enumerate(checks):
+        tolerance = float(row["tolerance"])
+        ax.barh(y, tolerance, left=-tolerance, height=0.6, color="0.85", label=label("tolerance"))
+        if row["measured"] is None or not np.isfinite(row["measured"]):
+            ax.scatter(0, y, marker="x", s=60, color=STATUS_COLORS["FAIL"], zorder=3, label=label("missing"))
+            continue
+        diff = float(row["measured"]) - float(row["value"])
+        ax.scatter(diff, y, s=45, color=STATUS_COLORS[row["status"]], zorder=3, label=label(row["status"]))
+        ax.annotate(f"{row['measured']:.4g}", (diff, y), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.axvline(0, color="black", lw=1, label="paper")
+    ax.set_yticks(range(len(checks)), [f"{c['stage']} {c['metric']} ({c['value']})" for c in checks], fontsize=8)
+    ax.invert_yaxis()  # the first check on top, as in the tables
+    ax.set(xlabel="measured − paper (paper's number in parentheses)", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    if checks:
+        ax.legend(fontsize=8, loc="best")
+    return _finish(fig, path)
+
+
+def dataset_bars(rows, path=None, title="Zero-shot results"):
+    """`rows`: {dataset: {metric: value}} in display order (e.g. reprolib.zero_shot.summarize, whose last row
+    is the average); one group of bars per dataset, one bar per metric."""
+    names = list(rows)
+    metrics = list(dict.fromkeys(m for row in rows.values() for m in row))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.35 * len(names) * max(1, len(metrics)) + 1.5), 3.8))
+    width = 0.8 / max(1, len(metrics))
+    for i, metric in enumerate(metrics):
+        xs = [j + i * width for j, name in enumerate(names) if metric in rows[name]]
+        ax.bar(xs, [rows[name][metric] for name in names if metric in rows[name]], width, label=metric)
+    ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    ax.set(ylabel="value", ylim=(0, 1.02), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)
+
+
+def margin_scatter(teacher, students, path=None, title="Student vs teacher margins"):
+    """`teacher`: margins s(q,p+) - s(q,p-) of the teacher; `students`: {label: the student's margins of the
+    same pairs}. On the diagonal (up to scale) the student has learned the teacher's ranking."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, margins in students.items():
+        ax.scatter(teacher, margins, s=6, alpha=0.4, label=label)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.axvline(0, color="grey", lw=0.6)
+    ax.set(xlabel="teacher margin", ylabel="student margin", title=title)
+    ax.legend()
     return _finish(fig, path)

@@ -4,6 +4,7 @@ import math
 import os
 import platform
 import subprocess
+import textwrap
 from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -62,6 +63,34 @@ def format_check(row):
 def format_number(value):
     """Compact display of a metric: integers as they are, floats to 4 significant digits."""
     return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+# ---- the stages, one by one (notebook 90) ------------------------------------------------
+
+def stage_overview(run_dir, manifest, skip=None):
+    """Each stage in run order: {id, notebook, status, wall_s, metrics, error, plots (PNG paths)}.
+    `skip`: a stage folder to leave out, e.g. the report's own, whose plots come before the walk."""
+    skip = Path(skip).resolve() if skip else None
+    stages = []
+    for sid, entry in manifest["stages"].items():
+        if skip and (Path(run_dir) / sid).resolve() == skip:
+            continue
+        stages.append({"id": sid, "notebook": entry.get("notebook"), "status": entry.get("status"),
+                       "wall_s": entry.get("wall_s"), "metrics": entry.get("metrics") or {},
+                       "error": entry.get("error"), "plots": stage_plots(run_dir, sid)})
+    return stages
+
+
+def format_stage(stage):
+    """`id (notebook): status in N s`, then its metrics (wrapped) and its error, if any."""
+    wall = "" if stage["wall_s"] is None else f" in {stage['wall_s']:.1f} s"
+    lines = [f"{stage['id']} ({stage['notebook']}): {stage['status']}{wall}"]
+    if stage["metrics"]:
+        metrics = "  ".join(f"{name}={format_number(value)}" for name, value in stage["metrics"].items())
+        lines.append(textwrap.fill(metrics, width=110, initial_indent="  ", subsequent_indent="  "))
+    if stage["error"]:
+        lines.append(f"  error: {stage['error']}")
+    return "\n".join(lines)
 
 
 # ---- REPORT.md ----------------------------------------------------------------------------
@@ -127,7 +156,7 @@ def _torch_info():
 
 def _stages_table(manifest):
     rows = [(sid, entry["status"], _wall(entry.get("wall_s"))) for sid, entry in manifest["stages"].items()]
-    return _table(("stage", "status", "wall time (s)"), rows)
+    return markdown_table(("stage", "status", "wall time (s)"), rows)
 
 
 def _wall(seconds):
@@ -141,7 +170,7 @@ def _metrics_table(manifest):
         return "No metrics recorded."
     names = list(dict.fromkeys(name for metrics in stages.values() for name in metrics))
     rows = [[sid] + [format_number(m[n]) if n in m else "" for n in names] for sid, m in stages.items()]
-    return _table(["stage"] + names, rows)
+    return markdown_table(["stage"] + names, rows)
 
 
 def _checks_table(checks):
@@ -149,21 +178,26 @@ def _checks_table(checks):
         return "No `expected` entries in the pipeline."
     rows = [(c["status"], c["stage"], c["metric"], format_measured(c), c["value"], c["tolerance"], c["source"])
             for c in checks]
-    return _table(("status", "stage", "metric", "measured", "paper", "tolerance", "source"), rows)
+    return markdown_table(("status", "stage", "metric", "measured", "paper", "tolerance", "source"), rows)
 
 
 def _plots(run_dir, manifest):
     """Every PNG under each stage dir, as a markdown image relative to the report."""
     blocks = []
     for sid in manifest["stages"]:
-        pngs = sorted((run_dir / sid).rglob("*.png"))
+        pngs = stage_plots(run_dir, sid)
         if pngs:
             images = [f"![{p.stem}]({quote(p.relative_to(run_dir).as_posix())})" for p in pngs]
             blocks.append(f"### {sid}\n\n" + "\n\n".join(images))
     return "\n\n".join(blocks)
 
 
-def _table(header, rows):
+def stage_plots(run_dir, sid):
+    """The PNG files anywhere under a stage's folder, sorted by path."""
+    return sorted((Path(run_dir) / sid).rglob("*.png"))
+
+
+def markdown_table(header, rows):
     lines = [_table_row(header), _table_row(["---"] * len(header))]
     return "\n".join(lines + [_table_row(row) for row in rows])
 

@@ -8,9 +8,17 @@ renamed to `out` when complete.
 import os
 from pathlib import Path
 
-from reprolib.data.formats import read_scores, write_scores
+from reprolib.data.formats import read_negatives, read_run, read_scores, write_scores
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
+from reprolib.fileio import iter_lines
+
+
+def read_candidates(path):
+    """The passages to score per query: a TREC run ({qid: {pid: score}}) or a negatives file ({qid: [pid, ...]}),
+    told apart by the first line (6 fields or 2)."""
+    first = next(iter_lines(path), (0, ""))[1].split()
+    return read_run(path) if len(first) >= 6 else read_negatives(path)
 
 
 def teacher_pairs(qrels, candidates, depth=None):

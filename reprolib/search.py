@@ -77,6 +77,15 @@ def sparse_search(encoder, queries, index_dir, corpus, topk=1000, quantize=False
     return index.run_from_hits(qids, scores, positions, corpus)
 
 
+def search_index(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, max_length=None, progress=True):
+    """`dense_search` or `sparse_search` (float weights), whichever the index's kind calls for."""
+    from reprolib.index import load_meta
+
+    search = sparse_search if load_meta(index_dir)["kind"] == "sparse" else dense_search
+    return search(encoder, queries, index_dir, corpus, topk=topk, batch_size=batch_size, max_length=max_length,
+                  progress=progress)
+
+
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
     """Negatives per query: the top `depth` hits minus the judged-relevant ones, in rank order.
 

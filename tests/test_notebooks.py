@@ -21,6 +21,7 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(path)
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
     text = text.replace("max_steps: 600", "max_steps: 20")          # the pretraining stage: it runs, not more
+    text = text.replace("max_steps: 250", "max_steps: 10")          # the cross-encoder too
     text = text.replace("notebook: ", f"notebook: {ROOT / 'notebooks'}/")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
@@ -47,7 +48,12 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 20
     assert (run_dir / "dense_control" / "run.trec").stat().st_size > 0
-    assert "Reproduction checks" in (run_dir / "REPORT.md").read_text()
+    assert {"loss.png", "rerank.png", "teacher_scores.png"} <= {p.name for p in (run_dir / "cross_encoder").iterdir()}
+    assert stages["cross_encoder"]["metrics"]["teacher_queries"] > 0
+    assert {"loss.png", "margins.png"} <= {p.name for p in (run_dir / "distill").iterdir()}
+    assert (run_dir / "dense_distill" / "run.trec").stat().st_size > 0
+    report = (run_dir / "REPORT.md").read_text()
+    assert "Reproduction checks" in report and "cross_encoder/rerank.png" in report
 
     logs.clear()
     run_pipeline(params, out_root=out, log=logs.append)

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from test_download import server  # noqa: F401  (the local HTTP server fixture)
+from test_download import marco_urls, server  # noqa: F401  (the local HTTP server and its MS MARCO files)
 
 from reprolib.data import prepare_remote
 from reprolib.data.formats import read_negatives, read_scores
@@ -138,5 +138,13 @@ def test_data_prepare_command_takes_both_urls_and_lists_the_name(urls, tmp_path)
     assert main(["data", "prepare", "msmarco-hard-negatives", "--out", str(out),
                  "--url", f"negatives_url={urls['negatives_url']}", "--url", f"scores_url={urls['scores_url']}"]) == 0
     assert (out / "train.negatives.ce_margin.tsv").read_text() == CE_MARGIN
-    with pytest.raises(ReprolibError, match="expected msmarco-hard-negatives, msmarco-passage"):
+    with pytest.raises(ReprolibError, match="msmarco-hard-negatives, msmarco-passage\\+hard-negatives"):
         prepare_remote.prepare("msmarco-hard-negs", tmp_path / "other")
+
+
+def test_msmarco_passage_plus_hard_negatives_is_one_data_stage(server, urls, marco_urls, tmp_path):  # noqa: F811
+    out = prepare("msmarco-passage+hard-negatives", tmp_path / "marco", **{**marco_urls, **urls})
+    assert find_corpus_file(out).name == "corpus.tsv" and "train" in available_splits(out)
+    extra = out / "hard-negatives"
+    assert read_negatives(extra / "train.negatives.union.tsv")
+    assert read_scores(extra / "train.ce_scores.pkl.gz")

@@ -59,11 +59,19 @@ def prepare(name, out_dir, **options):
         return prepare_msmarco_passage(out_dir, **options)
     if name == "msmarco-hard-negatives":
         return prepare_msmarco_hard_negatives(out_dir, **options)
+    if name == "msmarco-passage+hard-negatives":   # one data stage for the recipes that train on both
+        sbert = {key: options.pop(key) for key in ("negatives_url", "scores_url") if key in options}
+        downloads = options.pop("download_dir", None) or Path(out_dir) / "downloads"
+        out = prepare_msmarco_passage(out_dir, download_dir=downloads, **options)
+        prepare_msmarco_hard_negatives(Path(out_dir) / "hard-negatives", download_dir=downloads,
+                                       progress=options.get("progress", True), **sbert)
+        return out
     if parts[0] == "beir" and len(parts) == 2:
         return prepare_beir(parts[1], out_dir, **options)
     if parts[0] == "lotte" and len(parts) == 3:
         return prepare_lotte(parts[1], parts[2], out_dir, **options)
-    raise ReprolibError(f"unknown dataset {name!r}: expected msmarco-hard-negatives, msmarco-passage, beir/<name> or lotte/<domain>/<split>")
+    raise ReprolibError(f"unknown dataset {name!r}: expected msmarco-passage, msmarco-hard-negatives, "
+                        "msmarco-passage+hard-negatives, beir/<name> or lotte/<domain>/<split>")
 
 
 # ---------------------------------------------------------------------------------------------
