@@ -11,12 +11,15 @@ It shares the tokenize / length-bucket / batched-inference code of the bi-encode
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from reprolib.modeling.encoder import TextEncoder, saved_config
-from reprolib.modeling.sparse import _quiet_load_report
+from reprolib.modeling.sparse import quiet_load_report
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_LEN = 200        # RetroMAE's reranker (examples/reranker/README.md)
@@ -33,15 +36,20 @@ class CrossEncoder(TextEncoder):
     def from_pretrained(cls, name_or_path, max_len=None, **model_kwargs):
         """An HF checkpoint (a sequence-classification one keeps its head; a plain encoder gets a new,
         randomly initialised one), a "package:" spec, or a folder written by `save`."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from reprolib.modeling.specs import package_path
 
         name_or_path = str(package_path(name_or_path))
         saved = saved_config(name_or_path) if Path(name_or_path).is_dir() else None
         found = saved if saved and saved.get("kind") == cls.kind else {}
-        with _quiet_load_report():   # the new head's weights are expected to be missing
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, **model_kwargs)
+        # num_labels goes in through the config: as a from_pretrained argument (or with output_loading_info)
+        # transformers 5 logs a tensor-parallel warning for every layer
+        config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+        if not any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
+            logger.warning("%s has no relevance head: added one (random init), to be trained", name_or_path)
+        with quiet_load_report():   # the head's missing weights, said in one line above
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config, **model_kwargs)
         encoder = cls(model, AutoTokenizer.from_pretrained(name_or_path),
                       max_len=max_len or found.get("max_len", DEFAULT_MAX_LEN))
         encoder.eval()

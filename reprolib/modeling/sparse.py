@@ -107,7 +107,7 @@ class SparseEncoder(TextEncoder):
         opts = {key: explicit[key] if explicit[key] is not None else found.get(key, default)
                 for key, default in DEFAULTS.items()}
 
-        with _quiet_load_report():  # replaced by the one-line warnings below
+        with quiet_load_report():  # replaced by the one-line warnings below
             model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **model_kwargs)
         prefix = model.base_model_prefix + "."
         missing = sorted(info["missing_keys"])
@@ -149,13 +149,17 @@ def _tie_output_projection(model):
 
 
 @contextlib.contextmanager
-def _quiet_load_report():
+def quiet_load_report():
     """transformers logs a table of missing / unexpected weights at warning level (the pooler of a BertModel
-    checkpoint, the head's new weights); silence it for one load."""
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    level = hf_logger.level
-    hf_logger.setLevel(logging.ERROR)
+    checkpoint, the head's new weights); silence it for one load. Its tensor-parallel check warns about every
+    layer exactly when that table is silenced (modeling_utils tests `logger.level >= WARNING`), so it goes too."""
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils",
+                                                    "transformers.distributed.tensor_parallel")]
+    levels = [hf_logger.level for hf_logger in loggers]
+    for hf_logger in loggers:
+        hf_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        hf_logger.setLevel(level)
+        for hf_logger, level in zip(loggers, levels):
+            hf_logger.setLevel(level)
