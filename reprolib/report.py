@@ -3,6 +3,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import subprocess
 import textwrap
 from collections import Counter
@@ -13,6 +14,7 @@ from urllib.parse import quote
 from reprolib.fileio import atomic_write
 
 REPORT = "REPORT.md"
+RETRIEVAL_METRIC = re.compile(r"(^|_)(RR|MRR|nDCG|R|P|AP|MAP|Success)(@\d+)?$", re.IGNORECASE)
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -96,20 +98,19 @@ def format_stage(stage):
 # ---- REPORT.md ----------------------------------------------------------------------------
 
 def write_report(run_dir, manifest, checks):
-    """Write <run_dir>/REPORT.md: provenance, stage table, metrics, checks and every stage's plots."""
+    """Write <run_dir>/REPORT.md: provenance, the checks, a retrieval-metrics table, the stage table, then
+    every stage in run order with its other metrics, its checks and its plots."""
     run_dir = Path(run_dir)
     sections = [
         f"# Reproduction report: {manifest['run']}\n\n{_provenance(manifest)}",
-        f"## Stages\n\n{_stages_table(manifest)}",
-        f"## Metrics\n\n{_metrics_table(manifest)}",
         f"## Reproduction checks\n\n{_checks_table(checks)}",
+        f"## Retrieval metrics\n\n{_metrics_table(manifest)}",
+        f"## Stages\n\n{_stages_table(manifest)}",
+        _stage_sections(run_dir, manifest, checks),
     ]
-    plots = _plots(run_dir, manifest)
-    if plots:
-        sections.append(f"## Plots\n\n{plots}")
     path = run_dir / REPORT
     with atomic_write(path) as f:
-        f.write("\n\n".join(sections) + "\n")
+        f.write("\n\n".join(section for section in sections if section) + "\n")
     return path
 
 
@@ -163,11 +164,18 @@ def _wall(seconds):
     return "" if seconds is None else f"{seconds:.1f}"
 
 
+def is_retrieval_metric(name):
+    """RR@10, R@1000, nDCG@10, MRR, ... (also with a prefix such as quantized_): the numbers a table compares."""
+    return bool(RETRIEVAL_METRIC.search(name))
+
+
 def _metrics_table(manifest):
-    """Stages as rows, the union of their metric names as columns (in first-seen order)."""
-    stages = {sid: entry["metrics"] for sid, entry in manifest["stages"].items() if entry.get("metrics")}
+    """Stages as rows, the union of their retrieval metric names as columns (in first-seen order)."""
+    stages = {sid: {n: v for n, v in (entry.get("metrics") or {}).items() if is_retrieval_metric(n)}
+              for sid, entry in manifest["stages"].items()}
+    stages = {sid: metrics for sid, metrics in stages.items() if metrics}
     if not stages:
-        return "No metrics recorded."
+        return "No retrieval metrics recorded."
     names = list(dict.fromkeys(name for metrics in stages.values() for name in metrics))
     rows = [[sid] + [format_number(m[n]) if n in m else "" for n in names] for sid, m in stages.items()]
     return markdown_table(["stage"] + names, rows)
@@ -181,14 +189,20 @@ def _checks_table(checks):
     return markdown_table(("status", "stage", "metric", "measured", "paper", "tolerance", "source"), rows)
 
 
-def _plots(run_dir, manifest):
-    """Every PNG under each stage dir, as a markdown image relative to the report."""
+def _stage_sections(run_dir, manifest, checks):
+    """One section per stage: status and wall time, its other metrics, its checks, its plots."""
     blocks = []
-    for sid in manifest["stages"]:
-        pngs = stage_plots(run_dir, sid)
-        if pngs:
-            images = [f"![{p.stem}]({quote(p.relative_to(run_dir).as_posix())})" for p in pngs]
-            blocks.append(f"### {sid}\n\n" + "\n\n".join(images))
+    for stage in stage_overview(run_dir, manifest):
+        wall = "" if stage["wall_s"] is None else f", {stage['wall_s']:.1f} s"
+        lines = [f"### {stage['id']}\n\n`{stage['notebook']}`: {stage['status']}{wall}"]
+        other = {n: v for n, v in stage["metrics"].items() if not is_retrieval_metric(n)}
+        if other:
+            lines.append("metrics: " + ", ".join(f"{n} = {format_number(v)}" for n, v in other.items()))
+        lines += [f"- {format_check(c)}" for c in checks if c["stage"] == stage["id"]]
+        if stage["error"]:
+            lines.append(f"error: {stage['error']}")
+        lines += [f"![{p.stem}]({quote(p.relative_to(run_dir).as_posix())})" for p in stage["plots"]]
+        blocks.append("\n\n".join(lines))
     return "\n\n".join(blocks)
 
 

@@ -21,7 +21,7 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(path)
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
     text = text.replace("max_steps: 600", "max_steps: 20")          # the pretraining stage: it runs, not more
-    text = text.replace("max_steps: 250", "max_steps: 10")          # the cross-encoder too
+    text = text.replace("max_steps: 200", "max_steps: 10")          # the cross-encoder too
     text = text.replace("notebook: ", f"notebook: {ROOT / 'notebooks'}/")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
