@@ -342,7 +342,7 @@ def test_lotte_extracts_only_the_requested_split(server, tmp_path):
 @pytest.mark.parametrize("name, problem", [("lotte/poetry/dev", "unknown LoTTE domain 'poetry'"),
                                            ("lotte/writing/train", "unknown LoTTE split 'train'"),
                                            ("synthetic", "unknown dataset 'synthetic'"),
-                                           ("beir/a/b", "msmarco-passage, beir/<name> or lotte/<domain>/<split>")])
+                                           ("beir/a/b", "hard-negatives, beir/<name> or lotte/<domain>/<split>")])
 def test_bad_names_fail_before_any_download(server, tmp_path, name, problem):
     with pytest.raises(ReprolibError, match=problem):
         prepare_remote.prepare(name, tmp_path, url=server.url + "/lotte.tar.gz", progress=False)
