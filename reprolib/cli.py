@@ -107,14 +107,14 @@ def cmd_search(args):
     print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
 
 
-def _load_encoder(model, device):
-    """The model folder's encoder (dense, or sparse when saved as one) on `device`, with the model's own
-    settings (as notebooks load it); --max-len overrides its max lengths per call."""
+def _load_encoder(model, device, load=None):
+    """The model folder's encoder (dense, or sparse when saved as one; or whatever `load(model)` returns) on
+    `device`, with the model's own settings (as notebooks load it); --max-len overrides its max lengths per call."""
     from reprolib.modeling import load_encoder
     if model.startswith((".", "/")) and not Path(model).exists():
         raise ReprolibError(f"{model}: model folder not found")
     try:
-        encoder = load_encoder(model)
+        encoder = (load or load_encoder)(model)
     except (OSError, ValueError) as e:  # transformers' "not found" / "not a model" errors
         raise ReprolibError(f"cannot load model {model}: {str(e).strip().splitlines()[0]}") from None
     return encoder.to(device)
@@ -193,15 +193,9 @@ def cmd_score(args):
 
 
 def _load_cross_encoder(model, max_len):
-    from reprolib.modeling.cross_encoder import CrossEncoder
     from reprolib.index import process_state
-    if model.startswith((".", "/")) and not Path(model).exists():
-        raise ReprolibError(f"{model}: model folder not found")
-    try:
-        cross_encoder = CrossEncoder.from_pretrained(model, max_len=max_len)
-    except (OSError, ValueError) as e:
-        raise ReprolibError(f"cannot load cross-encoder {model}: {str(e).strip().splitlines()[0]}") from None
-    return cross_encoder.to(process_state().device)
+    from reprolib.modeling.cross_encoder import CrossEncoder
+    return _load_encoder(model, process_state().device, lambda name: CrossEncoder.from_pretrained(name, max_len=max_len))
 
 
 def cmd_train(args):

@@ -21,7 +21,7 @@ from reprolib.errors import DataError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
 
 
-def _json_line(path, number, line):
+def json_record(path, number, line):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -53,7 +53,7 @@ def read_queries(path):
     is_json = path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz")
     for number, line in iter_lines(path):
         if is_json:
-            record = _json_line(path, number, line)
+            record = json_record(path, number, line)
             qid, text = str(_field(path, number, record, "_id", "qid")), _field(path, number, record, "text", "query")
         else:
             qid, text = split_fields(path, number, line, (2,))
@@ -77,7 +77,7 @@ def read_qrels(path):
     qrels = {}
     if path.suffix == ".jsonl":  # LoTTE: {"qid": .., "answer_pids": [..]}
         for number, line in iter_lines(path):
-            record = _json_line(path, number, line)
+            record = json_record(path, number, line)
             qid = str(_field(path, number, record, "qid"))
             pids = _field(path, number, record, "answer_pids")
             _put_unique(qrels, qid, {str(p): 1 for p in pids}, path, number, "query id")
@@ -119,7 +119,7 @@ def rewrite_qrels(path, qrels):
     """Rewrite a qrels file in its own format (TREC, BEIR or LoTTE qas.jsonl, keeping other fields)."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        records = [_json_line(path, number, line) for number, line in iter_lines(path)]
+        records = [json_record(path, number, line) for number, line in iter_lines(path)]
         with atomic_write(path) as f:
             for record in records:
                 qid = str(record["qid"])

@@ -19,10 +19,9 @@ order (systems in file order, each in rank order). Neither trainer depends on it
 3 at random, RetroMAE samples from the first 200 (`src/bi_encoder/data.py:130-135`), more than the at most
 5 × 13 systems kept here.
 """
-import json
 from pathlib import Path
 
-from reprolib.data.formats import load_scores_pickle, write_negatives
+from reprolib.data.formats import json_record, load_scores_pickle, write_negatives
 from reprolib.errors import DataError
 from reprolib.fileio import iter_lines
 
@@ -42,12 +41,7 @@ def iter_hard_negatives(path):
 
 
 def _parse(path, number, line):
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(path, number, f"invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(path, number, "expected a JSON object")
+    record = json_record(path, number, line)
     for name in ("qid", "pos", "neg"):
         if name not in record:
             raise DataError(path, number, f"missing field {name!r}")

@@ -81,14 +81,5 @@ class CrossEncoder(TextEncoder):
     def config_dict(self):
         return dict(format_version=FORMAT_VERSION, kind=self.kind, max_len=self.passage_max_len)
 
-    def save(self, path):
-        """The HF sequence-classification folder (weights, config, tokenizer) + reprolib_encoder.json."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
-        self._write_config(path)
-        return path
-
     def extra_repr(self):
         return f"max_len(pair)={self.passage_max_len}"

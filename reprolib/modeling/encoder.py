@@ -175,6 +175,16 @@ class TextEncoder(nn.Module):
             return min(int(max_length), int(limit))
         return int(max_length)
 
+    def save(self, path):
+        """The HF folder of `self.model` (weights, config, tokenizer) + reprolib_encoder.json; encoders with
+        more than one model (DenseEncoder's untied towers) override it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        self._write_config(path)
+        return path
+
     def _write_config(self, path):
         with atomic_write(Path(path) / CONFIG_NAME) as f:
             f.write(json.dumps(self.config_dict(), indent=2) + "\n")

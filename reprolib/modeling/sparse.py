@@ -128,15 +128,6 @@ class SparseEncoder(TextEncoder):
         return dict(format_version=FORMAT_VERSION, kind=self.kind, query_max_len=self.query_max_len,
                     passage_max_len=self.passage_max_len, vocab_size=self.dim)
 
-    def save(self, path):
-        """The HF masked-LM folder (weights, config, tokenizer) + reprolib_encoder.json."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
-        self._write_config(path)
-        return path
-
     def extra_repr(self):
         return f"vocab={self.dim}, max_len(q/p)={self.query_max_len}/{self.passage_max_len}"
 
