@@ -55,9 +55,10 @@ def cmd_encode(args):
     from reprolib.data import Corpus
     from reprolib.data.templates import get_template
     from reprolib.index import encode_corpus, process_state
+    from reprolib.modeling.encoder import autocast
     get_template(args.template)  # a bad name fails before the model loads
     state = process_state()  # one process, or one per device under `accelerate launch`
-    precision = _precision(args.precision, state.device)
+    precision = autocast(args.precision, state.device)
     with state.main_process_first():  # the first open builds the corpus store: once, by the main process
         corpus = Corpus.open(args.corpus, progress=state.is_main_process)
     encoder = _load_encoder(args.model, state.device)
@@ -120,19 +121,6 @@ def _load_encoder(model, device, load=None):
     return encoder.to(device)
 
 
-def _precision(precision, device):
-    """torch.autocast for --fp16/--bf16: weights stay fp32, matmuls run in half precision."""
-    import contextlib
-
-    import torch
-    if precision is None:
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type == "cpu":
-        # most CPUs have no fast fp16 matmul (slower than fp32, and it can overflow): refuse rather than mislead
-        raise ReprolibError("--fp16 needs a GPU (this process runs on the CPU); use --bf16 on the CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
-
 def cmd_evaluate(args):
     from reprolib.data import read_qrels, read_run
     from reprolib.data.layout import find_qrels_file
@@ -168,12 +156,14 @@ def cmd_mine(args):
 def cmd_rerank(args):
     from reprolib.data import Corpus, read_run, write_run
     from reprolib.data.layout import load_queries
+    from reprolib.modeling.encoder import autocast
     from reprolib.rerank import rerank
     queries = load_queries(args.queries, args.split)
     run = read_run(args.run)
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
-    reranked = rerank(cross_encoder, run, Corpus.open(args.corpus), queries, depth=args.depth,
-                      template=args.template, batch_size=args.batch_size)
+    with autocast(args.precision, cross_encoder.device):
+        reranked = rerank(cross_encoder, run, Corpus.open(args.corpus), queries, depth=args.depth,
+                          template=args.template, batch_size=args.batch_size)
     write_run(args.out, reranked, tag="cross-encoder")
     print(f"reranked the top {args.depth} of {len(reranked)} queries into {args.out}")
 
@@ -181,14 +171,16 @@ def cmd_rerank(args):
 def cmd_score(args):
     from reprolib.data import Corpus, read_negatives, read_qrels, read_run
     from reprolib.data.layout import find_qrels_file, load_queries
+    from reprolib.modeling.encoder import autocast
     from reprolib.rerank import score_pairs, teacher_pairs
     queries = load_queries(args.queries, args.split)
     candidates = read_run(args.run) if args.run else read_negatives(args.negatives)
     qrels = read_qrels(find_qrels_file(args.qrels, args.split))
     pairs = teacher_pairs(qrels, candidates, depth=args.depth)
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
-    scores = score_pairs(cross_encoder, pairs, Corpus.open(args.corpus), queries, template=args.template,
-                         batch_size=args.batch_size, out_path=args.out)
+    with autocast(args.precision, cross_encoder.device):
+        scores = score_pairs(cross_encoder, pairs, Corpus.open(args.corpus), queries, template=args.template,
+                             batch_size=args.batch_size, out_path=args.out)
     print(f"wrote {sum(len(s) for s in scores.values())} teacher scores for {len(scores)} queries to {args.out}")
 
 
@@ -255,9 +247,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, help="passage max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 128; sparse: 144)")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="autocast fp16 (GPU)")
-    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="autocast bf16")
+    _precision_arguments(p)
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
     p.add_argument("--shard-size", type=int, default=100_000, help="passages per shard file")
     p.add_argument("--dtype", choices=["float16", "float32"],
@@ -337,6 +327,14 @@ def _cross_encoder_arguments(p):
     p.add_argument("--template", default="plain", help="passage text template")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, help="pair max length (default: the model's, else 200)")
+    _precision_arguments(p)
+
+
+def _precision_arguments(p):
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="autocast fp16 (GPU)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                           help="autocast bf16 (GPUs, and CPUs with avx512_bf16 or AMX)")
 
 
 def main(argv=None):

@@ -191,13 +191,17 @@ def _references(value):
 
 
 def _link_references(path, stages):
-    """Check every ${...} and record each stage's upstream stages; a stage reads only earlier ones."""
+    """Check every ${...} and record each stage's upstream stages; a stage reads only earlier ones. A stage
+    given ${run.out} (the report) may read any of them: every earlier stage is upstream of it."""
     position = {stage.id: i for i, stage in enumerate(stages)}
     for i, stage in enumerate(stages):
         upstream = set()
         for ref in _references(stage.params):
             match = STAGE_REFERENCE.fullmatch(ref)
-            if ref in (RUN_REFERENCE, PARAMS_DIR_REFERENCE):
+            if ref == RUN_REFERENCE:
+                upstream.update(earlier.id for earlier in stages[:i])
+                continue
+            if ref == PARAMS_DIR_REFERENCE:
                 continue
             if not match:
                 raise _error(path, f"stage '{stage.id}': unknown reference ${{{ref}}} "

@@ -409,7 +409,7 @@ def test_encode_and_search_errors(capsys, tmp_path, synthetic_dir, tiny_model):
     assert error_line(capsys, base + ["--template", "fancy"]).startswith("error: unknown text template 'fancy'")
     if not torch.cuda.is_available():
         assert error_line(capsys, base + ["--fp16"]) == \
-            "error: --fp16 needs a GPU (this process runs on the CPU); use --bf16 on the CPU"
+            "error: fp16 needs a GPU (this process runs on the CPU); use bf16 on the CPU"
     assert not index.exists()
 
     search = ["search", "--model", str(tiny_model), "--queries", str(synthetic_dir), "--out", str(tmp_path / "run")]

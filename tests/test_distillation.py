@@ -180,6 +180,23 @@ def test_cross_encoder_trains_saves_and_scores_pairs_as_its_forward_does(cross_e
         load_encoder(cross_encoder_dir / "model")
 
 
+def test_cross_encoder_head_stays_float32_under_bf16_autocast(cross_encoder_dir):
+    from reprolib.modeling import CrossEncoder
+    from reprolib.modeling.encoder import autocast
+
+    model = CrossEncoder.from_pretrained(cross_encoder_dir / "model")
+    pairs = [("a query", "a passage about it"), ("another query", "short"), ("a query", "x " * 300)]
+    full = model.score(pairs)
+    with autocast("bf16", "cpu"):
+        batch = model.tokenize(pairs, "passage")
+        assert model.embed(batch).dtype == torch.float32
+        half = model.score(pairs)
+    assert not np.array_equal(full, half)          # the encoder did run in bf16 ...
+    np.testing.assert_allclose(half, full, atol=0.05)
+    # ... but the logits are not rounded to bf16's 8-bit mantissa: they keep float32 digits
+    assert any(float(torch.tensor(s).bfloat16().float()) != s for s in half)
+
+
 def test_score_pairs_resumes_from_a_partial_file(cross_encoder_dir, synthetic_corpus, synthetic_dir, tmp_path):
     from reprolib.data.layout import load_queries
     from reprolib.modeling import CrossEncoder

@@ -18,6 +18,15 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(path)
     assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in cells) == 1
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """`papermill --help-notebook` and papermill's parameter checks see what the cell assigns (a second `=` in
+    a line's comment hides that line from papermill's parser)."""
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(path))) == _parameter_names(path)
+
+
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
     text = text.replace("max_steps: 600", "max_steps: 20")          # the pretraining stage: it runs, not more

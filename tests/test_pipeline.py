@@ -132,6 +132,22 @@ def test_resume_rerun_force_from_only(project):
     assert all(e["status"] == "done" for e in manifest["stages"].values())
 
 
+def test_a_stage_given_the_run_dir_reruns_after_any_earlier_stage(project):
+    """The report reads every stage's outputs through ${run.out}: a rerun anywhere before it reruns it."""
+    path = write_pipeline(project, [
+        {"id": "a", "notebook": "step"},
+        {"id": "b", "notebook": "step"},
+        {"id": "report", "notebook": "step", "params": {"src": "${run.out}"}},
+        {"id": "after", "notebook": "step"},
+    ])
+    run(project, path)
+    assert ran(project) == ["a", "b", "report", "after"]
+    run(project, path, sets=["b.value=1"])
+    assert ran(project) == ["b", "report"]
+    run(project, path, sets=["b.value=1", "after.value=2"])
+    assert ran(project) == ["after"]
+
+
 def test_only_needs_its_upstream_done(project):
     path = write_pipeline(project, [
         {"id": "a", "notebook": "step"},

@@ -170,6 +170,10 @@ def test_save_load_round_trip(tiny_dirs, tmp_path):
         a, b = getattr(enc, side)(TEXTS), getattr(loaded, side)(TEXTS)
         np.testing.assert_array_equal(a.toarray(), b.toarray())
     assert isinstance(load_encoder(tiny_dirs["plain"]), DenseEncoder)  # a plain HF folder is dense
+    # on this process's device unless told otherwise: notebooks that load and encode use the GPU when there is one
+    from reprolib.index import process_state
+    assert loaded.device == process_state().device
+    assert load_encoder(tmp_path / "model", device="meta").device.type == "meta"
     with pytest.raises(ReprolibError, match="holds a sparse encoder"):
         DenseEncoder.from_pretrained(tmp_path / "model")
 

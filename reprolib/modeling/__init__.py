@@ -6,12 +6,13 @@ Imports are lazy so that `import reprolib.modeling` (and the CLI) does not pay f
 __all__ = ["CrossEncoder", "DenseEncoder", "SparseEncoder", "load_encoder"]
 
 
-def load_encoder(name_or_path, **kwargs):
+def load_encoder(name_or_path, device=None, **kwargs):
     """The encoder a model folder holds: SparseEncoder when its reprolib_encoder.json says kind "sparse",
-    else DenseEncoder (also for HF names and folders without that file). `kwargs` go to `from_pretrained`."""
-    from reprolib.modeling.encoder import saved_config
-
+    else DenseEncoder (also for HF names and folders without that file), on `device` (default: this
+    process's, the GPU when there is one). `kwargs` go to `from_pretrained`."""
     from reprolib.errors import ReprolibError
+    from reprolib.index import process_state
+    from reprolib.modeling.encoder import saved_config
 
     saved = saved_config(name_or_path) or {}
     if saved.get("kind") == "cross_encoder":
@@ -19,10 +20,12 @@ def load_encoder(name_or_path, **kwargs):
     if saved.get("kind") == "sparse":
         from reprolib.modeling.sparse import SparseEncoder
 
-        return SparseEncoder.from_pretrained(name_or_path, **kwargs)
-    from reprolib.modeling.dense import DenseEncoder
+        encoder = SparseEncoder.from_pretrained(name_or_path, **kwargs)
+    else:
+        from reprolib.modeling.dense import DenseEncoder
 
-    return DenseEncoder.from_pretrained(name_or_path, **kwargs)
+        encoder = DenseEncoder.from_pretrained(name_or_path, **kwargs)
+    return encoder.to(device or process_state().device)
 
 
 def __getattr__(name):

@@ -12,9 +12,12 @@ It shares the tokenize / length-bucket / batched-inference code of the bi-encode
 from __future__ import annotations
 
 import logging
+import types
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from reprolib.modeling.encoder import TextEncoder, saved_config
 from reprolib.modeling.sparse import quiet_load_report
@@ -31,6 +34,9 @@ class CrossEncoder(TextEncoder):
     def __init__(self, model, tokenizer, *, max_len=DEFAULT_MAX_LEN):
         super().__init__(model, tokenizer, max_len, max_len)
         self.model = model
+        head = getattr(model, "classifier", None) or getattr(model, "score", None)  # the HF names of the head
+        if isinstance(head, nn.Module):
+            _head_in_float32(head)
 
     @classmethod
     def from_pretrained(cls, name_or_path, max_len=None, **model_kwargs):
@@ -83,3 +89,16 @@ class CrossEncoder(TextEncoder):
 
     def extra_repr(self):
         return f"max_len(pair)={self.passage_max_len}"
+
+
+
+def _head_in_float32(head):
+    """Runs the head outside autocast: under bf16 a logit near 6 would be rounded to a step of 0.03, enough to
+    tie candidates of a reranked list and to blur the teacher scores that are distilled. Bound as a method so
+    that a deepcopy of the model gets a head that runs itself."""
+    class_forward = type(head).forward
+
+    def forward(self, hidden, *args, **kwargs):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return class_forward(self, hidden.float(), *args, **kwargs)
+    head.forward = types.MethodType(forward, head)
