@@ -91,7 +91,6 @@ class CrossEncoder(TextEncoder):
         return f"max_len(pair)={self.passage_max_len}"
 
 
-
 def _head_in_float32(head):
     """Runs the head outside autocast: under bf16 a logit near 6 would be rounded to a step of 0.03, enough to
     tie candidates of a reranked list and to blur the teacher scores that are distilled. Bound as a method so

@@ -10,6 +10,7 @@ Folders written by `save` hold a `reprolib_encoder.json` whose "kind" says which
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -27,9 +28,8 @@ SIDES = ("query", "passage")
 
 def autocast(precision, device):
     """torch.autocast for inference in "fp16" or "bf16" (weights stay fp32, matmuls run in half precision);
-    None or "no": a no-op context. On this 2-core CPU (avx512_bf16) bf16 scores cross-encoder pairs 1.75x faster."""
-    import contextlib
-
+    None or "no": a no-op context. On a CPU with avx512_bf16, bf16 scores cross-encoder pairs 1.7x faster
+    (bench/README.md)."""
     if precision in (None, "no"):
         return contextlib.nullcontext()
     if precision not in ("fp16", "bf16"):
