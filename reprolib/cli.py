@@ -9,7 +9,19 @@ from reprolib.errors import ReprolibError
 
 def cmd_run(args):
     from reprolib.pipeline import run_pipeline
-    run_pipeline(args.params, out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force)
+    run_pipeline(args.params, out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only,
+                 force=args.force, seeds=args.seeds)
+
+
+def seed_list(text):
+    """`--seeds 1,2,3` -> [1, 2, 3]."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return seeds
 
 
 def cmd_status(args):
@@ -206,6 +218,8 @@ def build_parser():
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     p.add_argument("--only", metavar="STAGE", help="rerun just this stage")
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                   help="run the seeded stages once per seed (replaces the YAML's seeds); checks use the mean")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("status", help="show the stages of a run directory")

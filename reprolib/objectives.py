@@ -229,7 +229,9 @@ class MaskedAutoEncoder:
 
     def loss(self, model, items, device):
         batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}
-        loss, encoder_loss, decoder_loss = model(**batch)
+        _, encoder_loss, decoder_loss = model(**batch)
+        # decoder_loss_weight 0 is the MLM-only control: the decoder still runs (equal compute) but teaches nothing
+        loss = encoder_loss + self.config.decoder_loss_weight * decoder_loss
         return loss, {"encoder_loss": encoder_loss.item(), "decoder_loss": decoder_loss.item()}
 
     def save(self, model, path):

@@ -4,7 +4,12 @@ A pipeline YAML lists stages; each stage is one notebook, executed into
 `<out_root>/<run>/<stage id>/` (the executed notebook, params.json, metrics.json, artifacts).
 `<run dir>/manifest.json` records each stage's status and params hash, so running the same
 YAML again skips finished stages whose inputs did not change. At the end the `expected`
-numbers are checked against the measured metrics and written to `<run dir>/REPORT.md`.
+entries are checked against the measured metrics (a paper's number, or a control stage of the
+same run) and written to `<run dir>/checks.json` and `<run dir>/REPORT.md`.
+
+Seeds: with `seeds: [1, 2, 3]` (or `--seeds`), every stage marked `seeded: true`, and every stage
+that reads one, runs once per seed as `<id>_seed<s>` with its `seed` parameter set to s; the
+other stages (data, BM25, the report) run once. A check on a seeded stage uses the mean.
 """
 import datetime
 import hashlib
@@ -25,11 +30,15 @@ from reprolib.fileio import atomic_write
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
+PER_QUERY = report.PER_QUERY
 PARAMS = "params.json"
 
-TOP_KEYS = ("run", "notebook_dir", "defaults", "stages", "expected")
-STAGE_KEYS = ("id", "notebook", "params")
-EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "source")
+TOP_KEYS = ("run", "notebook_dir", "defaults", "seeds", "stages", "expected")
+STAGE_KEYS = ("id", "notebook", "params", "seeded")
+# A check compares a stage's metric with a paper's `value` (within `tolerance`, either side), or with
+# another stage `than` of the same run: better `by` at least this much, with a paired test p < `alpha`,
+# or (`within`) no further from it than this, either side.
+EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within", "source")
 
 STAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no dots: ids appear in ${stages.<id>.out}
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -48,20 +57,25 @@ class Stage:
     code: list       # source of its code cells: only code changes force a rerun
     params: dict     # defaults | stage params | --set, with ${...} references still in place
     upstream: list   # ids of the stages whose outputs it reads
+    seeded: bool = False   # runs once per seed (set in the YAML, or because it reads a seeded stage)
+    base: str = None       # the YAML's id of a per-seed copy (None: the stage runs once)
+    seed: int = None       # the seed of a per-seed copy
 
 
 @dataclass
 class Pipeline:
     path: Path
     run: str
-    stages: list
-    expected: list   # dicts: stage, metric, value (text as printed in the paper), tolerance, source
+    stages: list     # in run order, each seeded stage expanded into one copy per seed
+    expected: list   # dicts, see _parse_expected; `stage` and `than` are the YAML's ids
+    seeds: list      # [] when nothing is repeated
 
 
 # ---- loading and validating the YAML ------------------------------------------------------
 
-def load_pipeline(path, sets=()):
-    """Parse and validate a pipeline YAML and apply `--set stage.key=value` overrides."""
+def load_pipeline(path, sets=(), seeds=None):
+    """Parse and validate a pipeline YAML, apply `--set stage.key=value` overrides, and expand the
+    seeded stages over `seeds` (None: the YAML's `seeds`)."""
     path = Path(path)
     data, value_texts = _read_yaml(path)
     if not isinstance(data, dict):
@@ -84,7 +98,11 @@ def load_pipeline(path, sets=()):
     _apply_sets(path, stages, sets or ())
     _link_references(path, stages)
     expected = _parse_expected(path, data.get("expected"), value_texts, [s.id for s in stages])
-    return Pipeline(path, run, stages, expected)
+    seeds = _parse_seeds(path, data.get("seeds") if seeds is None else seeds)
+    if seeds:
+        stages = _expand_seeds(path, stages, seeds)
+        _link_references(path, stages)
+    return Pipeline(path, run, stages, expected, seeds)
 
 
 def _error(path, problem):
@@ -150,6 +168,8 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
     if not isinstance(name, str) or not name:
         raise _error(path, f"stage '{sid}': missing 'notebook'")
     params = _params_mapping(path, raw.get("params") or {}, f"stage '{sid}' params")
+    if not isinstance(raw.get("seeded", False), bool):
+        raise _error(path, f"stage '{sid}': 'seeded' must be true or false")
     notebook = (notebook_dir / (name if name.endswith(".ipynb") else f"{name}.ipynb")).resolve()
     if not notebook.is_file():
         raise _error(path, f"stage '{sid}': notebook not found: {notebook}")
@@ -159,7 +179,7 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
         raise _error(path, f"stage '{sid}': cannot read notebook {notebook}: {e}") from None
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
     code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
-    return Stage(sid, notebook, kernel, code, {**defaults, **params}, [])
+    return Stage(sid, notebook, kernel, code, {**defaults, **params}, [], raw.get("seeded", False))
 
 
 def _apply_sets(path, stages, sets):
@@ -215,32 +235,107 @@ def _link_references(path, stages):
         stage.upstream = sorted(upstream, key=position.get)
 
 
+def _parse_seeds(path, seeds):
+    if seeds is None or seeds == []:
+        return []
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise _error(path, f"'seeds' must be a list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise _error(path, f"'seeds' repeats a seed: {seeds}")
+    return seeds
+
+
+def _expand_seeds(path, stages, seeds):
+    """Each seeded stage, and each stage reading one, becomes `<id>_seed<s>` for every seed, reading the
+    same seed's copies; a stage given ${run.out} (the report) reads them all and runs once."""
+    seeded = set()
+    for stage in stages:
+        reads_run = any(ref == RUN_REFERENCE for ref in _references(stage.params))
+        if not reads_run and (stage.seeded or seeded.intersection(stage.upstream)):
+            seeded.add(stage.id)
+    if not seeded:
+        raise _error(path, "'seeds' given, but no stage is marked 'seeded: true'")
+    expanded = []
+    for stage in stages:
+        if stage.id not in seeded:
+            expanded.append(stage)
+            continue
+        for seed in seeds:
+            def rename(match, seed=seed):
+                target = STAGE_REFERENCE.fullmatch(match.group(1))
+                if target and target.group(1) in seeded:
+                    return "${stages." + seed_copy(target.group(1), seed) + ".out}"
+                return match.group(0)
+            params = {**_interpolate(stage.params, rename), "seed": seed}
+            expanded.append(Stage(seed_copy(stage.id, seed), stage.notebook, stage.kernel, stage.code, params, [],
+                                  True, stage.id, seed))
+    ids = [stage.id for stage in expanded]
+    clash = next((sid for sid in ids if ids.count(sid) > 1), None)
+    if clash:
+        raise _error(path, f"stage id '{clash}' clashes with a per-seed copy of a seeded stage")
+    return expanded
+
+
+def seed_copy(sid, seed):
+    """The id of stage `sid`'s copy for `seed`."""
+    return f"{sid}_seed{seed}"
+
+
 def _parse_expected(path, raw, value_texts, stage_ids):
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _error(path, "'expected' must be a list of {stage, metric, value, tolerance, source}")
+        raise _error(path, "'expected' must be a list of {stage, metric, value, tolerance, source} "
+                           "or {stage, metric, than, by, source}")
     expected = []
     for i, entry in enumerate(raw):
         where = f"expected[{i}]"
         if not isinstance(entry, dict):
-            raise _error(path, f"{where} must be a mapping with stage, metric, value")
+            raise _error(path, f"{where} must be a mapping with stage, metric, and value or than")
         _check_keys(path, entry, EXPECTED_KEYS, where)
-        value, tolerance = entry.get("value"), entry.get("tolerance", 0)
-        if entry.get("stage") not in stage_ids:
-            raise _error(path, f"{where}: unknown stage {entry.get('stage')!r}")
-        if not isinstance(entry.get("metric"), str) or not entry["metric"]:
-            raise _error(path, f"{where}: missing 'metric'")
-        if not _is_number(value):
-            raise _error(path, f"{where}: 'value' must be a number, got {value!r}")
-        if not _is_number(tolerance) or tolerance < 0:
-            raise _error(path, f"{where}: 'tolerance' must be a number >= 0, got {tolerance!r}")
-        expected.append({
-            "stage": entry["stage"], "metric": entry["metric"],
-            "value": value_texts[i] if i < len(value_texts) and value_texts[i] else str(value),
-            "tolerance": tolerance, "source": str(entry.get("source", "")),
-        })
+        for key in ("stage", "than"):
+            if key in entry and entry[key] not in stage_ids:
+                raise _error(path, f"{where}: unknown {key} {entry[key]!r}")
+        if "stage" not in entry:
+            raise _error(path, f"{where}: missing 'stage'")
+        for key in ("metric", "than_metric"):
+            if (key == "metric" or key in entry) and (not isinstance(entry.get(key), str) or not entry[key]):
+                raise _error(path, f"{where}: missing '{key}'")
+        if ("value" in entry) == ("than" in entry):
+            raise _error(path, f"{where}: give either 'value' (a paper's number) or 'than' (a control stage)")
+        check = {"stage": entry["stage"], "metric": entry["metric"], "source": str(entry.get("source", ""))}
+        if "value" in entry:
+            _no_keys(path, entry, where, ("than_metric", "by", "alpha", "within"), "a paper check")
+            value, tolerance = entry["value"], entry.get("tolerance", 0)
+            if not _is_number(value):
+                raise _error(path, f"{where}: 'value' must be a number, got {value!r}")
+            if not _is_number(tolerance) or tolerance < 0:
+                raise _error(path, f"{where}: 'tolerance' must be a number >= 0, got {tolerance!r}")
+            check.update(value=value_texts[i] if i < len(value_texts) and value_texts[i] else str(value),
+                         tolerance=tolerance)
+        else:
+            _no_keys(path, entry, where, ("tolerance",), "a relative check")
+            by, alpha = entry.get("by", 0.0), entry.get("alpha", 0.05)
+            if entry["than"] == entry["stage"] and entry.get("than_metric", entry["metric"]) == entry["metric"]:
+                raise _error(path, f"{where}: compares {entry['stage']} {entry['metric']} with itself")
+            if not _is_number(by):
+                raise _error(path, f"{where}: 'by' must be a number, got {by!r}")
+            if not _is_number(alpha) or not 0 < alpha < 1:
+                raise _error(path, f"{where}: 'alpha' must be a number between 0 and 1, got {alpha!r}")
+            check.update(than=entry["than"], than_metric=entry.get("than_metric", entry["metric"]), by=by, alpha=alpha)
+            if "within" in entry:   # an equivalence: the same quality as the reference, not better
+                _no_keys(path, entry, where, ("by", "alpha"), "an equivalence check (within)")
+                if not _is_number(entry["within"]) or entry["within"] < 0:
+                    raise _error(path, f"{where}: 'within' must be a number >= 0, got {entry['within']!r}")
+                check["within"] = entry["within"]
+        expected.append(check)
     return expected
+
+
+def _no_keys(path, entry, where, keys, kind):
+    extra = [key for key in keys if key in entry]
+    if extra:
+        raise _error(path, f"{where}: '{extra[0]}' does not belong in {kind}")
 
 
 def _is_number(value):
@@ -287,14 +382,15 @@ def _stage_hashes(pipeline, params):
 
 # ---- running ------------------------------------------------------------------------------
 
-def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only=None, force=False, log=print):
+def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only=None, force=False, seeds=None,
+                 log=print):
     """Run the pipeline in `params_path` into `<out_root>/<run>/`, resuming where possible.
 
     `force` reruns every stage; `from_stage` reruns that stage and all later ones; `only` runs
-    just that stage. Returns the manifest. Raises ReprolibError naming the stage and cell when
-    a notebook fails.
+    just that stage; `seeds` replaces the YAML's list of seeds. Returns the manifest. Raises
+    ReprolibError naming the stage and cell when a notebook fails.
     """
-    pipeline = load_pipeline(params_path, sets)
+    pipeline = load_pipeline(params_path, sets, seeds)
     run_dir = (Path(out_root) / pipeline.run).resolve()
     params = _resolve_params(pipeline, run_dir)
     hashes = _stage_hashes(pipeline, params)
@@ -307,8 +403,9 @@ def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only
     _write_manifest(run_dir, manifest)
     try:
         _execute_plan(plan, params, hashes, manifest, run_dir, log)
-    finally:  # the report is rewritten even after a failure, so it never shows stale results
-        checks = report.run_checks(pipeline.expected, manifest)
+    finally:  # checks and report are rewritten even after a failure, so they never show stale results
+        checks = report.run_checks(pipeline.expected, manifest, run_dir)
+        report.write_checks(run_dir, checks)
         report_path = report.write_report(run_dir, manifest, checks)
     for row in checks:
         log(report.format_check(row))
@@ -318,8 +415,12 @@ def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only
 
 def _forced_stages(pipeline, from_stage, only, force):
     ids = [stage.id for stage in pipeline.stages]
+    copies = [stage.id for stage in pipeline.stages if from_stage and stage.base == from_stage]
+    from_stage = copies[0] if copies else from_stage   # --from a seeded stage: from its first copy
     if from_stage and only:
         raise ReprolibError("use either --from or --only, not both")
+    if only and any(only and stage.base == only for stage in pipeline.stages):
+        raise ReprolibError(f"--only {only}: it runs once per seed; name one copy, e.g. --only {seed_copy(only, pipeline.seeds[0])}")
     for option, sid in (("--from", from_stage), ("--only", only)):
         if sid and sid not in ids:
             raise ReprolibError(f"{option} {sid}: {pipeline.path} has no such stage (stages: {', '.join(ids)})")
@@ -337,9 +438,9 @@ def _start_manifest(pipeline, run_dir):
     for stage in pipeline.stages:
         entry = old.get(stage.id) or {"notebook": None, "status": "pending", "params_hash": None, "started": None,
                                       "finished": None, "wall_s": None, "metrics": {}, "error": None}
-        entry["notebook"] = stage.notebook.name
+        entry.update(notebook=stage.notebook.name, base=stage.base, seed=stage.seed)
         stages[stage.id] = entry
-    return {"run": pipeline.run, "params_file": str(pipeline.path.resolve()), "stages": stages}
+    return {"run": pipeline.run, "params_file": str(pipeline.path.resolve()), "seeds": pipeline.seeds, "stages": stages}
 
 
 def _check_upstream_done(pipeline, manifest, only):
@@ -486,6 +587,17 @@ def format_status(run_dir, max_metrics=4):
     lines += [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
     lines += [f"{sid}: {entry['error']}" for sid, entry in manifest["stages"].items() if entry.get("error")]
     return "\n".join(lines)
+
+
+def save_per_query(out_dir, per_query, prefix=""):
+    """Merge per-query values ({metric: {qid: value}}, e.g. `metrics.evaluate(...).per_query`) into
+    <out_dir>/per_query.json, each metric renamed `prefix + metric`: the paired tests of relative checks
+    read them."""
+    path = Path(out_dir) / PER_QUERY
+    merged = {**_read_json(path, {}),
+              **{prefix + name: {str(q): float(v) for q, v in values.items()} for name, values in per_query.items()}}
+    with atomic_write(path) as f:
+        json.dump(merged, f)
 
 
 def save_metrics(out_dir, metrics):

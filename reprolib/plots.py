@@ -129,11 +129,13 @@ def term_weights(terms, path=None, title="Heaviest vocabulary terms"):
 STATUS_COLORS = {"OK": "tab:green", "OKISH": "tab:orange", "FAIL": "tab:red"}
 
 
-def checks_plot(checks, path=None, title="Measured vs the papers' numbers"):
-    """`checks`: rows of reprolib.report.run_checks. One line per check, drawn as measured − paper, so that
-    metrics of any scale share the axis: the paper's number is the line at 0, the tolerance band below it is
-    shaded, and the measured value is a dot coloured by status (a missing one is a red ✗ at 0)."""
-    fig, ax = plt.subplots(figsize=(6.5, max(2.2, 0.45 * len(checks) + 1.3)))
+def checks_plot(checks, path=None, title="Measured vs the reference"):
+    """`checks`: rows of reprolib.report.run_checks. One line per check, drawn as measured − reference, so that
+    metrics of any scale share the axis: the reference (the paper's number, or the control stage's mean) is the
+    line at 0. A paper check shades its tolerance on both sides; a check against a control marks the margin
+    `by` it must win by with a tick (an equivalence, `within`, shades its band). The measured value is a dot
+    coloured by status (a missing one is a red ✗)."""
+    fig, ax = plt.subplots(figsize=(7, max(2.2, 0.45 * len(checks) + 1.3)))
     labelled = set()  # one legend entry per kind of mark
 
     def label(name):
@@ -143,19 +145,23 @@ def checks_plot(checks, path=None, title="Measured vs the papers' numbers"):
         return name
 
     for y, row in enumerate(checks):
-        tolerance = float(row["tolerance"])
-        ax.barh(y, tolerance, left=-tolerance, height=0.6, color="0.85", label=label("tolerance"))
-        if row["measured"] is None or not np.isfinite(row["measured"]):
+        if "than" in row and "within" not in row:
+            ax.scatter(row["by"], y, marker="|", s=250, color="0.4", zorder=2, label=label("margin to win by"))
+        else:
+            tolerance = float(row.get("within", row.get("tolerance")))
+            ax.barh(y, 2 * tolerance, left=-tolerance, height=0.6, color="0.85", label=label("tolerance"))
+        if row["difference"] is None or not np.isfinite(row["difference"]):
             ax.scatter(0, y, marker="x", s=60, color=STATUS_COLORS["FAIL"], zorder=3, label=label("missing"))
             continue
-        diff = float(row["measured"]) - float(row["value"])
-        ax.scatter(diff, y, s=45, color=STATUS_COLORS[row["status"]], zorder=3, label=label(row["status"]))
-        ax.annotate(f"{row['measured']:.4g}", (diff, y), xytext=(6, 0), textcoords="offset points", va="center",
-                    fontsize=8)
-    ax.axvline(0, color="black", lw=1, label="paper")
-    ax.set_yticks(range(len(checks)), [f"{c['stage']} {c['metric']} ({c['value']})" for c in checks], fontsize=8)
+        ax.scatter(row["difference"], y, s=45, color=STATUS_COLORS[row["status"]], zorder=3, label=label(row["status"]))
+        text = f"{row['measured']:.4g}" + ("" if row["p_value"] is None else f", p {row['p_value']:.2g}")
+        ax.annotate(text, (row["difference"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0, color="black", lw=1, label="reference")
+    names = [f"{c['stage']} {c['metric']} " + (f"(vs {c['than']})" if "than" in c else f"(paper {c['value']})")
+             for c in checks]
+    ax.set_yticks(range(len(checks)), names, fontsize=8)
     ax.invert_yaxis()  # the first check on top, as in the tables
-    ax.set(xlabel="measured − paper (paper's number in parentheses)", title=title)
+    ax.set(xlabel="measured − reference", title=title)
     ax.grid(axis="x", alpha=0.3)
     if checks:
         ax.legend(fontsize=8, loc="best")

@@ -1,5 +1,6 @@
 """Reproduction checks (measured metric vs the paper's number) and the run's REPORT.md."""
 import datetime
+import json
 import math
 import os
 import platform
@@ -14,17 +15,20 @@ from urllib.parse import quote
 from reprolib.fileio import atomic_write
 
 REPORT = "REPORT.md"
+CHECKS = "checks.json"
+PER_QUERY = "per_query.json"   # {metric: {qid: value}} in a stage folder, for paired tests
 RETRIEVAL_METRIC = re.compile(r"(^|_)(RR|MRR|nDCG|R|P|AP|MAP|Success)(@\d+)?$", re.IGNORECASE)
 
 
 # ---- checks -------------------------------------------------------------------------------
 
 def check(measured, value, tolerance):
-    """"OK" | "OKISH" | "FAIL" for a higher-is-better metric against the paper's `value`.
+    """"OK" | "OKISH" | "FAIL" for a metric against the paper's `value`, as Pyserini's 2CR checks.
 
     OK: `measured` rounds (half up) to `value` at the precision the paper printed. Pass `value`
     as the text written in the YAML ("0.390"), because a float forgets trailing zeros (0.39).
-    OKISH: within `tolerance` below `value`, or anywhere above it. FAIL: otherwise, or missing.
+    OKISH: within `tolerance` of `value`, on either side: far above the paper is no reproduction
+    either (a leak, or another metric). FAIL: otherwise, or missing.
     """
     if measured is None or not math.isfinite(measured):
         return "FAIL"
@@ -32,34 +36,152 @@ def check(measured, value, tolerance):
     got = Decimal(repr(float(measured)))  # repr: the shortest text that round-trips the float
     if got.quantize(Decimal(1).scaleb(paper.as_tuple().exponent), rounding=ROUND_HALF_UP) == paper:
         return "OK"
-    if got >= paper - Decimal(str(tolerance)):
+    if abs(got - paper) <= Decimal(str(tolerance)):
         return "OKISH"
     return "FAIL"
 
 
-def run_checks(expected, manifest):
-    """One row per `expected` entry (stage, metric, value as text, tolerance, source), plus the
-    `measured` value from the manifest (None when the stage did not record it) and `status`."""
+def relative_check(difference, p_value, by, alpha):
+    """"OK" | "OKISH" | "FAIL" for a method against its control in the same run.
+
+    OK: the method beats the control by at least `by` and a paired test over queries gives p < `alpha`.
+    OKISH: it wins significantly, but by less than `by`. FAIL: otherwise, so that a method no better than
+    its control fails (it passes by chance in about alpha/2 of runs). Without per-query values (p_value None)
+    the best it can get is OKISH.
+    """
+    if difference is None or not math.isfinite(difference):
+        return "FAIL"
+    if p_value is None:
+        return "OKISH" if difference >= by else "FAIL"
+    if difference > 0 and p_value < alpha:
+        return "OK" if difference >= by else "OKISH"
+    return "FAIL"
+
+
+def run_checks(expected, manifest, run_dir):
+    """One row per `expected` entry (see `pipeline._parse_expected`), with what was measured: the mean over
+    the stage's seeds (`measured`, `sd`, `seeds`), the `reference` (the paper's number, or the control stage's
+    mean), their `difference`, the paired test's `p_value`, the `status` and a `note`."""
+    copies = {}
+    for sid, entry in manifest["stages"].items():
+        copies.setdefault(entry.get("base") or sid, []).append(sid)
     rows = []
     for entry in expected:
-        metrics = manifest["stages"].get(entry["stage"], {}).get("metrics") or {}
-        measured = metrics.get(entry["metric"])
-        rows.append({**entry, "measured": measured, "status": check(measured, entry["value"], entry["tolerance"])})
+        values = _seed_values(manifest, copies.get(entry["stage"], []), entry["metric"])
+        measured, sd = _mean_sd(values)
+        row = {**entry, "measured": measured, "sd": sd, "seeds": len(values), "note": ""}
+        if "than" in entry:
+            row.update(_compare(entry, manifest, Path(run_dir), copies, measured))
+        else:
+            row.update(reference=float(entry["value"]), reference_stage=None, p_value=None,
+                       difference=None if measured is None else measured - float(entry["value"]),
+                       status=check(measured, entry["value"], entry["tolerance"]))
+            if row["difference"] is not None and row["status"] == "FAIL" and row["difference"] > 0:
+                row["note"] = "far above the paper: a different metric, data or a leak?"
+        rows.append(row)
     return rows
 
 
+def _seed_values(manifest, ids, metric):
+    """The metric of each copy of a stage; empty when any copy did not record it."""
+    values = [(manifest["stages"][sid].get("metrics") or {}).get(metric) for sid in ids]
+    return [] if not values or any(v is None for v in values) else values
+
+
+def _mean_sd(values):
+    if not values:
+        return None, None
+    mean = math.fsum(values) / len(values)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def _compare(entry, manifest, run_dir, copies, measured):
+    """Reference, difference, p value and status of a relative check; the paired test runs on each query's
+    value averaged over the seeds."""
+    from reprolib.metrics import paired_test
+
+    control_ids = copies.get(entry["than"], [])
+    reference, reference_sd = _mean_sd(_seed_values(manifest, control_ids, entry["than_metric"]))
+    result = {"reference": reference, "reference_sd": reference_sd, "reference_stage": entry["than"],
+              "reference_metric": entry["than_metric"], "difference": None, "p_value": None}
+    if measured is None or reference is None:
+        return {**result, "status": "FAIL", "note": "missing"}
+    result["difference"] = measured - reference
+    method = _per_query_mean(run_dir, copies[entry["stage"]], entry["metric"])
+    control = _per_query_mean(run_dir, control_ids, entry["than_metric"])
+    note = ""
+    if method is None or control is None or len(set(method) & set(control)) < 2:
+        note = "no per-query values: not tested for significance"
+    else:
+        result["p_value"] = paired_test(control, method)["p_randomization"]
+    if "within" in entry:
+        status = "OK" if abs(result["difference"]) <= entry["within"] else "FAIL"
+        return {**result, "status": status, "note": "" if status == "OK" else f"differs by more than {entry['within']:g}"}
+    status = relative_check(result["difference"], result["p_value"], entry["by"], entry["alpha"])
+    if not note and status != "OK":
+        note = (f"wins by less than {entry['by']:g}" if status == "OKISH" else
+                "worse than the control" if result["difference"] <= 0 else f"not significant (alpha {entry['alpha']:g})")
+    return {**result, "status": status, "note": note}
+
+
+def _per_query_mean(run_dir, ids, metric):
+    """{qid: value averaged over the copies} from each copy's per_query.json, None if any lacks it."""
+    tables = []
+    for sid in ids:
+        path = run_dir / sid / PER_QUERY
+        try:
+            tables.append(json.loads(path.read_text(encoding="utf-8"))[metric])
+        except (OSError, ValueError, KeyError):
+            return None
+    common = set.intersection(*(set(t) for t in tables))
+    return {qid: math.fsum(t[qid] for t in tables) / len(tables) for qid in sorted(common)}
+
+
+def write_checks(run_dir, checks):
+    """<run_dir>/checks.json: the rows of `run_checks`, for machines (CI, a course's grader)."""
+    path = Path(run_dir) / CHECKS
+    with atomic_write(path) as f:
+        json.dump(checks, f, indent=2)
+    return path
+
+
 def format_measured(row):
-    """The measured value with one decimal more than the paper printed (0.393 -> 0.3931)."""
+    """The measured value (mean ± sd over seeds) with one decimal more than the paper printed (0.393 -> 0.3931),
+    4 decimals against a control stage."""
     if row["measured"] is None:
         return "missing"
-    decimals = max(0, -Decimal(row["value"]).as_tuple().exponent) + 1
-    return f"{row['measured']:.{decimals}f}"
+    decimals = _decimals(row)
+    text = f"{row['measured']:.{decimals}f}"
+    if row.get("sd") is not None:
+        text += f" ± {row['sd']:.{decimals}f} ({row['seeds']} seeds)"
+    return text
+
+
+def _decimals(row):
+    return max(0, -Decimal(row["value"]).as_tuple().exponent) + 1 if "value" in row else 4
+
+
+def format_reference(row):
+    """`0.393, RetroMAE README` for a paper check; `dense 0.7411: +0.0712 >= 0.02, p 0.0001` for a relative one."""
+    if "than" not in row:
+        return ", ".join(part for part in (row["value"], row["source"]) if part)
+    metric = "" if row["than_metric"] == row["metric"] else f" {row['than_metric']}"
+    reference = "missing" if row["reference"] is None else f"{row['reference']:.4f}"
+    parts = [f"vs {row['than']}{metric} {reference}"]
+    if row["difference"] is not None:
+        wanted = f"within ±{row['within']:g}" if "within" in row else f">= {row['by']:g}"
+        parts[0] += f": {row['difference']:+.4f} ({wanted})"
+    if row["p_value"] is not None:
+        parts.append(f"p {row['p_value']:.4f}")
+    return ", ".join(parts + ([row["source"]] if row["source"] else []))
 
 
 def format_check(row):
-    """One console line, e.g. `OK     eval_hn RR@10 = 0.3931 (0.393, RetroMAE README)`."""
-    paper = ", ".join(part for part in (row["value"], row["source"]) if part)
-    return f"{row['status']:<6} {row['stage']} {row['metric']} = {format_measured(row)} ({paper})"
+    """One console line, e.g. `OK     eval_hn RR@10 = 0.3931 (0.393, RetroMAE README)`, or against a control
+    `OK     dense_hn RR@10 = 0.8120 (vs dense 0.7411: +0.0709 (>= 0.02), p 0.0001, stage 2 beats stage 1)`."""
+    note = f" [{row['note']}]" if row.get("note") else ""
+    return f"{row['status']:<6} {row['stage']} {row['metric']} = {format_measured(row)} ({format_reference(row)}){note}"
 
 
 def format_number(value):
@@ -182,11 +304,23 @@ def _metrics_table(manifest):
 
 
 def _checks_table(checks):
+    """Measured against the reference: a paper's number (± tolerance) or a control stage of this run (a win
+    of at least `by`, paired randomization test p < alpha)."""
     if not checks:
         return "No `expected` entries in the pipeline."
-    rows = [(c["status"], c["stage"], c["metric"], format_measured(c), c["value"], c["tolerance"], c["source"])
-            for c in checks]
-    return markdown_table(("status", "stage", "metric", "measured", "paper", "tolerance", "source"), rows)
+    rows = []
+    for c in checks:
+        if "than" in c:
+            reference = "missing" if c["reference"] is None else f"{c['than']}: {c['reference']:.4f}"
+            wanted = f"within ± {c['within']:g}" if "within" in c else f"≥ {c['by']:+g}, p < {c['alpha']:g}"
+        else:
+            reference, wanted = f"paper: {c['value']}", f"± {c['tolerance']:g}"
+        difference = "" if c["difference"] is None else f"{c['difference']:+.4f}"
+        p_value = "" if c["p_value"] is None else f"{c['p_value']:.4f}"
+        rows.append((c["status"], c["stage"], c["metric"], format_measured(c), reference, difference, wanted, p_value,
+                     "; ".join(part for part in (c["source"], c["note"]) if part)))
+    return markdown_table(("status", "stage", "metric", "measured", "reference", "difference", "wanted", "p",
+                           "claim"), rows)
 
 
 def _stage_sections(run_dir, manifest, checks):

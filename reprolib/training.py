@@ -35,6 +35,7 @@ import yaml
 
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
+from reprolib.modeling.encoder import resolve_precision
 from reprolib.objectives import OBJECTIVES, Contrastive
 
 LOG_FILE = "train_log.csv"
@@ -88,6 +89,7 @@ class TrainConfig:
     decoder_mask_ratio: float = 0.5
     decoder_layers: int = 2               # LexMAE (RetroMAE's enhanced decoder is one layer)
     bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
+    decoder_loss_weight: float = 1.0      # 0: the MLM-only control (same masks, data and steps, no decoder signal)
     # optimisation
     batch_size: int = 16                  # queries (pretraining: sequences) per process per micro-batch
     grad_accum: int = 1
@@ -99,7 +101,7 @@ class TrainConfig:
     warmup_steps: int = 0                 # overrides warmup_ratio when > 0
     schedule: str = "linear"              # linear | constant (after warmup)
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"           # no | fp16 | bf16
+    mixed_precision: str = "no"           # no | fp16 | bf16 | auto (bf16 where native, else fp16 on a GPU, no on a CPU)
     gradient_checkpointing: bool = False
     # bookkeeping
     seed: int = 42
@@ -150,6 +152,8 @@ class TrainConfig:
             raise ReprolibError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.bottleneck not in ("softmax", "logits_sat"):
             raise ReprolibError(f"{source}: bottleneck must be softmax or logits_sat, not {self.bottleneck!r}")
+        if not self.decoder_loss_weight >= 0:
+            raise ReprolibError(f"{source}: decoder_loss_weight must be >= 0, not {self.decoder_loss_weight}")
         for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
             if not 0 < getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be between 0 and 1, not {getattr(self, name)}")
@@ -164,8 +168,8 @@ class TrainConfig:
             raise ReprolibError(f"{source}: cross_encoder_loss must be listwise or bce, not {self.cross_encoder_loss!r}")
         if self.schedule not in SCHEDULES:
             raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ReprolibError(f"{source}: mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+            raise ReprolibError(f"{source}: mixed_precision must be no, fp16, bf16 or auto, not {self.mixed_precision!r}")
         for name in ("group_size", "batch_size", "grad_accum", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
@@ -252,8 +256,8 @@ def train(config, log=print):
     # notebook kernel (or a test session) that trains twice must be able to change it. The process group
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    state = process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision, state.device))
     main = accelerator.is_main_process
     world = accelerator.num_processes
     set_seed(config.seed)
@@ -296,7 +300,7 @@ def train(config, log=print):
         per_example = f" x {config.group_size} passages" if isinstance(objective, Contrastive) else ""
         log(f"{config.objective}: {len(examples):,} examples, {steps_per_epoch:,} steps per epoch, {total_steps:,} "
             f"steps; global batch {global_batch * config.grad_accum}{per_example} on {world} process(es) "
-            f"({accelerator.device}, {config.mixed_precision})")
+            f"({accelerator.device}, {accelerator.mixed_precision})")
 
     columns = LOG_COLUMNS + objective.loss_parts
     writer = _Logger(out_dir, columns, resume_step=start_step, tensorboard=config.tensorboard) if main else None

@@ -292,10 +292,10 @@ def tiny_model(tmp_path_factory, synthetic_corpus, one_torch_thread):
     """A random micro BERT with a WordPiece vocabulary from the synthetic corpus, saved as a reprolib
     encoder (mean pooling, normalized: a passage's own text is its nearest neighbour)."""
     from reprolib.modeling import DenseEncoder
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
     root = tmp_path_factory.mktemp("tiny-encoder")
-    build_scratch_bert(synthetic_corpus, root / "init", size="micro", seed=0)
+    build_scratch_model(synthetic_corpus, root / "init", size="micro", seed=0)
     encoder = DenseEncoder.from_pretrained(root / "init", pooling="mean", normalize=True, query_max_len=128,
                                            passage_max_len=128)
     return encoder.save(root / "model")

@@ -83,9 +83,9 @@ def test_collate_pads_and_text_mask_drops_specials_and_padding():
 @pytest.fixture(scope="module")
 def micro_bert(synthetic_corpus, tmp_path_factory):
     pytest.importorskip("torch")
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
-    return build_scratch_bert(synthetic_corpus, tmp_path_factory.mktemp("lexmae") / "init", size="micro", seed=0)
+    return build_scratch_model(synthetic_corpus, tmp_path_factory.mktemp("lexmae") / "init", size="micro", seed=0)
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ def test_scratch_bert_is_deterministic_and_knows_the_corpus_words(synthetic_corp
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
-    a = build_scratch_bert(synthetic_corpus, tmp_path / "a", size="micro", seed=3)
-    b = build_scratch_bert(synthetic_corpus, tmp_path / "b", size="micro", seed=3)
+    a = build_scratch_model(synthetic_corpus, tmp_path / "a", size="micro", seed=3)
+    b = build_scratch_model(synthetic_corpus, tmp_path / "b", size="micro", seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     vocab_a = json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]
     assert vocab_a == json.loads((b / "tokenizer.json").read_text())["model"]["vocab"]
@@ -36,8 +36,20 @@ def test_scratch_bert_is_deterministic_and_knows_the_corpus_words(synthetic_corp
     assert "[UNK]" not in pieces and "".join(p.removeprefix("##") for p in pieces) == title.replace(" ", "")
     assert tokenizer("the")["input_ids"][1] not in (tokenizer.unk_token_id, None)   # frequent words are whole tokens
     mtime = (a / "model.safetensors").stat().st_mtime_ns
-    build_scratch_bert(synthetic_corpus, a, size="micro", seed=3)                  # same recipe: reused
+    build_scratch_model(synthetic_corpus, a, size="micro", seed=3)                  # same recipe: reused
     assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_scratch_t5_encodes_with_openmatchs_first_decoder_token(synthetic_corpus, tmp_path):
+    pytest.importorskip("transformers")
+    from reprolib.modeling import DenseEncoder
+    from reprolib.modeling.scratch import build_scratch_model
+
+    path = build_scratch_model(synthetic_corpus, tmp_path / "t5", size="t5-tiny", seed=0)
+    encoder = DenseEncoder.from_pretrained(path)
+    assert encoder.t5_mode == "decoder" and type(encoder.encoder).__name__ == "T5Model"
+    vectors = encoder.encode_passages([synthetic_corpus.text(0), synthetic_corpus.text(1)])
+    assert vectors.shape == (2, 128) and abs(vectors[0] - vectors[1]).max() > 0
 
 
 def test_prepare_links_a_local_dataset_directory(tmp_path):

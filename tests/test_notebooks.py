@@ -29,8 +29,6 @@ def test_papermill_reads_every_parameter(path):
 
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
-    text = text.replace("max_steps: 600", "max_steps: 20")          # the pretraining stage: it runs, not more
-    text = text.replace("max_steps: 200", "max_steps: 10")          # the cross-encoder too
     text = text.replace("notebook: ", f"notebook: {ROOT / 'notebooks'}/")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
@@ -54,15 +52,15 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0
     assert stages["finetune"]["metrics"]["group_accuracy_after"] > stages["finetune"]["metrics"]["group_accuracy_before"]
     assert stages["dense_hn"]["metrics"]["RR@10"] > 0.1      # 1,000 passages, one short epoch: it retrieves, not more
-    assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
-    assert stages["pretrain"]["metrics"]["train_steps"] == 20
-    assert (run_dir / "dense_control" / "run.trec").stat().st_size > 0
-    assert {"loss.png", "rerank.png", "teacher_scores.png"} <= {p.name for p in (run_dir / "cross_encoder").iterdir()}
-    assert stages["cross_encoder"]["metrics"]["teacher_queries"] > 0
-    assert {"loss.png", "margins.png"} <= {p.name for p in (run_dir / "distill").iterdir()}
-    assert (run_dir / "dense_distill" / "run.trec").stat().st_size > 0
+    assert (run_dir / "dense_bm25" / "run.trec").stat().st_size > 0
+    per_query = json.loads((run_dir / "dense_hn" / "per_query.json").read_text())
+    assert len(per_query["RR@10"]) == len(json.loads((run_dir / "bm25" / "per_query.json").read_text())["RR@10"]) > 0
+    checks = json.loads((run_dir / "checks.json").read_text())
+    assert [(c["stage"], c["reference_stage"]) for c in checks] == [("bm25", None), ("dense", "bm25"),
+                                                                    ("dense_hn", "dense_bm25")]
+    assert all(c["p_value"] is not None for c in checks[1:])
     report = (run_dir / "REPORT.md").read_text()
-    assert "Reproduction checks" in report and "cross_encoder/rerank.png" in report
+    assert "Reproduction checks" in report and "dense_hn/loss.png" not in report and "finetune_hn/loss.png" in report
 
     logs.clear()
     run_pipeline(params, out_root=out, log=logs.append)
@@ -123,6 +121,58 @@ stages:
     params: {model: "${stages.finetune.out}/model", index: "${stages.index.out}/index", corpus: "${stages.data.out}",
              queries: "${stages.data.out}", qrels: "${stages.data.out}", split: train, depth: 50}
 """
+
+
+TEACHER_PIPELINE = """
+run: teacher
+defaults: {seed: 42}
+stages:
+  - {id: data, notebook: NB/00_prepare_data, params: {dataset: synthetic, num_passages: 1000}}
+  - id: pretrain
+    notebook: NB/10_pretrain_retromae
+    params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
+             max_steps: 6, learning_rate: 1.0e-3}
+  - id: finetune
+    notebook: NB/20_finetune_dense
+    params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", pooling: cls,
+             passage_max_len: 48, group_size: 4, batch_size: 8, max_steps: 6, learning_rate: 1.0e-3}
+  - id: index
+    notebook: NB/30_encode_index
+    params: {model: "${stages.finetune.out}/model", corpus: "${stages.data.out}"}
+  - id: dense
+    notebook: NB/40_retrieve_evaluate
+    params: {method: dense, model: "${stages.finetune.out}/model", index: "${stages.index.out}/index",
+             corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}", split: dev}
+  - id: cross_encoder
+    notebook: NB/60_cross_encoder
+    params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", max_len: 64, group_size: 4,
+             batch_size: 8, max_steps: 6, learning_rate: 1.0e-3, rerank_run: "${stages.dense.out}/run.trec",
+             rerank_depth: 10, score_candidates: "${stages.data.out}/train.negatives.tsv", score_depth: 4}
+  - id: distill
+    notebook: NB/70_distill
+    params: {model: "${stages.finetune.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
+             teacher_scores: "${stages.cross_encoder.out}/teacher_scores.tsv", group_size: 4, batch_size: 8,
+             max_steps: 6, learning_rate: 1.0e-3}
+expected:
+  - {stage: cross_encoder, metric: RR@10, than: cross_encoder, than_metric: first_stage_RR@10, source: reranking}
+"""
+
+
+def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path):
+    params = tmp_path / "teacher.yaml"
+    params.write_text(TEACHER_PIPELINE.replace("NB/", f"{ROOT / 'notebooks'}/"))
+    manifest = run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
+    stages = manifest["stages"]
+    assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
+    run_dir = tmp_path / "out" / "teacher"
+    assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
+    assert stages["pretrain"]["metrics"]["train_steps"] == 6
+    assert {"loss.png", "rerank.png", "teacher_scores.png"} <= {p.name for p in (run_dir / "cross_encoder").iterdir()}
+    assert stages["cross_encoder"]["metrics"]["teacher_queries"] > 0
+    assert {"RR@10", "first_stage_RR@10"} <= set(json.loads((run_dir / "cross_encoder" / "per_query.json").read_text()))
+    assert {"loss.png", "margins.png"} <= {p.name for p in (run_dir / "distill").iterdir()}
+    check = json.loads((run_dir / "checks.json").read_text())[0]
+    assert check["reference_metric"] == "first_stage_RR@10" and check["p_value"] is not None
 
 
 def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):

@@ -1,5 +1,6 @@
 """The papermill pipeline runner: parameters, resume, failures, YAML validation, checks and report."""
 import json
+import re
 import sys
 
 import nbformat
@@ -9,7 +10,7 @@ import yaml
 
 from reprolib.errors import ReprolibError
 from reprolib.pipeline import format_status, load_manifest, run_pipeline, save_metrics
-from reprolib.report import check, format_check
+from reprolib.report import check, format_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
 # sees which stages ran), dumps the variables named in `record`, and saves metrics.
@@ -249,8 +250,9 @@ def test_yaml_syntax_and_missing_file(project):
     (0.3924, "0.393", 0.005, "OKISH"),   # just below, within tolerance
     (0.388, "0.393", 0.005, "OKISH"),    # exactly at the tolerance edge
     (0.3879, "0.393", 0.005, "FAIL"),
-    (0.45, "0.393", 0.005, "OKISH"),     # above the paper
-    (0.394, "0.390", 0.0, "OKISH"),      # "0.390" was printed with 3 decimals...
+    (0.3979, "0.393", 0.005, "OKISH"),   # above, within tolerance: OKISH is symmetric, as in Pyserini's 2CR
+    (0.45, "0.393", 0.005, "FAIL"),      # far above the paper is no reproduction either
+    (0.394, "0.390", 0.0, "FAIL"),       # "0.390" was printed with 3 decimals...
     (0.394, 0.39, 0.0, "OK"),            # ...but the float 0.39 has only 2
     (39.26, "39.3", 0.2, "OK"),
     (39, "39", 0, "OK"),
@@ -265,6 +267,27 @@ def test_format_check():
     row = {"stage": "eval_hn", "metric": "RR@10", "value": "0.393", "tolerance": 0.005, "source": "RetroMAE README"}
     assert format_check({**row, "measured": 0.39312, "status": "OK"}) == "OK     eval_hn RR@10 = 0.3931 (0.393, RetroMAE README)"
     assert format_check({**row, "measured": None, "status": "FAIL"}) == "FAIL   eval_hn RR@10 = missing (0.393, RetroMAE README)"
+    seeded = {**row, "measured": 0.39312, "sd": 0.00204, "seeds": 3, "status": "OK"}
+    assert format_check(seeded) == "OK     eval_hn RR@10 = 0.3931 ± 0.0020 (3 seeds) (0.393, RetroMAE README)"
+    relative = {"stage": "dense_hn", "metric": "RR@10", "than": "dense", "than_metric": "RR@10", "by": 0.02,
+                "alpha": 0.05, "source": "stage 2 beats stage 1", "measured": 0.81, "sd": None, "seeds": 1,
+                "reference": 0.74, "difference": 0.07, "p_value": 0.0001, "status": "OK", "note": ""}
+    assert format_check(relative) == ("OK     dense_hn RR@10 = 0.8100 (vs dense 0.7400: +0.0700 (>= 0.02), p 0.0001, "
+                                      "stage 2 beats stage 1)")
+
+
+@pytest.mark.parametrize("difference, p_value, by, status", [
+    (0.05, 0.001, 0.02, "OK"),
+    (0.01, 0.001, 0.02, "OKISH"),    # significant, but by less than claimed
+    (0.05, 0.2, 0.02, "FAIL"),       # as large as claimed, but chance could give it
+    (-0.05, 0.001, 0.0, "FAIL"),     # significantly worse
+    (0.05, None, 0.02, "OKISH"),     # no per-query values: untested
+    (0.0, None, 0.0, "OKISH"),
+    (-0.001, None, 0.0, "FAIL"),
+    (None, None, 0.0, "FAIL"),
+])
+def test_relative_check(difference, p_value, by, status):
+    assert relative_check(difference, p_value, by, alpha=0.05) == status
 
 
 PLOT = """\
@@ -296,7 +319,7 @@ def test_checks_and_report(project):
 
     _, lines = run(project, path)
     checks = ["OK     eval RR@10 = 0.3931 (0.393, RetroMAE README)",
-              "OKISH  eval R@1000 = 0.9500 (0.900, paper)",
+              "FAIL   eval R@1000 = 0.9500 (0.900, paper) [far above the paper: a different metric, data or a leak?]",
               "FAIL   eval MRR = 0.200 (0.35, paper)",
               "FAIL   eval nDCG@10 = missing (0.5, paper)"]
     assert lines[-5:-1] == checks
@@ -306,11 +329,16 @@ def test_checks_and_report(project):
     for part in ["# Reproduction report: demo", "- commit: ", "- hardware: ", "Python",
                  "| stage | status | wall time (s) |", "| eval | done |",
                  "| stage | RR@10 | R@1000 | MRR |", "| eval | 0.3931 | 0.95 | 0.2 |",
-                 "| OK | eval | RR@10 | 0.3931 | 0.393 | 0.005 | RetroMAE README |",
-                 "| FAIL | eval | nDCG@10 | missing | 0.5 | 0.01 | paper |",
+                 "| OK | eval | RR@10 | 0.3931 | paper: 0.393 | +0.0001 | ± 0.005 |  | RetroMAE README |",
+                 "| FAIL | eval | nDCG@10 | missing | paper: 0.5 |  | ± 0.01 |  | paper |",
                  "### eval", "![loss](eval/curves/loss.png)"]:
         assert part in text, part
     assert (run_dir / "eval" / "curves" / "loss.png").exists()
+    rows = json.loads((run_dir / "checks.json").read_text())
+    assert [(r["stage"], r["metric"], r["reference"], r["reference_stage"], r["p_value"], r["status"]) for r in rows] == [
+        ("eval", "RR@10", 0.393, None, None, "OK"), ("eval", "R@1000", 0.9, None, None, "FAIL"),
+        ("eval", "MRR", 0.35, None, None, "FAIL"), ("eval", "nDCG@10", 0.5, None, None, "FAIL")]
+    assert rows[0]["measured"] == 0.39312 and rows[1]["note"].startswith("far above the paper")
 
     # all stages skipped: the checks are still printed and the report rewritten
     (run_dir / "REPORT.md").unlink()
@@ -334,3 +362,99 @@ def test_save_metrics_merges_numbers(tmp_path):
     for bad in ("high", True, None, [1]):
         with pytest.raises(ReprolibError, match="metric 'x' must be a number"):
             save_metrics(tmp_path, {"x": bad})
+
+
+# A stage that draws 200 per-query hits with probability `quality`, seeded: a method and its control.
+SYSTEM = """\
+import numpy as np
+from reprolib.pipeline import save_metrics, save_per_query
+
+hits = np.random.default_rng([seed, int(quality * 100)]).random(200) < quality
+per_query = {f"q{i}": float(h) for i, h in enumerate(hits)}
+save_per_query(out_dir, {"RR@10": per_query})
+save_metrics(out_dir, {"RR@10": float(hits.mean())})
+"""
+
+RELATIVE = """\
+seeds: [1, 2, 3]
+expected:
+  - {stage: method, metric: RR@10, than: control, by: 0.1, source: the method works}
+  - {stage: control, metric: RR@10, than: method, source: "swapped, so it must fail"}
+  - {stage: same, metric: RR@10, than: control, source: "the control again, so it must fail"}
+  - {stage: method, metric: RR@10, than: control, by: 0.5, source: by more than it does}
+  - {stage: method, metric: RR@10, value: 0.70, tolerance: 0.15, source: a paper}
+  - {stage: same, metric: RR@10, than: control, within: 0.01, source: "the same quality"}
+  - {stage: method, metric: RR@10, than: control, within: 0.05, source: "not the same quality"}
+"""
+
+
+def report_lines(lines):
+    return [line for line in lines if line.split(" ")[0] in ("OK", "OKISH", "FAIL")]
+
+
+def test_relative_checks_over_seeds(project):
+    make_notebook(project / "notebooks" / "system.ipynb", SYSTEM, params='out_dir = ""\nquality = 0.5\nseed = 0')
+    path = write_pipeline(project, [
+        {"id": "data", "notebook": "step"},
+        {"id": "method", "notebook": "system", "seeded": True, "params": {"quality": 0.8}},
+        {"id": "control", "notebook": "system", "seeded": True, "params": {"quality": 0.5}},
+        {"id": "same", "notebook": "system", "seeded": True, "params": {"quality": 0.5, "tag": "${stages.data.out}"}},
+        {"id": "report", "notebook": "step", "params": {"record": ["run_dir"], "run_dir": "${run.out}"}},
+    ], defaults={"record": []})
+    path.write_text(path.read_text() + RELATIVE)
+    manifest, lines = run(project, path)
+
+    assert list(manifest["stages"]) == ["data", "method_seed1", "method_seed2", "method_seed3", "control_seed1",
+                                        "control_seed2", "control_seed3", "same_seed1", "same_seed2", "same_seed3",
+                                        "report"]
+    run_dir = project / "outputs" / "demo"
+    assert json.loads((run_dir / "same_seed2" / "params.json").read_text())["tag"] == str(run_dir / "data")
+    assert manifest["stages"]["method_seed2"]["seed"] == 2 and manifest["stages"]["method_seed2"]["base"] == "method"
+    rows = json.loads((run_dir / "checks.json").read_text())
+    assert [r["status"] for r in rows] == ["OK", "FAIL", "FAIL", "OKISH", "OKISH", "OK", "FAIL"]
+    assert rows[6]["note"] == "differs by more than 0.05" and "(within ±0.01)" in report_lines(lines)[5]
+    method, swapped = rows[0], rows[1]
+    assert method["seeds"] == 3 and method["sd"] > 0 and method["reference_stage"] == "control"
+    assert method["measured"] == pytest.approx(np.mean([manifest["stages"][f"method_seed{s}"]["metrics"]["RR@10"]
+                                                        for s in (1, 2, 3)]))
+    assert method["difference"] == pytest.approx(method["measured"] - method["reference"])
+    assert method["p_value"] < 0.001 and swapped["note"] == "worse than the control"
+    assert rows[2]["p_value"] > 0.05
+    assert any(line.startswith("OK     method RR@10 = ") and "± " in line and "vs control" in line for line in lines)
+    assert "| OK | method | RR@10 |" in (run_dir / "REPORT.md").read_text()
+
+    # --from a seeded stage starts at its first copy; --seeds replaces the YAML's list
+    _, lines = run(project, path, from_stage="control")
+    assert [line.split()[2] for line in lines if line.startswith("▶")] == [
+        "control_seed1", "control_seed2", "control_seed3", "same_seed1", "same_seed2", "same_seed3", "report"]
+    manifest, _ = run(project, path, seeds=[7])
+    assert [sid for sid in manifest["stages"] if sid.startswith("method")] == ["method_seed7"]
+    with pytest.raises(ReprolibError, match="--only method: it runs once per seed; name one copy, e.g. --only method_seed1"):
+        run(project, path, only="method")
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"stage": "a", "metric": "m", "than": "zz"}, "unknown than 'zz'"),
+    ({"stage": "a", "metric": "m", "than": "a"}, "compares a m with itself"),
+    ({"stage": "a", "metric": "m", "value": 1, "than": "a"}, "give either 'value'"),
+    ({"stage": "a", "metric": "m"}, "give either 'value'"),
+    ({"stage": "a", "metric": "m", "than": "b", "tolerance": 0.1}, "'tolerance' does not belong in a relative check"),
+    ({"stage": "a", "metric": "m", "value": 1, "by": 0.1}, "'by' does not belong in a paper check"),
+    ({"stage": "a", "metric": "m", "than": "b", "alpha": 2}, "'alpha' must be a number between 0 and 1"),
+    ({"stage": "a", "metric": "m", "than": "b", "within": 0.1, "by": 0.1}, "'by' does not belong in an equivalence"),
+    ({"stage": "a", "metric": "m", "than": "b", "within": -1}, "'within' must be a number >= 0"),
+])
+def test_expected_validation(project, entry, problem):
+    path = write_pipeline(project, [{"id": "a", "notebook": "step"}, {"id": "b", "notebook": "step"}],
+                          expected=[entry])
+    with pytest.raises(ReprolibError, match=re.escape(problem)):
+        run(project, path)
+
+
+def test_seeds_validation(project):
+    path = write_pipeline(project, [{"id": "a", "notebook": "step"}], seeds=[1, 2])
+    with pytest.raises(ReprolibError, match="'seeds' given, but no stage is marked 'seeded: true'"):
+        run(project, path)
+    path = write_pipeline(project, [{"id": "a", "notebook": "step", "seeded": True}], seeds=[1, 1])
+    with pytest.raises(ReprolibError, match="'seeds' repeats a seed"):
+        run(project, path)

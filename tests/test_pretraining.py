@@ -18,9 +18,9 @@ from reprolib.training import TrainConfig, read_log, train  # noqa: E402
 def micro_tokenizer(synthetic_corpus, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
-    path = build_scratch_bert(synthetic_corpus, tmp_path_factory.mktemp("micro"), size="micro")
+    path = build_scratch_model(synthetic_corpus, tmp_path_factory.mktemp("micro"), size="micro")
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -77,9 +77,9 @@ def test_retromae_losses_fall_on_the_synthetic_corpus(synthetic_corpus, tmp_path
     from transformers import AutoTokenizer, BertForMaskedLM
 
     from reprolib.modeling.retromae import RetroMAEForPretraining
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
-    init = build_scratch_bert(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
+    init = build_scratch_model(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
     tokenizer = AutoTokenizer.from_pretrained(init)
     torch.manual_seed(0)
     model = RetroMAEForPretraining(BertForMaskedLM.from_pretrained(init))
@@ -134,9 +134,9 @@ def test_encoder_loss_is_hf_masked_lm_loss_and_decoder_sees_only_its_visible_col
     from transformers import AutoTokenizer, BertForMaskedLM
 
     from reprolib.modeling.retromae import RetroMAEForPretraining
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
-    init = build_scratch_bert(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
+    init = build_scratch_model(synthetic_corpus, tmp_path / "init", size="micro", seed=0)
     tokenizer = AutoTokenizer.from_pretrained(init)
     model = RetroMAEForPretraining(BertForMaskedLM.from_pretrained(init)).eval()
     rng = np.random.default_rng(5)
@@ -164,3 +164,22 @@ def test_encoder_loss_is_hf_masked_lm_loss_and_decoder_sees_only_its_visible_col
         changed = batch["decoder_input_ids"].clone()
         changed[0, hidden_col] = (changed[0, hidden_col] + 7) % len(tokenizer)
         assert torch.allclose(decode(batch["decoder_input_ids"])[0, 3], decode(changed)[0, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0])
+def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthetic_corpus, tmp_path, weight):
+    """The control of RetroMAE's ablation: the same examples and encoder loss, the decoder's loss weighted out."""
+    torch = pytest.importorskip("torch")
+    from reprolib.objectives import build_objective
+    from reprolib.training import TrainConfig
+
+    config = TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "run"), train_data=str(synthetic_dir),
+                         objective="retromae", passage_max_len=32, decoder_loss_weight=weight, seed=0)
+    config.check()
+    objective = build_objective(config, synthetic_corpus)
+    items = [objective.examples[i] for i in range(4)]
+    torch.manual_seed(0)
+    loss, parts = objective.loss(objective.model, items, "cpu")
+    assert loss.item() == pytest.approx(parts["encoder_loss"] + weight * parts["decoder_loss"], rel=1e-5)
+    with pytest.raises(Exception, match="decoder_loss_weight must be >= 0"):
+        TrainConfig(model="m", out_dir="o", train_data="d", objective="retromae", decoder_loss_weight=-1).check()

@@ -348,10 +348,10 @@ def error(capsys, argv):
 def scratch_sparse(tmp_path_factory, synthetic_corpus):
     """(plain BertModel folder, saved SparseEncoder folder): a random micro BERT with a WordPiece vocabulary
     from the synthetic corpus, given an MLM head."""
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
     root = tmp_path_factory.mktemp("scratch-sparse")
-    build_scratch_bert(synthetic_corpus, root / "init", size="micro", seed=0)
+    build_scratch_model(synthetic_corpus, root / "init", size="micro", seed=0)
     return root / "init", SparseEncoder.from_pretrained(root / "init", passage_max_len=64).save(root / "model")
 
 

@@ -206,13 +206,15 @@ def test_summary_averages_over_datasets_and_flattens_for_save_metrics():
 
 CHECKS = [
     {"stage": "eval", "metric": "RR@10", "value": "0.393", "tolerance": 0.005, "source": "", "measured": 0.3931,
-     "status": "OK"},
-    {"stage": "eval", "metric": "R@1000", "value": "0.900", "tolerance": 0.01, "source": "", "measured": 0.95,
-     "status": "OKISH"},
+     "difference": 0.0001, "p_value": None, "status": "OK"},
+    {"stage": "eval", "metric": "R@1000", "value": "0.900", "tolerance": 0.01, "source": "", "measured": 0.905,
+     "difference": 0.005, "p_value": None, "status": "OKISH"},
     {"stage": "beir", "metric": "average_nDCG@10", "value": "0.45", "tolerance": 0.01, "source": "", "measured": 0.2,
-     "status": "FAIL"},
+     "difference": -0.25, "p_value": None, "status": "FAIL"},
     {"stage": "beir", "metric": "scifact_nDCG@10", "value": "0.5", "tolerance": 0.0, "source": "", "measured": None,
-     "status": "FAIL"},
+     "difference": None, "p_value": None, "status": "FAIL"},
+    {"stage": "hn", "metric": "RR@10", "than": "bm25", "by": 0.02, "source": "", "measured": 0.8,
+     "difference": 0.1, "p_value": 0.001, "status": "OK"},
 ]
 
 
@@ -222,15 +224,17 @@ def test_checks_plot_draws_one_line_per_check_coloured_by_status(tmp_path):
     fig = plots.checks_plot(CHECKS, path=tmp_path / "checks.png")
     ax = fig.axes[0]
     assert (tmp_path / "checks.png").stat().st_size > 0
-    assert [t.get_text() for t in ax.get_yticklabels()][0] == "eval RR@10 (0.393)"
-    assert len(ax.get_yticklabels()) == len(CHECKS)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "eval RR@10 (paper 0.393)" and labels[-1] == "hn RR@10 (vs bm25)"
+    assert len(labels) == len(CHECKS)
     points = [(tuple(np.round(c.get_offsets()[0], 4)), to_hex(c.get_facecolor()[0])) for c in ax.collections]
-    assert points == [((0.0001, 0.0), to_hex("tab:green")), ((0.05, 1.0), to_hex("tab:orange")),
-                      ((-0.25, 2.0), to_hex("tab:red")), ((0.0, 3.0), to_hex("tab:red"))]
+    assert points[:4] == [((0.0001, 0.0), to_hex("tab:green")), ((0.005, 1.0), to_hex("tab:orange")),
+                          ((-0.25, 2.0), to_hex("tab:red")), ((0.0, 3.0), to_hex("tab:red"))]
+    assert points[-2:] == [((0.02, 4.0), to_hex("0.4")), ((0.1, 4.0), to_hex("tab:green"))]   # margin tick, then dot
     bands = [(round(p.get_x(), 4), round(p.get_width(), 4)) for p in ax.patches]
-    assert bands == [(-0.005, 0.005), (-0.01, 0.01), (-0.01, 0.01), (0.0, 0.0)]
+    assert bands == [(-0.005, 0.01), (-0.01, 0.02), (-0.01, 0.02), (0.0, 0.0)]   # the tolerance, either side
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["OK", "OKISH", "FAIL", "missing", "paper", "tolerance"]
+    assert legend == ["OK", "OKISH", "FAIL", "missing", "margin to win by", "reference", "tolerance"]
 
 
 def test_dataset_bars_draw_one_bar_per_dataset_and_metric(tmp_path):
@@ -339,10 +343,10 @@ def micro_model(tiny_datasets, tmp_path_factory, module_cache):
     """A random micro BERT with a vocabulary from one dataset, mean-pooled and normalized."""
     from reprolib.data.corpus import Corpus
     from reprolib.modeling import DenseEncoder
-    from reprolib.modeling.scratch import build_scratch_bert
+    from reprolib.modeling.scratch import build_scratch_model
 
     root = tmp_path_factory.mktemp("zero-shot-model")
-    build_scratch_bert(Corpus.open(tiny_datasets[0], progress=False), root / "init", size="micro", seed=0)
+    build_scratch_model(Corpus.open(tiny_datasets[0], progress=False), root / "init", size="micro", seed=0)
     encoder = DenseEncoder.from_pretrained(root / "init", pooling="mean", normalize=True, query_max_len=32,
                                            passage_max_len=64)
     return encoder.save(root / "model")

@@ -26,14 +26,40 @@ CONFIG_NAME = "reprolib_encoder.json"
 SIDES = ("query", "passage")
 
 
+def native_bf16(device):
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
+    AMX (read from /proc/cpuinfo; elsewhere assumed not). On an AVX2-only CPU bf16 is emulated, and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision, device):
+    """"auto" -> "bf16" where `device` has native bf16, "fp16" on an older GPU, "no" on other CPUs; any other
+    value is returned as it is."""
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if torch.device(device).type == "cuda" else "no"
+
+
 def autocast(precision, device):
     """torch.autocast for inference in "fp16" or "bf16" (weights stay fp32, matmuls run in half precision);
-    None or "no": a no-op context. On a CPU with avx512_bf16, bf16 scores cross-encoder pairs 1.7x faster
-    (bench/README.md)."""
+    None or "no": a no-op context; "auto": see `resolve_precision`. On a CPU with avx512_bf16, bf16 scores
+    cross-encoder pairs 1.7x faster (bench/README.md)."""
+    precision = resolve_precision(precision, device)
     if precision in (None, "no"):
         return contextlib.nullcontext()
     if precision not in ("fp16", "bf16"):
-        raise ReprolibError(f"precision must be no, fp16 or bf16, not {precision!r}")
+        raise ReprolibError(f"precision must be no, fp16, bf16 or auto, not {precision!r}")
     device = torch.device(device)
     if precision == "fp16" and device.type == "cpu":
         # most CPUs have no fast fp16 matmul (slower than fp32, and it can overflow): refuse rather than mislead

@@ -1,7 +1,7 @@
-"""Small BERTs built from nothing but a corpus, for the offline quickstart and the tests.
+"""Small BERTs (and T5s) built from nothing but a corpus, for the offline quickstart and the tests.
 
-`build_scratch_bert(corpus, out_dir, size="tiny")` builds an uncased WordPiece vocabulary from the
-corpus and saves a randomly initialised BertModel with it, in HF format, so that
+`build_scratch_model(corpus, out_dir, size="tiny")` builds an uncased WordPiece vocabulary from the
+corpus and saves a randomly initialised BertModel with it (a T5Model for the "t5-" sizes), in HF format, so that
 every stage (fine-tuning, RetroMAE pretraining, ...) loads it like any hub checkpoint. The same
 corpus, size and seed give the same tokenizer and the same weights: a pretrained run and its
 no-pretraining control start from one model.
@@ -20,6 +20,9 @@ SIZES = {
     "micro": (2000, 32, 2, 2, 64),     # unit tests: fast, learns little
     "tiny": (4000, 128, 2, 2, 512),    # quickstart: learns the synthetic set in a minute on 2 CPU cores
     "mini": (8000, 256, 4, 4, 1024),
+    # encoder-decoder T5 (layers each side) for OpenMatch's T5 recipe; it keeps the WordPiece tokenizer:
+    # T5's pad id 0 is [PAD] here, so its first decoder input, 0, is the same token in both.
+    "t5-tiny": (4000, 128, 2, 2, 512),
 }
 MAX_POSITIONS = 512
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -38,13 +41,13 @@ def scratch_size(spec):
     return size
 
 
-def build_scratch_bert(corpus, out_dir, size="tiny", seed=42, max_texts=200_000):
-    """Save a random-init BERT of `size` with a WordPiece vocab trained on (up to `max_texts` of) the corpus.
+def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000):
+    """Save a random-init BERT (or T5) of `size` with a WordPiece vocab trained on (up to `max_texts` of) the corpus.
 
     Returns `out_dir`. A folder already built with the same size, seed and corpus is reused.
     """
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, T5Config, T5Model
 
     if size not in SIZES:
         raise ReprolibError(f"unknown scratch size {size!r}; choose from {', '.join(SIZES)}")
@@ -61,10 +64,17 @@ def build_scratch_bert(corpus, out_dir, size="tiny", seed=42, max_texts=200_000)
     tokenizer = bert_tokenizer(vocab)
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=intermediate,
-                        max_position_embeddings=MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id)
-    model = BertModel(config)
+    if size.startswith("t5-"):
+        config = T5Config(vocab_size=len(vocab), d_model=hidden, d_kv=hidden // heads, d_ff=intermediate,
+                          num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+                          pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.sep_token_id)
+        model = T5Model(config)
+    else:
+        config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=intermediate,
+                            max_position_embeddings=MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id)
+        model = BertModel(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     manifest.write_text(json.dumps(recipe, indent=2) + "\n")

