@@ -220,18 +220,17 @@ class MaskedAutoEncoder:
         if config.objective == "retromae":
             from reprolib.modeling.retromae import RetroMAEForPretraining
 
-            self.model = RetroMAEForPretraining.from_pretrained(path)
+            self.model = RetroMAEForPretraining.from_pretrained(path, decoder_weight=config.decoder_loss_weight)
         else:
             from reprolib.modeling.lexmae import LexMAEForPretraining
 
             self.model = LexMAEForPretraining.from_pretrained(path, decoder_layers=config.decoder_layers,
-                                                              bottleneck=config.bottleneck)
+                                                              bottleneck=config.bottleneck,
+                                                              decoder_weight=config.decoder_loss_weight)
 
     def loss(self, model, items, device):
         batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}
-        _, encoder_loss, decoder_loss = model(**batch)
-        # decoder_loss_weight 0 is the MLM-only control: the decoder still runs (equal compute) but teaches nothing
-        loss = encoder_loss + self.config.decoder_loss_weight * decoder_loss
+        loss, encoder_loss, decoder_loss = model(**batch)
         return loss, {"encoder_loss": encoder_loss.item(), "decoder_loss": decoder_loss.item()}
 
     def save(self, model, path):

@@ -37,7 +37,7 @@ TOP_KEYS = ("run", "notebook_dir", "defaults", "seeds", "stages", "expected")
 STAGE_KEYS = ("id", "notebook", "params", "seeded")
 # A check compares a stage's metric with a paper's `value` (within `tolerance`, either side), or with
 # another stage `than` of the same run: better `by` at least this much, with a paired test p < `alpha`,
-# or (`within`) no further from it than this, either side.
+# or (`within`) no further from it than this, either side (two one-sided tests, p < `alpha`).
 EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within", "source")
 
 STAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no dots: ids appear in ${stages.<id>.out}
@@ -250,8 +250,13 @@ def _expand_seeds(path, stages, seeds):
     same seed's copies; a stage given ${run.out} (the report) reads them all and runs once."""
     seeded = set()
     for stage in stages:
-        reads_run = any(ref == RUN_REFERENCE for ref in _references(stage.params))
-        if not reads_run and (stage.seeded or seeded.intersection(stage.upstream)):
+        if any(ref == RUN_REFERENCE for ref in _references(stage.params)):   # reads every stage, so runs once
+            named = [ref for ref in _references(stage.params) if STAGE_REFERENCE.fullmatch(ref)
+                     and STAGE_REFERENCE.fullmatch(ref).group(1) in seeded]
+            if stage.seeded or named:
+                raise _error(path, f"stage '{stage.id}' reads ${{run.out}}, so it runs once for all seeds: it cannot be "
+                                   f"seeded nor name a seeded stage ({', '.join(named) or 'seeded: true'})")
+        elif stage.seeded or seeded.intersection(stage.upstream):
             seeded.add(stage.id)
     if not seeded:
         raise _error(path, "'seeds' given, but no stage is marked 'seeded: true'")
@@ -318,13 +323,13 @@ def _parse_expected(path, raw, value_texts, stage_ids):
             by, alpha = entry.get("by", 0.0), entry.get("alpha", 0.05)
             if entry["than"] == entry["stage"] and entry.get("than_metric", entry["metric"]) == entry["metric"]:
                 raise _error(path, f"{where}: compares {entry['stage']} {entry['metric']} with itself")
-            if not _is_number(by):
-                raise _error(path, f"{where}: 'by' must be a number, got {by!r}")
+            if not _is_number(by) or by < 0:
+                raise _error(path, f"{where}: 'by' must be a number >= 0 (the margin the method must win by), got {by!r}")
             if not _is_number(alpha) or not 0 < alpha < 1:
                 raise _error(path, f"{where}: 'alpha' must be a number between 0 and 1, got {alpha!r}")
             check.update(than=entry["than"], than_metric=entry.get("than_metric", entry["metric"]), by=by, alpha=alpha)
             if "within" in entry:   # an equivalence: the same quality as the reference, not better
-                _no_keys(path, entry, where, ("by", "alpha"), "an equivalence check (within)")
+                _no_keys(path, entry, where, ("by",), "an equivalence check (within)")
                 if not _is_number(entry["within"]) or entry["within"] < 0:
                     raise _error(path, f"{where}: 'within' must be a number >= 0, got {entry['within']!r}")
                 check["within"] = entry["within"]
@@ -419,7 +424,7 @@ def _forced_stages(pipeline, from_stage, only, force):
     from_stage = copies[0] if copies else from_stage   # --from a seeded stage: from its first copy
     if from_stage and only:
         raise ReprolibError("use either --from or --only, not both")
-    if only and any(only and stage.base == only for stage in pipeline.stages):
+    if only and any(stage.base == only for stage in pipeline.stages):
         raise ReprolibError(f"--only {only}: it runs once per seed; name one copy, e.g. --only {seed_copy(only, pipeline.seeds[0])}")
     for option, sid in (("--from", from_stage), ("--only", only)):
         if sid and sid not in ids:

@@ -44,24 +44,38 @@ def check(measured, value, tolerance):
 def relative_check(difference, p_value, by, alpha):
     """"OK" | "OKISH" | "FAIL" for a method against its control in the same run.
 
-    OK: the method beats the control by at least `by` and a paired test over queries gives p < `alpha`.
-    OKISH: it wins significantly, but by less than `by`. FAIL: otherwise, so that a method no better than
-    its control fails (it passes by chance in about alpha/2 of runs). Without per-query values (p_value None)
-    the best it can get is OKISH.
+    OK: the method beats the control by at least `by` (>= 0) and a paired test over queries gives p < `alpha`.
+    OKISH: it wins significantly, but by less than `by`; or, without per-query values to test (p_value None),
+    it wins by at least `by`. FAIL: otherwise, so that a method no better than its control fails (it passes
+    by chance in about alpha/2 of runs, or half of them when untested).
     """
-    if difference is None or not math.isfinite(difference):
+    if difference is None or not math.isfinite(difference) or difference <= 0:
         return "FAIL"
     if p_value is None:
         return "OKISH" if difference >= by else "FAIL"
-    if difference > 0 and p_value < alpha:
+    if p_value < alpha:
         return "OK" if difference >= by else "OKISH"
     return "FAIL"
+
+
+def equivalence_check(difference, p_value, within, alpha):
+    """"OK" | "OKISH" | "FAIL" for "the same quality as the reference, within ±`within`".
+
+    OK: two one-sided paired tests (TOST) reject a difference beyond ±within, p < `alpha`. OKISH: untested
+    (no per-query values) but |difference| <= within. FAIL: otherwise, also when the test has too little power
+    to tell."""
+    if difference is None or not math.isfinite(difference):
+        return "FAIL"
+    if p_value is None:
+        return "OKISH" if abs(difference) <= within else "FAIL"
+    return "OK" if p_value < alpha and abs(difference) <= within else "FAIL"
 
 
 def run_checks(expected, manifest, run_dir):
     """One row per `expected` entry (see `pipeline._parse_expected`), with what was measured: the mean over
     the stage's seeds (`measured`, `sd`, `seeds`), the `reference` (the paper's number, or the control stage's
-    mean), their `difference`, the paired test's `p_value`, the `status` and a `note`."""
+    mean), their `difference`, the paired test's `p_value` and number of queries `n`, the `status` and a `note`.
+    Only stages that finished count."""
     copies = {}
     for sid, entry in manifest["stages"].items():
         copies.setdefault(entry.get("base") or sid, []).append(sid)
@@ -69,11 +83,12 @@ def run_checks(expected, manifest, run_dir):
     for entry in expected:
         values = _seed_values(manifest, copies.get(entry["stage"], []), entry["metric"])
         measured, sd = _mean_sd(values)
-        row = {**entry, "measured": measured, "sd": sd, "seeds": len(values), "note": ""}
+        row = {**entry, "measured": measured, "sd": sd, "seeds": len(values), "reference_stage": None,
+               "p_value": None, "n": None, "note": ""}
         if "than" in entry:
             row.update(_compare(entry, manifest, Path(run_dir), copies, measured))
         else:
-            row.update(reference=float(entry["value"]), reference_stage=None, p_value=None,
+            row.update(reference=float(entry["value"]),
                        difference=None if measured is None else measured - float(entry["value"]),
                        status=check(measured, entry["value"], entry["tolerance"]))
             if row["difference"] is not None and row["status"] == "FAIL" and row["difference"] > 0:
@@ -83,9 +98,11 @@ def run_checks(expected, manifest, run_dir):
 
 
 def _seed_values(manifest, ids, metric):
-    """The metric of each copy of a stage; empty when any copy did not record it."""
-    values = [(manifest["stages"][sid].get("metrics") or {}).get(metric) for sid in ids]
-    return [] if not values or any(v is None for v in values) else values
+    """The metric of each copy of a stage; empty when any copy did not finish or did not record it (finite)."""
+    entries = [manifest["stages"][sid] for sid in ids]
+    values = [(e.get("metrics") or {}).get(metric) if e.get("status") == "done" else None for e in entries]
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    return values if values and finite else []
 
 
 def _mean_sd(values):
@@ -97,14 +114,15 @@ def _mean_sd(values):
 
 
 def _compare(entry, manifest, run_dir, copies, measured):
-    """Reference, difference, p value and status of a relative check; the paired test runs on each query's
-    value averaged over the seeds."""
+    """Reference, difference, p value and status of a relative check. The paired test runs on each query's value
+    averaged over the seeds: it asks whether the seed-averaged method beats the seed-averaged control over these
+    queries (the seeds' own spread is the `sd`). With per-query values the difference is their paired mean."""
     from reprolib.metrics import paired_test
 
     control_ids = copies.get(entry["than"], [])
     reference, reference_sd = _mean_sd(_seed_values(manifest, control_ids, entry["than_metric"]))
     result = {"reference": reference, "reference_sd": reference_sd, "reference_stage": entry["than"],
-              "reference_metric": entry["than_metric"], "difference": None, "p_value": None}
+              "reference_metric": entry["than_metric"], "difference": None}
     if measured is None or reference is None:
         return {**result, "status": "FAIL", "note": "missing"}
     result["difference"] = measured - reference
@@ -114,15 +132,35 @@ def _compare(entry, manifest, run_dir, copies, measured):
     if method is None or control is None or len(set(method) & set(control)) < 2:
         note = "no per-query values: not tested for significance"
     else:
-        result["p_value"] = paired_test(control, method)["p_randomization"]
+        test = paired_test(control, method)
+        result.update(difference=test["diff"], n=test["n"], p_value=test["p_randomization"])
+        if "within" in entry:
+            result["p_value"] = _tost(control, method, entry["within"])
     if "within" in entry:
-        status = "OK" if abs(result["difference"]) <= entry["within"] else "FAIL"
-        return {**result, "status": status, "note": "" if status == "OK" else f"differs by more than {entry['within']:g}"}
+        status = equivalence_check(result["difference"], result["p_value"], entry["within"], entry.get("alpha", 0.05))
+        if not note and status == "FAIL":
+            note = (f"differs by more than {entry['within']:g}" if abs(result["difference"]) > entry["within"]
+                    else "too few queries to tell")
+        return {**result, "status": status, "note": note}
     status = relative_check(result["difference"], result["p_value"], entry["by"], entry["alpha"])
     if not note and status != "OK":
         note = (f"wins by less than {entry['by']:g}" if status == "OKISH" else
                 "worse than the control" if result["difference"] <= 0 else f"not significant (alpha {entry['alpha']:g})")
     return {**result, "status": status, "note": note}
+
+
+def _tost(control, method, within):
+    """p of two one-sided paired t-tests that the mean difference lies inside (-within, +within)."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.array([method[q] - control[q] for q in control if q in method])
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    if se == 0:
+        return 0.0 if abs(d.mean()) < within else 1.0
+    lower = stats.t.sf((d.mean() + within) / se, len(d) - 1)
+    upper = stats.t.sf((within - d.mean()) / se, len(d) - 1)
+    return float(max(lower, upper))
 
 
 def _per_query_mean(run_dir, ids, metric):
@@ -141,8 +179,9 @@ def _per_query_mean(run_dir, ids, metric):
 def write_checks(run_dir, checks):
     """<run_dir>/checks.json: the rows of `run_checks`, for machines (CI, a course's grader)."""
     path = Path(run_dir) / CHECKS
+    rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in checks]
     with atomic_write(path) as f:
-        json.dump(checks, f, indent=2)
+        json.dump(rows, f, indent=2, allow_nan=False)
     return path
 
 
@@ -154,7 +193,7 @@ def format_measured(row):
     decimals = _decimals(row)
     text = f"{row['measured']:.{decimals}f}"
     if row.get("sd") is not None:
-        text += f" ± {row['sd']:.{decimals}f} ({row['seeds']} seeds)"
+        text += f" ± {row['sd']:.{decimals}f} ({row.get('seeds')} seeds)"
     return text
 
 
@@ -166,15 +205,16 @@ def format_reference(row):
     """`0.393, RetroMAE README` for a paper check; `dense 0.7411: +0.0712 >= 0.02, p 0.0001` for a relative one."""
     if "than" not in row:
         return ", ".join(part for part in (row["value"], row["source"]) if part)
-    metric = "" if row["than_metric"] == row["metric"] else f" {row['than_metric']}"
-    reference = "missing" if row["reference"] is None else f"{row['reference']:.4f}"
+    than_metric = row.get("than_metric", row["metric"])
+    metric = "" if than_metric == row["metric"] else f" {than_metric}"
+    reference = "missing" if row.get("reference") is None else f"{row['reference']:.4f}"
     parts = [f"vs {row['than']}{metric} {reference}"]
-    if row["difference"] is not None:
+    if row.get("difference") is not None:
         wanted = f"within ±{row['within']:g}" if "within" in row else f">= {row['by']:g}"
         parts[0] += f": {row['difference']:+.4f} ({wanted})"
-    if row["p_value"] is not None:
+    if row.get("p_value") is not None:
         parts.append(f"p {row['p_value']:.4f}")
-    return ", ".join(parts + ([row["source"]] if row["source"] else []))
+    return ", ".join(parts + ([row["source"]] if row.get("source") else []))
 
 
 def format_check(row):
@@ -311,14 +351,15 @@ def _checks_table(checks):
     rows = []
     for c in checks:
         if "than" in c:
-            reference = "missing" if c["reference"] is None else f"{c['than']}: {c['reference']:.4f}"
-            wanted = f"within ± {c['within']:g}" if "within" in c else f"≥ {c['by']:+g}, p < {c['alpha']:g}"
+            reference = "missing" if c.get("reference") is None else f"{c['than']}: {c['reference']:.4f}"
+            alpha = f", p < {c.get('alpha', 0.05):g}"
+            wanted = f"within ± {c['within']:g}{alpha}" if "within" in c else f"≥ {c['by']:+g}{alpha}"
         else:
             reference, wanted = f"paper: {c['value']}", f"± {c['tolerance']:g}"
-        difference = "" if c["difference"] is None else f"{c['difference']:+.4f}"
-        p_value = "" if c["p_value"] is None else f"{c['p_value']:.4f}"
+        difference = "" if c.get("difference") is None else f"{c['difference']:+.4f}"
+        p_value = "" if c.get("p_value") is None else f"{c['p_value']:.4f}"
         rows.append((c["status"], c["stage"], c["metric"], format_measured(c), reference, difference, wanted, p_value,
-                     "; ".join(part for part in (c["source"], c["note"]) if part)))
+                     "; ".join(part for part in (c.get("source"), c.get("note")) if part)))
     return markdown_table(("status", "stage", "metric", "measured", "reference", "difference", "wanted", "p",
                            "claim"), rows)
 
@@ -332,7 +373,9 @@ def _stage_sections(run_dir, manifest, checks):
         other = {n: v for n, v in stage["metrics"].items() if not is_retrieval_metric(n)}
         if other:
             lines.append("metrics: " + ", ".join(f"{n} = {format_number(v)}" for n, v in other.items()))
-        lines += [f"- {format_check(c)}" for c in checks if c["stage"] == stage["id"]]
+        base = manifest["stages"][stage["id"]].get("base") or stage["id"]
+        first_copy = stage["id"] == next(sid for sid, e in manifest["stages"].items() if (e.get("base") or sid) == base)
+        lines += [f"- {format_check(c)}" for c in checks if c["stage"] == base and first_copy]
         if stage["error"]:
             lines.append(f"error: {stage['error']}")
         lines += [f"![{p.stem}]({quote(p.relative_to(run_dir).as_posix())})" for p in stage["plots"]]

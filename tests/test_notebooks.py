@@ -29,6 +29,7 @@ def test_papermill_reads_every_parameter(path):
 
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
+    text = text.replace("num_dev_queries: 2000", "num_dev_queries: 200")
     text = text.replace("notebook: ", f"notebook: {ROOT / 'notebooks'}/")
     path = tmp_path / "tiny.yaml"
     path.write_text(text)

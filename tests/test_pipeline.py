@@ -10,7 +10,7 @@ import yaml
 
 from reprolib.errors import ReprolibError
 from reprolib.pipeline import format_status, load_manifest, run_pipeline, save_metrics
-from reprolib.report import check, format_check, relative_check
+from reprolib.report import check, equivalence_check, format_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
 # sees which stages ran), dumps the variables named in `record`, and saves metrics.
@@ -282,7 +282,8 @@ def test_format_check():
     (0.05, 0.2, 0.02, "FAIL"),       # as large as claimed, but chance could give it
     (-0.05, 0.001, 0.0, "FAIL"),     # significantly worse
     (0.05, None, 0.02, "OKISH"),     # no per-query values: untested
-    (0.0, None, 0.0, "OKISH"),
+    (0.0, None, 0.0, "FAIL"),        # no better than the control: never a pass
+    (0.001, None, 0.0, "OKISH"),
     (-0.001, None, 0.0, "FAIL"),
     (None, None, 0.0, "FAIL"),
 ])
@@ -443,6 +444,7 @@ def test_relative_checks_over_seeds(project):
     ({"stage": "a", "metric": "m", "than": "b", "alpha": 2}, "'alpha' must be a number between 0 and 1"),
     ({"stage": "a", "metric": "m", "than": "b", "within": 0.1, "by": 0.1}, "'by' does not belong in an equivalence"),
     ({"stage": "a", "metric": "m", "than": "b", "within": -1}, "'within' must be a number >= 0"),
+    ({"stage": "a", "metric": "m", "than": "b", "by": -0.01}, "'by' must be a number >= 0"),
 ])
 def test_expected_validation(project, entry, problem):
     path = write_pipeline(project, [{"id": "a", "notebook": "step"}, {"id": "b", "notebook": "step"}],
@@ -458,3 +460,15 @@ def test_seeds_validation(project):
     path = write_pipeline(project, [{"id": "a", "notebook": "step", "seeded": True}], seeds=[1, 1])
     with pytest.raises(ReprolibError, match="'seeds' repeats a seed"):
         run(project, path)
+    path = write_pipeline(project, [{"id": "a", "notebook": "step", "seeded": True},
+                                    {"id": "r", "notebook": "step", "params": {"x": "${run.out}", "y": "${stages.a.out}"}}],
+                          seeds=[1, 2])
+    with pytest.raises(ReprolibError, match=r"stage 'r' reads \$\{run.out\}, so it runs once for all seeds: it cannot "
+                                            r"be seeded nor name a seeded stage \(stages.a.out\)"):
+        run(project, path)
+
+
+@pytest.mark.parametrize("difference, p_value, status", [
+    (0.001, 0.001, "OK"), (0.02, 0.001, "FAIL"), (0.001, 0.3, "FAIL"), (0.001, None, "OKISH"), (0.02, None, "FAIL")])
+def test_equivalence_check(difference, p_value, status):
+    assert equivalence_check(difference, p_value, within=0.01, alpha=0.05) == status

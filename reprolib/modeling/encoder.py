@@ -30,8 +30,8 @@ def native_bf16(device):
     """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
     AMX (read from /proc/cpuinfo; elsewhere assumed not). On an AVX2-only CPU bf16 is emulated, and slower."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":   # Ampere and newer; is_bf16_supported() also counts emulation on older GPUs
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     try:

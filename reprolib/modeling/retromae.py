@@ -58,17 +58,19 @@ class EnhancedDecoderLayer(nn.Module):
 
 
 class RetroMAEForPretraining(MaskedAutoEncoder):
-    def __init__(self, lm):
-        """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder)."""
+    def __init__(self, lm, decoder_weight=1.0):
+        """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder). `decoder_weight` 0 makes the MLM-only
+        control: the decoder still runs (equal compute) but its loss teaches nothing."""
         super().__init__()
         self.lm = lm
         self.decoder = EnhancedDecoderLayer(lm.config)
+        self.decoder_weight = decoder_weight
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
+    def from_pretrained(cls, name_or_path, decoder_weight=1.0):
         from transformers import BertForMaskedLM
 
-        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)))
+        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)), decoder_weight=decoder_weight)
 
     def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_visibility, decoder_labels,
                 attention_mask):
@@ -82,4 +84,4 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
         decoded = self.decoder(query, key_value, decoder_visibility)
         decoder_loss = self.mlm_loss(decoded, decoder_labels, self.lm.cls)
-        return encoder_loss + decoder_loss, encoder_loss, decoder_loss
+        return encoder_loss + self.decoder_weight * decoder_loss, encoder_loss, decoder_loss
