@@ -159,13 +159,18 @@ expected:
 """
 
 
-def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path):
-    params = tmp_path / "teacher.yaml"
-    params.write_text(TEACHER_PIPELINE.replace("NB/", f"{ROOT / 'notebooks'}/"))
+def run_to_the_end(tmp_path, pipeline_text):
+    """Run a pipeline YAML whose notebooks are named NB/<name>; every stage must finish. (stages, run dir)"""
+    params = tmp_path / "pipeline.yaml"
+    params.write_text(pipeline_text.replace("NB/", f"{ROOT / 'notebooks'}/"))
     manifest = run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
     stages = manifest["stages"]
     assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
-    run_dir = tmp_path / "out" / "teacher"
+    return stages, tmp_path / "out" / manifest["run"]
+
+
+def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path):
+    stages, run_dir = run_to_the_end(tmp_path, TEACHER_PIPELINE)
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 6
     assert {"loss.png", "rerank.png", "teacher_scores.png"} <= {p.name for p in (run_dir / "cross_encoder").iterdir()}
@@ -177,12 +182,7 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
 
 
 def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
-    params = tmp_path / "sparse.yaml"
-    params.write_text(SPARSE_PIPELINE.replace("NB/", f"{ROOT / 'notebooks'}/"))
-    manifest = run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
-    stages = manifest["stages"]
-    assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
-    run_dir = tmp_path / "out" / "sparse"
+    stages, run_dir = run_to_the_end(tmp_path, SPARSE_PIPELINE)
     assert {"loss.png", "bottleneck_terms.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert {"flops.png", "sparsity.png", "query_terms.png"} <= {p.name for p in (run_dir / "finetune").iterdir()}
     assert stages["finetune"]["metrics"]["nonzeros_per_passage"] > 0
