@@ -70,7 +70,7 @@ def main():
             for name, model in (("pretrained", str(tmp / f"pretrain-{seed}" / "model")), ("control", "scratch:tiny")):
                 out = tmp / f"{name}-{seed}"
                 summary = train(TrainConfig(model=model, out_dir=str(out), train_data=str(data), seed=seed,
-                                            **{**finetune_params, "pooling": args.pooling}, **quiet),
+                                            **finetune_params, **quiet),
                                 log=lambda *_: None)
                 run[f"{name}_RR@10"] = round(dev_rr10(out / "model", data, out), 4)
                 run[f"{name}_finetune_seconds"] = summary["seconds"]

@@ -435,7 +435,7 @@ def search_sparse(queries, index_dir, topk=1000, quantize=False, progress=False)
     SparseEncoder.encode_queries) with a sparse index.
 
     quantize=False scores the float32 weights as stored; True scores as Anserini's impact search
-    does (RECIPES.md §4.4): the integer dot product of round(100 w) of query and passage weights. Each
+    does (docs/recipes.md §4.4): the integer dot product of round(100 w) of query and passage weights. Each
     shard is turned term-major (an inverted index: token -> passages) and multiplied by a block of
     queries, so only the passages sharing a token with a query are touched. Passages sharing none
     (score 0) are not hits.

@@ -1,4 +1,4 @@
-"""Training losses of the reproduced dense/sparse retrievers (pure torch). See RECIPES.md §1.5, §2.4,
+"""Training losses of the reproduced dense/sparse retrievers (pure torch). See docs/recipes.md §1.5, §2.4,
 §3, §4.3, §5 and §6.
 
 Batch layout (every recipe): queries `q` are [B, d]; passages `p` are [B*G, d], one group of G per
@@ -53,7 +53,7 @@ def gather_with_grad(t):
 
 def false_negative_mask(passage_ids, targets, positive_ids=None):
     """Boolean [num_queries, num_passages]: True where a passage is a labelled positive of the query
-    other than its own target (Disentangled's false-negative masking, RECIPES §5).
+    other than its own target (Disentangled's false-negative masking, docs/recipes.md §5).
 
     passage_ids: [num_passages] integer ids of the candidate passages.
     targets: [num_queries] index of each query's own positive among the candidates.

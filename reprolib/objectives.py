@@ -1,7 +1,7 @@
 """What `reprolib.training.train` optimises: one class per objective, chosen by `TrainConfig.objective`.
 
     contrastive  DenseEncoder on query groups (1 positive + G-1 negatives): in-batch and
-                 cross-device cross entropy (RECIPES.md §1.5, §2.4, §3, §5); with `teacher_scores`,
+                 cross-device cross entropy (docs/recipes.md §1.5, §2.4, §3, §5); with `teacher_scores`,
                  distillation (KL or Margin-MSE on each query's group) + contrastive_weight x that
     sparse       SparseEncoder on the same groups: the same losses + FLOPS regulariser on
                  queries and passages, λ_q = 0.75·λ_d by default (LexMAE fine-tuning, §4.3)

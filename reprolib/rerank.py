@@ -1,6 +1,6 @@
 """Cross-encoder scoring: rerank a run, and score (qid, pid) pairs into a teacher-scores file for distillation.
 
-RetroMAE's teacher scores the training qrels pairs plus the retriever's ranked lists (RECIPES.md §1.5);
+RetroMAE's teacher scores the training qrels pairs plus the retriever's ranked lists (docs/recipes.md §1.5);
 `teacher_pairs` builds that list and `score_pairs` scores it. On MS MARCO that is ~100M pairs, so scoring
 writes the finished queries to `<out>.partial` as it goes and a rerun continues from there; the file is
 renamed to `out` when complete.

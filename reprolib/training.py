@@ -1,5 +1,5 @@
 """One Accelerate training loop for every objective: contrastive and sparse fine-tuning, RetroMAE and
-LexMAE pretraining (reprolib.objectives; RECIPES.md §1, §2.3-2.5, §3, §4, §5).
+LexMAE pretraining (reprolib.objectives; docs/recipes.md §1, §2.3-2.5, §3, §4, §5).
 
     config (YAML or TrainConfig) -> objective: model + examples -> steps of
         [micro-batch: examples -> objective.loss -> backward] x grad_accum

@@ -3,7 +3,7 @@
 A group is laid out [p+, n1 .. n_{G-1}]; a batch concatenates the groups of its queries, so query
 i's positive is passage row i*G (what `reprolib.losses.contrastive_loss` expects).
 
-Two samplers, as the recipes do it (RECIPES.md §1.5, §2.3, §3, §5):
+Two samplers, as the recipes do it (docs/recipes.md §1.5, §2.3, §3, §5):
 
 * "retromae" (RetroMAE, Disentangled): one example per qrels row (RetroMAE) or per query
   (Disentangled, `per_query=True`); the positive is drawn uniformly; the negatives are drawn

@@ -1,6 +1,6 @@
 """Masks for masked-auto-encoder pretraining: whole-word sampling as HF's DataCollatorForWholeWordMask
 does it (transformers 4.34, which RetroMAE pins), BERT's 80/10/10 corruption, RetroMAE's
-position-specific decoder attention (RECIPES.md §1.2), and LexMAE's exact-count token masks with a
+position-specific decoder attention (docs/recipes.md §1.2), and LexMAE's exact-count token masks with a
 wider decoder mask (§4.1-4.2).
 
 A sequence is a list of token ids [CLS] t1 .. tn [SEP] (LexMAE: [CLS] title [SEP] passage [SEP]);

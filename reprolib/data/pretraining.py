@@ -1,6 +1,6 @@
 """Pretraining text: a corpus as token sequences, and masked examples drawn from them.
 
-RetroMAE (RECIPES.md §1.1, preprocess.py): each passage is rendered (on MS MARCO: title + " " + text
+RetroMAE (docs/recipes.md §1.1, preprocess.py): each passage is rendered (on MS MARCO: title + " " + text
 when the title is longer than two characters, the `retromae_pretrain` template) and tokenized without
 special tokens. Pieces are packed greedily: a block is emitted when it already holds at least
 max_seq_length - 2 tokens *before* the next piece would be appended, so a block can run over;

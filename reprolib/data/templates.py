@@ -1,4 +1,4 @@
-"""How each recipe turns (title, text) into model input, and its max lengths (RECIPES.md checklist).
+"""How each recipe turns (title, text) into model input, and its max lengths (docs/recipes.md §6).
 
 Max lengths count [CLS]/[SEP]. `{sep}` is the tokenizer's separator token, filled at tokenization
 time (RetroMAE and Tevatron write the literal "[SEP]", which BERT tokenizers map to the SEP id).

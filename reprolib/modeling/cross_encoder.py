@@ -1,7 +1,7 @@
 """Cross-encoder: one transformer reads the query and the passage together ([CLS] q [SEP] p [SEP]) and a
 linear head on [CLS] gives one relevance logit (AutoModelForSequenceClassification with num_labels=1).
 
-It is the teacher of the distillation recipes (RECIPES.md §1.5: RetroMAE trains one with listwise cross
+It is the teacher of the distillation recipes (docs/recipes.md §1.5: RetroMAE trains one with listwise cross
 entropy over 1 positive + 64 negatives; sentence-transformers' ms-marco-MiniLM-L-6-v2 scores are the
 Disentangled and OpenMatch teachers) and a reranker of a first-stage run.
 

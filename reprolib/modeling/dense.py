@@ -1,4 +1,4 @@
-"""DenseEncoder: one bi-encoder for every recipe (RECIPES.md 1.4, 2.2, 3 "Model", 6).
+"""DenseEncoder: one bi-encoder for every recipe (docs/recipes.md 1.4, 2.2, 3 "Model", 6).
 
     text --tokenizer--> backbone --pool--> [projection] --> [L2 normalize] --> vector
 

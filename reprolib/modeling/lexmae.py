@@ -1,4 +1,4 @@
-"""LexMAE pretraining: a masked auto-encoder with a lexicon bottleneck (Shen et al. 2023; RECIPES.md §4.2).
+"""LexMAE pretraining: a masked auto-encoder with a lexicon bottleneck (Shen et al. 2023; docs/recipes.md §4.2).
 
     encoder   masked text (exactly 30% of the text tokens) --BertForMaskedLM--> MLM logits W [B, L, V],
               encoder MLM loss on the masked positions

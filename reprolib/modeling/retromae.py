@@ -1,4 +1,4 @@
-"""RetroMAE pretraining with enhanced decoding (Xiao et al. 2022; RECIPES.md §1.2).
+"""RetroMAE pretraining with enhanced decoding (Xiao et al. 2022; docs/recipes.md §1.2).
 
     masked text --BertForMaskedLM--> encoder MLM loss, and h = last hidden state at [CLS]
     query stream   H1 = h + P[0..L-1]                         (raw position embeddings)

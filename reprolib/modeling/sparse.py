@@ -1,4 +1,4 @@
-"""SparseEncoder: the LexMAE / SPLADE lexicon-weighting retriever (RECIPES.md §4.3).
+"""SparseEncoder: the LexMAE / SPLADE lexicon-weighting retriever (docs/recipes.md §4.3).
 
     text --tokenizer--> BERT + MLM head --> logits W [L, V]
     w_v = max over text positions i of log(1 + ReLU(W_iv))          one weight per vocabulary entry
