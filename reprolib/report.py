@@ -76,9 +76,7 @@ def run_checks(expected, manifest, run_dir):
     the stage's seeds (`measured`, `sd`, `seeds`), the `reference` (the paper's number, or the control stage's
     mean), their `difference`, the paired test's `p_value` and number of queries `n`, the `status` and a `note`.
     Only stages that finished count."""
-    copies = {}
-    for sid, entry in manifest["stages"].items():
-        copies.setdefault(entry.get("base") or sid, []).append(sid)
+    copies = stage_copies(manifest)
     rows = []
     for entry in expected:
         values = _seed_values(manifest, copies.get(entry["stage"], []), entry["metric"])
@@ -95,6 +93,14 @@ def run_checks(expected, manifest, run_dir):
                 row["note"] = "far above the paper: a different metric, data or a leak?"
         rows.append(row)
     return rows
+
+
+def stage_copies(manifest):
+    """{the YAML's stage id: the run's ids of it}: one id, or one per seed for a seeded stage."""
+    copies = {}
+    for sid, entry in manifest["stages"].items():
+        copies.setdefault(entry.get("base") or sid, []).append(sid)
+    return copies
 
 
 def _seed_values(manifest, ids, metric):
@@ -366,7 +372,7 @@ def _checks_table(checks):
 
 def _stage_sections(run_dir, manifest, checks):
     """One section per stage: status and wall time, its other metrics, its checks, its plots."""
-    blocks = []
+    blocks, copies = [], stage_copies(manifest)
     for stage in stage_overview(run_dir, manifest):
         wall = "" if stage["wall_s"] is None else f", {stage['wall_s']:.1f} s"
         lines = [f"### {stage['id']}\n\n`{stage['notebook']}`: {stage['status']}{wall}"]
@@ -374,8 +380,8 @@ def _stage_sections(run_dir, manifest, checks):
         if other:
             lines.append("metrics: " + ", ".join(f"{n} = {format_number(v)}" for n, v in other.items()))
         base = manifest["stages"][stage["id"]].get("base") or stage["id"]
-        first_copy = stage["id"] == next(sid for sid, e in manifest["stages"].items() if (e.get("base") or sid) == base)
-        lines += [f"- {format_check(c)}" for c in checks if c["stage"] == base and first_copy]
+        if stage["id"] == copies[base][0]:   # a seeded stage's checks go under its first copy
+            lines += [f"- {format_check(c)}" for c in checks if c["stage"] == base]
         if stage["error"]:
             lines.append(f"error: {stage['error']}")
         lines += [f"![{p.stem}]({quote(p.relative_to(run_dir).as_posix())})" for p in stage["plots"]]

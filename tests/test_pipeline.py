@@ -422,7 +422,11 @@ def test_relative_checks_over_seeds(project):
     assert method["p_value"] < 0.001 and swapped["note"] == "worse than the control"
     assert rows[2]["p_value"] > 0.05
     assert any(line.startswith("OK     method RR@10 = ") and "± " in line and "vs control" in line for line in lines)
-    assert "| OK | method | RR@10 |" in (run_dir / "REPORT.md").read_text()
+    report = (run_dir / "REPORT.md").read_text()
+    assert "| OK | method | RR@10 |" in report
+    first, second = report.index("### method_seed1"), report.index("### method_seed2")
+    assert "- OK     method RR@10 = " in report[first:second]            # a seeded stage's checks: under its first copy
+    assert "- OK     method RR@10 = " not in report[second:report.index("### control_seed1")]
 
     # --from a seeded stage starts at its first copy; --seeds replaces the YAML's list
     _, lines = run(project, path, from_stage="control")
