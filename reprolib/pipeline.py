@@ -27,6 +27,7 @@ import yaml
 from reprolib import report
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
+from reprolib.kernels import start_zygote
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -467,16 +468,22 @@ def _action(entry, digest, forced):
 
 
 def _execute_plan(plan, params, hashes, manifest, run_dir, log):
-    for position, (stage, action) in enumerate(plan):
-        if action == "skip":
-            log(f"skip {stage.id} (done, params unchanged)")
-            continue
-        try:
-            _run_stage(stage, params[stage.id], hashes[stage.id], action == "fresh", manifest, run_dir, log)
-        except BaseException:
-            _mark_not_run(manifest, plan[position + 1:], stage.id)
-            _write_manifest(run_dir, manifest)
-            raise
+    zygote = start_zygote() if any(action != "skip" for _, action in plan) else None  # see reprolib.kernels
+    try:
+        for position, (stage, action) in enumerate(plan):
+            if action == "skip":
+                log(f"skip {stage.id} (done, params unchanged)")
+                continue
+            try:
+                _run_stage(stage, params[stage.id], hashes[stage.id], action == "fresh", manifest, run_dir, log,
+                           zygote)
+            except BaseException:
+                _mark_not_run(manifest, plan[position + 1:], stage.id)
+                _write_manifest(run_dir, manifest)
+                raise
+    finally:
+        if zygote:
+            zygote.close()
 
 
 def _mark_not_run(manifest, rest, failed_id):
@@ -488,7 +495,7 @@ def _mark_not_run(manifest, rest, failed_id):
             entry.update(status="skipped", error=f"not run: stage '{failed_id}' failed")
 
 
-def _run_stage(stage, params, digest, clear, manifest, run_dir, log):
+def _run_stage(stage, params, digest, clear, manifest, run_dir, log, zygote=None):
     stage_dir = run_dir / stage.id
     if clear and stage_dir.exists():
         shutil.rmtree(stage_dir)
@@ -503,7 +510,7 @@ def _run_stage(stage, params, digest, clear, manifest, run_dir, log):
     executed = stage_dir / stage.notebook.name
     start = time.perf_counter()
     try:
-        _execute(stage, executed, params, stage_dir)
+        _execute(stage, executed, params, stage_dir, zygote)
         error = None
     except BaseException as e:  # also KeyboardInterrupt: the manifest must say the stage did not finish
         error = e
@@ -516,11 +523,13 @@ def _run_stage(stage, params, digest, clear, manifest, run_dir, log):
     log(f"✓ {stage.id} {entry['wall_s']}s {metrics}".rstrip())
 
 
-def _execute(stage, executed, params, stage_dir):
+def _execute(stage, executed, params, stage_dir, zygote=None):
+    """Run the stage's notebook in a new kernel: a fork of `zygote` where there is one."""
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
+    extra = {"kernel_manager_class": zygote.kernel_manager_class} if zygote else {}
     papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
-                               kernel_name=stage.kernel, progress_bar=True)
+                               kernel_name=stage.kernel, progress_bar=True, **extra)
 
 
 def _describe(error):

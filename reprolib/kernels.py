@@ -1,0 +1,176 @@
+"""Stage kernels forked from a warm process.
+
+Every stage runs its notebook in a fresh kernel. Starting Python and importing torch, transformers and the
+model code costs about 8 s of a 2-core machine, a third of the quickstart's time. So `run_pipeline` starts
+one *zygote* per run, which does those imports once, and each stage's kernel is a fork of it: a new process
+(nothing leaks from one notebook into the next) whose imports are already done.
+
+Starting the next stage's kernel ahead of time would not do: on 2 cores its imports slow the running stage's
+torch threads more than they save, and the priorities that could prevent that (nice, SCHED_IDLE) do not cross
+the separate session jupyter_client gives each kernel.
+
+jupyter_client launches, signals and kills one process per kernel. Here that process is a small proxy
+(`python -m reprolib.kernels proxy ...`): it asks the zygote for a kernel, forwards interrupts to it and
+exits when it ends. The proxy holds one end of a socket and the kernel the other, so each notices when the
+other is gone. Where the zygote cannot serve (not Linux, or it died), the proxy becomes an ordinary kernel.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# What the zygote imports: what nearly every notebook imports first.
+WARM_MODULES = ("torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
+                "transformers.models.bert.tokenization_bert", "transformers.models.t5.modeling_t5",
+                "matplotlib.pyplot", "ipykernel.kernelapp", "reprolib.training", "reprolib.index",
+                "reprolib.search", "reprolib.plots")
+
+
+def start_zygote():
+    """A Zygote where kernels can be forked (Linux), else None: kernels then start the usual way."""
+    return Zygote() if sys.platform.startswith("linux") else None
+
+
+class Zygote:
+    """The warm process of one pipeline run; `kernel_manager_class` makes papermill's kernels forks of it."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="reprolib-zygote-")
+        self.socket_path = os.path.join(self._dir.name, "zygote.sock")
+        # Same session as the pipeline; it exits when its stdin closes, i.e. when the pipeline does.
+        self.process = subprocess.Popen([sys.executable, "-m", "reprolib.kernels", "zygote", self.socket_path],
+                                        stdin=subprocess.PIPE)
+
+        self.kernel_manager_class = _forked_kernel_manager(self.socket_path)
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._dir.cleanup()
+
+
+def _forked_kernel_manager(socket_path):
+    """A KernelManager class that launches the plain Python kernel through the proxy (other kernels as usual)."""
+    from jupyter_client import AsyncKernelManager
+
+    class ForkedKernelManager(AsyncKernelManager):
+        @property
+        def kernel_spec(self):
+            spec = super().kernel_spec
+            if spec is not None and spec.argv[1:3] == ["-m", "ipykernel_launcher"]:
+                spec.argv = [sys.executable, "-m", "reprolib.kernels", "proxy", socket_path, *spec.argv[3:]]
+            return spec
+
+    return ForkedKernelManager
+
+
+# ---- the zygote process ---------------------------------------------------------------------
+
+def _serve(socket_path):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the pipeline's to handle
+    if sys.path and sys.path[0] == os.getcwd():  # as ipykernel_launcher does: the launch directory is no package
+        del sys.path[0]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen()  # proxies may connect now; they wait while the imports run
+    threading.Thread(target=_exit_with_stdin, daemon=True).start()
+    for module in WARM_MODULES:
+        try:
+            __import__(module)
+        except Exception:  # the notebook reports it, where a student can read it
+            pass
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped by the system, not waited for
+    while True:
+        conn, _ = listener.accept()
+        request = json.loads(conn.makefile("r").readline())
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            _run_kernel(conn, request)  # never returns
+        conn.sendall(f"{pid}\n".encode())
+        conn.close()
+
+
+def _exit_with_stdin():
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+
+def _run_kernel(conn, request):
+    """In the forked child: become the kernel the proxy asked for."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupts (forwarded by the proxy) raise again
+    os.setpgid(0, 0)  # out of the terminal's process group, as jupyter_client's own kernels are
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ.pop("JPY_PARENT_PID", None)  # ipykernel would exit when its parent is not that process
+    sys.argv = request["argv"]
+    threading.Thread(target=_exit_with_socket, args=(conn,), daemon=True).start()
+    from ipykernel.kernelapp import IPKernelApp
+
+    status = 0
+    try:
+        app = IPKernelApp.instance()
+        app.initialize(request["argv"][1:])
+        app.start()
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def _exit_with_socket(conn):
+    """The proxy was killed (jupyter_client's hard shutdown): the kernel goes too."""
+    while conn.recv(64):
+        pass
+    os._exit(1)
+
+
+# ---- the proxy process (what jupyter_client launches) ---------------------------------------
+
+def _proxy(socket_path, kernel_args):
+    argv = [sys.executable, "-m", "ipykernel_launcher", *kernel_args]
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path)
+        request = {"cwd": os.getcwd(), "env": dict(os.environ), "argv": ["ipykernel_launcher", *kernel_args]}
+        conn.sendall((json.dumps(request) + "\n").encode())
+        reply = conn.makefile("r").readline()
+        pid = int(reply)
+    except (OSError, ValueError):  # no zygote: be the kernel ourselves
+        conn.close()
+        os.execv(sys.executable, argv)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: _forward(pid, signum))
+    while True:
+        try:
+            if not conn.recv(64):  # the kernel closed its end: it has exited
+                return
+        except InterruptedError:
+            continue
+
+
+def _forward(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "zygote":
+        _serve(sys.argv[2])
+    elif sys.argv[1] == "proxy":
+        _proxy(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(f"usage: python -m reprolib.kernels zygote SOCKET | proxy SOCKET KERNEL_ARGS...")
