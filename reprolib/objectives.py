@@ -7,7 +7,7 @@
                  queries and passages, λ_q = 0.75·λ_d by default (LexMAE fine-tuning, §4.3)
     cross_encoder  CrossEncoder on the same groups: listwise cross entropy over each group (RetroMAE's
                  reranker) or per-pair binary cross entropy
-    retromae     BertForMaskedLM + the enhanced-decoding layer on packed corpus text (§1.1-1.2)
+    retromae     BertForMaskedLM + the enhanced-decoding layer on corpus passages (§1.1-1.2)
     lexmae       BertForMaskedLM + the lexicon-bottleneck decoder on (title, text) pairs (§4.1-4.2)
 
 An objective (`build(config, corpus)`) holds `model` (the module the loop prepares and steps), `examples` (len, set_epoch(e),
@@ -213,7 +213,7 @@ class MaskedAutoEncoder:
         template = get_template(config.template)
         max_length = config.passage_max_len or template.passage_max_len
         sequences = build_sequences(corpus, self.tokenizer, config.objective, max_length, template=template,
-                                    progress=config.progress)
+                                    progress=config.progress, pack=config.pack)
         self.examples = PretrainingExamples(sequences, self.tokenizer, config.objective,
                                             encoder_ratio=config.encoder_mask_ratio,
                                             decoder_ratio=config.decoder_mask_ratio, seed=config.seed)

@@ -90,6 +90,7 @@ class TrainConfig:
     decoder_layers: int = 2               # LexMAE (RetroMAE's enhanced decoder is one layer)
     bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
     decoder_loss_weight: float = 1.0      # 0: the MLM-only control (same masks, data and steps, no decoder signal)
+    pack: bool = False                    # RetroMAE: pack passages into blocks (Wikipedia); False: one per sequence (MS MARCO)
     # optimisation
     batch_size: int = 16                  # queries (pretraining: sequences) per process per micro-batch
     grad_accum: int = 1

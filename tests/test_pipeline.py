@@ -2,6 +2,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -476,3 +477,37 @@ def test_seeds_validation(project):
     (0.001, 0.001, "OK"), (0.02, 0.001, "FAIL"), (0.001, 0.3, "FAIL"), (0.001, None, "OKISH"), (0.02, None, "FAIL")])
 def test_equivalence_check(difference, p_value, status):
     assert equivalence_check(difference, p_value, within=0.01, alpha=0.05) == status
+
+
+PARAMS_DIR = Path(__file__).parent.parent / "params"
+
+
+@pytest.mark.parametrize("yaml_path", sorted(PARAMS_DIR.rglob("*.yaml")), ids=lambda p: p.relative_to(PARAMS_DIR).as_posix())
+def test_every_relative_check_fails_when_the_method_is_replaced_by_its_control(yaml_path, tmp_path):
+    """A claim's check must be able to fail. For each relative check of each shipped YAML: a method that wins
+    clearly passes, and the same check FAILs when the method's results are the control's (the method does
+    nothing) or the two stages swap roles (the method is worse than its control)."""
+    from reprolib.pipeline import load_pipeline
+    from reprolib.report import run_checks
+
+    claims = [e for e in load_pipeline(yaml_path).expected if "than" in e and "within" not in e]
+    rng = np.random.default_rng(0)
+    for entry in claims:
+        control = rng.uniform(0.2, 0.8, size=2000)
+        winner = np.clip(control + entry["by"] + 0.05 + rng.normal(0, 0.02, size=2000), 0, 1.5)
+        for roles, expected_status in (((winner, control), "OK"), ((control, control), "FAIL"),
+                                       ((control, winner), "FAIL")):
+            method_values, control_values = roles
+            run_dir = tmp_path / f"{entry['stage']}-{expected_status}-{id(roles)}"
+            stages = {}
+            for sid, metric, values in ((entry["stage"], entry["metric"], method_values),
+                                        (entry["than"], entry["than_metric"], control_values)):
+                stage = stages.setdefault(sid, {"status": "done", "metrics": {}, "per_query": {}})
+                stage["metrics"][metric] = float(values.mean())
+                stage["per_query"][metric] = {str(q): float(v) for q, v in enumerate(values)}
+            for sid, stage in stages.items():
+                (run_dir / sid).mkdir(parents=True)
+                (run_dir / sid / "per_query.json").write_text(json.dumps(stage.pop("per_query")))
+            manifest = {"stages": stages}
+            [row] = run_checks([entry], manifest, run_dir)
+            assert row["status"] == expected_status, (yaml_path.name, entry, row)

@@ -24,8 +24,17 @@ def micro_tokenizer(synthetic_corpus, tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def test_retromae_sequences_are_packed_blocks_with_specials(synthetic_corpus, micro_tokenizer):
-    sequences = build_sequences(synthetic_corpus, micro_tokenizer, "retromae", max_seq_length=64)
+def test_retromae_makes_one_sequence_per_passage_by_default(synthetic_corpus, micro_tokenizer):
+    """RetroMAE on MS MARCO (docs/recipes.md errata 3): a passage is a sequence, cut at max_seq_length."""
+    sequences = build_sequences(synthetic_corpus, micro_tokenizer, "retromae", max_seq_length=16)
+    assert len(sequences) == len(synthetic_corpus)
+    text = synthetic_corpus.title(3) + " " + synthetic_corpus.text(3)
+    ids = micro_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sequences[3].tolist() == [micro_tokenizer.cls_token_id, *ids[:14], micro_tokenizer.sep_token_id]
+
+
+def test_retromae_packed_sequences_are_blocks_with_specials(synthetic_corpus, micro_tokenizer):
+    sequences = build_sequences(synthetic_corpus, micro_tokenizer, "retromae", max_seq_length=64, pack=True)
     cls, sep = micro_tokenizer.cls_token_id, micro_tokenizer.sep_token_id
     assert all(s[0] == cls and s[-1] == sep and len(s) <= 64 for s in sequences)
     assert all(len(s) == 64 for s in sequences[:-1])        # passages are short: every block fills up

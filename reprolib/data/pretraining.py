@@ -2,9 +2,10 @@
 
 RetroMAE (docs/recipes.md §1.1, preprocess.py): each passage is rendered (on MS MARCO: title + " " + text
 when the title is longer than two characters, the `retromae_pretrain` template) and tokenized without
-special tokens. Pieces are packed greedily: a block is emitted when it already holds at least
-max_seq_length - 2 tokens *before* the next piece would be appended, so a block can run over;
-`to_sequence` cuts it and adds [CLS] / [SEP].
+special tokens. On MS MARCO one passage is one sequence (`pack=False`, the default). On Wikipedia and
+BookCorpus text (`pack=True`) pieces are packed greedily: a block is emitted when it already holds at least
+max_seq_length - 2 tokens *before* the next piece would be appended, so a block can run over. Either way
+`to_sequence` cuts the sequence to max_seq_length and adds [CLS] / [SEP].
 
 LexMAE (§4.1): each passage is one (title, passage) pair with its specials, `longest_first`
 truncation at max_seq_length (the `lexmae` template); no packing.
@@ -63,9 +64,10 @@ def _encode_batch(tokenizer, batch, **kwargs):
     return tokenizer(batch, **kwargs)["input_ids"]
 
 
-def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, limit=None, progress=False):
+def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, limit=None, progress=False,
+                    pack=False):
     """The corpus (its first `limit` passages) as a list of int32 id arrays with specials, ready to mask
-    (see the module docstring)."""
+    (see the module docstring; `pack` applies to RetroMAE only)."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -78,7 +80,7 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
     pieces = _tokenized(tokenizer, texts, add_special_tokens=False)
     return [np.asarray(to_sequence(block, tokenizer.cls_token_id, tokenizer.sep_token_id, max_seq_length),
                        dtype=np.int32)
-            for block in pack_blocks(pieces, max_seq_length)]
+            for block in (pack_blocks(pieces, max_seq_length) if pack else pieces)]
 
 
 class PretrainingExamples:
