@@ -66,11 +66,19 @@ def _forked_kernel_manager(socket_path):
         @property
         def kernel_spec(self):
             spec = super().kernel_spec
-            if spec is not None and spec.argv[1:3] == ["-m", "ipykernel_launcher"]:
+            if spec is not None and _is_this_python(spec.argv):
                 spec.argv = [sys.executable, "-m", "reprolib.kernels", "proxy", socket_path, *spec.argv[3:]]
             return spec
 
     return ForkedKernelManager
+
+
+def _is_this_python(argv):
+    """Whether a kernelspec's command starts ipykernel in the interpreter running the pipeline (its "python"
+    means this one, as in jupyter_client): only then can a fork of the zygote stand in for it."""
+    this = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    return (len(argv) >= 3 and argv[1:3] == ["-m", "ipykernel_launcher"]
+            and (argv[0] in this or os.path.realpath(argv[0]) == os.path.realpath(sys.executable)))
 
 
 # ---- the zygote process ---------------------------------------------------------------------
@@ -113,7 +121,9 @@ def _run_kernel(conn, request):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.environ.pop("JPY_PARENT_PID", None)  # ipykernel would exit when its parent is not that process
+    # The parent ipykernel watches (and exits without) is the zygote: it is this process's parent, and it lives
+    # as long as the pipeline. A parent also keeps ipykernel from printing its terminal banner.
+    os.environ["JPY_PARENT_PID"] = str(os.getppid())
     sys.argv = request["argv"]
     threading.Thread(target=_exit_with_socket, args=(conn,), daemon=True).start()
     from ipykernel.kernelapp import IPKernelApp
@@ -121,7 +131,7 @@ def _run_kernel(conn, request):
     status = 0
     try:
         app = IPKernelApp.instance()
-        app.initialize(request["argv"][1:])
+        app.initialize([*request["argv"][1:], f"--IPKernelApp.parent_handle={os.getppid()}"])
         app.start()
     except BaseException:
         status = 1

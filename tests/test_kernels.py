@@ -45,16 +45,28 @@ def write_pipeline(tmp_path, stages):
     return path
 
 
-def kernel_processes():
-    """Proxies, zygotes and forked kernels alive now (their command line names reprolib.kernels)."""
+def kernel_processes(name="reprolib.kernels"):
+    """Proxies, zygotes and forked kernels alive now (their command line names reprolib.kernels and, for
+    one run's, its zygote's socket)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"reprolib.kernels" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and name.encode() in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
         except OSError:
             pass
     return found
+
+
+def socket_of(zygote_parent):
+    """The socket path of the zygote started by process `zygote_parent`."""
+    for pid in kernel_processes():
+        try:
+            if int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1]) == zygote_parent:
+                return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[4].decode()
+        except (OSError, IndexError, ValueError):
+            pass
+    return None
 
 
 def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypatch):
@@ -83,6 +95,34 @@ def test_a_kernel_that_dies_fails_its_stage_and_leaves_nothing(tmp_path):
     assert kernel_processes() == before
 
 
+def test_a_killed_pipeline_leaves_no_kernel_behind(tmp_path):
+    """SIGKILL runs no cleanup: the zygote goes when its stdin closes, the running kernel when the zygote goes,
+    the proxy when its kernel goes."""
+    import signal
+    import subprocess
+    import time
+
+    path = write_pipeline(tmp_path, [{"id": "slow", "notebook": "probe"}])
+    make_notebook(tmp_path / "notebooks" / "probe.ipynb", "import time\nopen('started', 'w').close()\ntime.sleep(120)")
+    pipeline = subprocess.Popen([sys.executable, "-m", "reprolib", "run", str(path), "--out", str(tmp_path / "outputs")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = tmp_path / "outputs" / "k" / "slow" / "started"
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert started.exists(), "the stage never started"
+        socket_path = socket_of(pipeline.pid)
+        assert socket_path and len(kernel_processes(socket_path)) == 3    # zygote, proxy and kernel are running
+    finally:
+        pipeline.send_signal(signal.SIGKILL)
+        pipeline.wait()
+    deadline = time.monotonic() + 30
+    while kernel_processes(socket_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not kernel_processes(socket_path)
+
+
 def test_without_a_zygote_the_proxy_is_an_ordinary_kernel(tmp_path, monkeypatch):
     """The zygote died (or never started): stages still run, in kernels that import for themselves."""
     def dead_zygote():
@@ -97,3 +137,10 @@ def test_without_a_zygote_the_proxy_is_an_ordinary_kernel(tmp_path, monkeypatch)
 
     seen = json.loads((tmp_path / "outputs" / "k" / "a" / "probe.json").read_text())
     assert Path(seen["cwd"]).name == "a" and not seen["torch_preloaded"]
+
+
+def test_only_kernels_of_this_python_are_forked():
+    assert kernels._is_this_python([sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+    assert kernels._is_this_python(["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+    assert not kernels._is_this_python(["/opt/other/bin/python", "-m", "ipykernel_launcher", "-f", "x"])
+    assert not kernels._is_this_python(["R", "--slave", "-e", "IRkernel::main()", "--args", "x"])
