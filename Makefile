@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # without one that benchmark prints "skipped".
 SPARSE_MODEL ?=
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart miniatures test bench clean
 
 $(BIN)/reprolib: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(BIN)/reprolib
 
 quickstart: install
 	$(BIN)/reprolib run params/quickstart.yaml
+
+miniatures: install   # each paper's central claim against its control, 3 seeds; see README
+	for yaml in params/miniature/*.yaml; do $(BIN)/reprolib run $$yaml || exit 1; done
 
 test: install
 	$(BIN)/python -m pytest -q

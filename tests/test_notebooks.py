@@ -85,7 +85,8 @@ def _parameter_names(notebook):
     return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for target in node.targets}
 
 
-@pytest.mark.parametrize("params_file", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("params_file", sorted((ROOT / "params").rglob("*.yaml")),
+                         ids=lambda p: p.relative_to(ROOT / "params").as_posix())
 def test_every_stage_param_is_a_parameter_of_its_notebook(params_file):
     """A misspelled key would reach papermill as an unknown parameter and be silently ignored."""
     from reprolib.pipeline import load_pipeline

@@ -43,13 +43,15 @@ def test_retromae_packed_sequences_are_blocks_with_specials(synthetic_corpus, mi
     assert len(sequences) < len(synthetic_corpus) / 2 and pieces > 0
 
 
-def test_lexmae_sequences_are_title_passage_pairs(synthetic_corpus, micro_tokenizer):
+def test_lexmae_sequences_are_title_sep_passage_cut_at_the_end(synthetic_corpus, micro_tokenizer):
+    """docs/recipes.md correction 7: one segment `title[SEP]passage`, truncated at the end (the title survives)."""
     sequences = build_sequences(synthetic_corpus, micro_tokenizer, "lexmae", max_seq_length=24)
     assert len(sequences) == len(synthetic_corpus)
-    first = micro_tokenizer(synthetic_corpus.title(0), synthetic_corpus.text(0), truncation="longest_first",
-                            max_length=24)["input_ids"]
-    assert sequences[0].tolist() == first
-    assert all(np.sum(s == micro_tokenizer.sep_token_id) == 2 for s in sequences)   # [CLS] title [SEP] text [SEP]
+    title = micro_tokenizer(synthetic_corpus.title(0), add_special_tokens=False)["input_ids"]
+    text = micro_tokenizer(synthetic_corpus.text(0), add_special_tokens=False)["input_ids"]
+    cls, sep = micro_tokenizer.cls_token_id, micro_tokenizer.sep_token_id
+    assert sequences[0].tolist() == ([cls, *title, sep, *text][:23] + [sep])
+    assert all(np.sum(s == sep) == 2 for s in sequences)                        # [CLS] title [SEP] text [SEP]
 
 
 @pytest.mark.parametrize("method", ["retromae", "lexmae"])

@@ -188,8 +188,10 @@ def test_csr_encode_matches_the_training_forward(encoder):
     np.testing.assert_allclose(weights.toarray(), whole.numpy(), atol=1e-5)
     np.testing.assert_allclose(weights.toarray(), buckets.numpy(), atol=1e-5)
     assert weights.nnz == int((whole > 0).sum())  # zeros are not stored
-    pairs = encoder.encode_passages([("the cell", "cancer risk")], template="lexmae")  # (title, text) pair input
-    np.testing.assert_allclose(pairs.toarray(), brute_force(encoder, [("the cell", "cancer risk")]), atol=1e-5)
+    titled = encoder.encode_passages([("the cell", "cancer risk")], template="lexmae")  # one segment, title[SEP]text
+    one_segment = brute_force(encoder, [f"the cell{encoder.sep_token}cancer risk"])
+    np.testing.assert_allclose(titled.toarray(), one_segment, atol=1e-5)
+    assert not np.allclose(one_segment, brute_force(encoder, [("the cell", "cancer risk")]), atol=1e-5)  # not a pair
     assert encoder.encode_queries([]).shape == (0, encoder.dim)
 
 

@@ -10,7 +10,8 @@ def test_recipe_templates_follow_the_recipes():
     assert get_template("retromae").render("T", "body") == "T[SEP]body"
     assert get_template("tevatron").render("", "body") == "[SEP]body"  # Tevatron keeps the separator
     assert get_template("retromae_pretrain").render("ab", "body") == "body"  # titles of <= 2 chars dropped
-    assert get_template("lexmae").render("T", "body") == ("T", "body")
+    assert get_template("lexmae").render("T", "body") == "T[SEP]body"     # one segment (correction 7)
+    assert get_template("lexmae").render("", "body") == "-[SEP]body"      # LexMAE writes "-" for no title
     assert get_template("plain").render("", "body") == "body"
     assert get_template("retromae").render("T", "body", sep="</s>") == "T</s>body"
 

@@ -7,8 +7,8 @@ BookCorpus text (`pack=True`) pieces are packed greedily: a block is emitted whe
 max_seq_length - 2 tokens *before* the next piece would be appended, so a block can run over. Either way
 `to_sequence` cuts the sequence to max_seq_length and adds [CLS] / [SEP].
 
-LexMAE (§4.1): each passage is one (title, passage) pair with its specials, `longest_first`
-truncation at max_seq_length (the `lexmae` template); no packing.
+LexMAE (§4.1, correction 7): each passage is one sequence `title[SEP]passage` ("-" for an empty title, the
+`lexmae` template), one segment, cut at the end to max_seq_length; no packing.
 
 `PretrainingExamples[i]` masks sequence i afresh from (seed, epoch, i): every process and every
 resume sees the same masks, as the training groups do.
@@ -21,11 +21,11 @@ from reprolib.data.templates import get_template
 METHODS = ("retromae", "lexmae")
 
 
-def passage_texts(corpus, template="retromae_pretrain", limit=None):
-    """The corpus's passages (the first `limit`) as pretraining text (a string, or a (title, text) pair)."""
+def passage_texts(corpus, template="retromae_pretrain", limit=None, sep="[SEP]"):
+    """The corpus's passages (the first `limit`) as pretraining text."""
     tpl = get_template(template) if isinstance(template, str) else template
     for i in range(min(len(corpus), limit or len(corpus))):
-        yield tpl.render(corpus.title(i), corpus.text(i), sep=" ")
+        yield tpl.render(corpus.title(i), corpus.text(i), sep=sep)
 
 
 def pack_blocks(token_id_lists, max_seq_length):
@@ -59,8 +59,6 @@ def _tokenized(tokenizer, texts, batch_size=1000, **kwargs):
 
 
 def _encode_batch(tokenizer, batch, **kwargs):
-    if isinstance(batch[0], tuple):
-        return tokenizer([t for t, _ in batch], [x for _, x in batch], **kwargs)["input_ids"]
     return tokenizer(batch, **kwargs)["input_ids"]
 
 
@@ -72,10 +70,11 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    texts = passage_texts(corpus, template or ("retromae_pretrain" if method == "retromae" else "lexmae"), limit)
+    texts = passage_texts(corpus, template or ("retromae_pretrain" if method == "retromae" else "lexmae"), limit,
+                          sep=tokenizer.sep_token)
     texts = tqdm(texts, total=min(len(corpus), limit or len(corpus)), desc="tokenize", unit="passage", disable=not progress, mininterval=1.0)
     if method == "lexmae":
-        ids = _tokenized(tokenizer, texts, truncation="longest_first", max_length=max_seq_length)
+        ids = _tokenized(tokenizer, texts, truncation=True, max_length=max_seq_length)
         return [np.asarray(seq, dtype=np.int32) for seq in ids]
     pieces = _tokenized(tokenizer, texts, add_special_tokens=False)
     return [np.asarray(to_sequence(block, tokenizer.cls_token_id, tokenizer.sep_token_id, max_seq_length),

@@ -10,17 +10,16 @@ from reprolib.errors import ReprolibError
 
 @dataclass(frozen=True)
 class Template:
-    passage: str          # format string over {title}, {text}, {sep}; "pair" = (title, text) pair input
+    passage: str          # format string over {title}, {text}, {sep}
     query_max_len: int
     passage_max_len: int
     drop_empty_title: bool = False  # OpenMatch keeps "Title:  Text: ..."; RetroMAE pretraining drops short titles
+    empty_title: str = ""           # what stands for a missing title (LexMAE writes "-")
 
     def render(self, title, text, sep="[SEP]"):
-        if self.passage == "pair":
-            return (title, text)
         if self.drop_empty_title and len(title) <= 2:
             return text
-        return self.passage.format(title=title, text=text, sep=sep).strip()
+        return self.passage.format(title=title or self.empty_title, text=text, sep=sep).strip()
 
 
 TEMPLATES = {
@@ -30,7 +29,7 @@ TEMPLATES = {
     "retromae_pretrain": Template("{title} {text}", 32, 150, drop_empty_title=True),
     "openmatch": Template("Title: {title} Text: {text}", 32, 128),
     "tevatron": Template("{title}{sep}{text}", 32, 128),           # the MRR 0.322 example trains with q_max_len 16
-    "lexmae": Template("pair", 32, 144),
+    "lexmae": Template("{title}{sep}{text}", 32, 144, empty_title="-"),  # one segment, cut at the end (§4.1)
     "disentangled": Template("{text}", 24, 128),
 }
 
