@@ -193,8 +193,8 @@ def test_pairs_and_templates(tiny_dirs):
     assert pair_reps.shape == (2, 32)
     batch = enc.tokenize(pairs, side="passage")
     assert batch["token_type_ids"][0].max() == 1  # tokenized as a text pair (segment B present)
-    tevatron = enc.encode_passages(pairs, template="tevatron")
-    np.testing.assert_allclose(tevatron, enc.encode_passages(["the cell[SEP]a protein of the cell",
+    retromae = enc.encode_passages(pairs, template="retromae")
+    np.testing.assert_allclose(retromae, enc.encode_passages(["the cell[SEP]a protein of the cell",
                                                              "cancer[SEP]risk of cancer in patients"]), atol=1e-6)
     with pytest.raises(TypeError):
         enc.encode_passages("a single string")

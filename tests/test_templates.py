@@ -8,12 +8,21 @@ def test_recipe_templates_follow_the_recipes():
     assert get_template("openmatch").render("T", "body") == "Title: T Text: body"
     assert get_template("openmatch").render("", "body") == "Title:  Text: body"  # missing field -> ""
     assert get_template("retromae").render("T", "body") == "T[SEP]body"
-    assert get_template("tevatron").render("", "body") == "[SEP]body"  # Tevatron keeps the separator
+    assert get_template("tevatron").render("T", "body") == "T body"    # the HF set's join (correction 8)
+    assert get_template("tevatron").render("", "body") == "body"
     assert get_template("retromae_pretrain").render("ab", "body") == "body"  # titles of <= 2 chars dropped
     assert get_template("lexmae").render("T", "body") == "T[SEP]body"     # one segment (correction 7)
     assert get_template("lexmae").render("", "body") == "-[SEP]body"      # LexMAE writes "-" for no title
     assert get_template("plain").render("", "body") == "body"
     assert get_template("retromae").render("T", "body", sep="</s>") == "T</s>body"
+
+
+def test_disentangled_makes_the_title_a_sentence():
+    """docs/recipes.md correction 1: TREC-COVID's CORD-19 titles are kept, as `title. body`."""
+    render = get_template("disentangled").render
+    assert render("Masks work", "A trial.") == "Masks work. A trial."
+    assert render("Do masks work?", "A trial.") == "Do masks work? A trial."   # already ends a sentence
+    assert render(" ", " A trial. ") == "A trial."                            # MS MARCO: no title
 
 
 def test_max_lengths_per_recipe():
