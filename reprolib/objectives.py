@@ -38,7 +38,8 @@ def load_groups(config, sep):
         qrels, negatives = _scored_only(qrels, negatives if negatives_file else None, teacher)
     return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
                        sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
-                       template=config.template, sep=sep, seed=config.seed, teacher=teacher)
+                       template=config.template, sep=sep, seed=config.seed, teacher=teacher,
+                       without_negatives=config.without_negatives)
 
 
 def _scored_only(qrels, negatives, teacher):

@@ -69,6 +69,7 @@ class TrainConfig:
     group_size: int = 8                   # 1 positive + G-1 negatives
     sampler: str = "retromae"             # retromae | tevatron
     sample_neg_from_topk: int = 200
+    without_negatives: str = "random"     # a query with no negatives: random (RetroMAE) | skip (OpenMatch, LexMAE, Tevatron)
     per_query: bool | None = None         # one example per query (default for tevatron) or per qrels row
     temperature: float = 1.0
     cross_device: bool = False            # gather negatives from every process
@@ -165,6 +166,8 @@ class TrainConfig:
                                 f"{self.distillation!r}, teacher_scores={self.teacher_scores!r})")
         if self.distillation and self.objective not in ("contrastive", "sparse"):
             raise ReprolibError(f"{source}: distillation trains a contrastive or sparse retriever, not {self.objective!r}")
+        if self.without_negatives not in ("random", "skip"):
+            raise ReprolibError(f"{source}: without_negatives must be random or skip, not {self.without_negatives!r}")
         if self.cross_encoder_loss not in ("listwise", "bce"):
             raise ReprolibError(f"{source}: cross_encoder_loss must be listwise or bce, not {self.cross_encoder_loss!r}")
         if self.schedule not in SCHEDULES:

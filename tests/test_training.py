@@ -34,11 +34,11 @@ class ListCorpus:
         return f"text {i}"
 
 
-def _groups(sampler, negatives, group_size=4, topk=200, n=100, per_query=None):
+def _groups(sampler, negatives, group_size=4, topk=200, n=100, per_query=None, without_negatives="random"):
     queries = {"q1": "first query", "q2": "second query"}
     qrels = {"q1": {"p0": 1, "p1": 1}, "q2": {"p2": 1}}
     return TrainGroups(ListCorpus(n), queries, qrels, negatives, group_size=group_size, sampler=sampler,
-                       sample_neg_from_topk=topk, per_query=per_query, seed=7)
+                       sample_neg_from_topk=topk, per_query=per_query, seed=7, without_negatives=without_negatives)
 
 
 def test_retromae_sampler_one_example_per_qrels_row_negatives_from_topk_without_replacement():
@@ -64,6 +64,17 @@ def test_retromae_sampler_tops_up_from_the_corpus_when_short():
     assert positions[:3] == [2, 20, 21] and len(positions) == 8 and 2 not in positions[1:]
     q1 = groups[0][2]                                      # q1 has no negatives at all: all random, never a positive
     assert len(q1) == 8 and not set(q1[1:]) & {0, 1}
+
+
+@pytest.mark.parametrize("sampler", ["retromae", "tevatron"])
+def test_queries_without_negatives_can_be_left_out(sampler):
+    """OpenMatch, LexMAE and Tevatron train only the queries of their negatives file (correction 6)."""
+    groups = _groups(sampler, {"q2": ["p20", "p21"]}, without_negatives="skip")
+    assert groups.skipped_queries == ["q1"] and {groups[i][0] for i in range(len(groups))} == {"second query"}
+    with pytest.raises(ReprolibError, match="and a negative"):
+        _groups(sampler, {}, without_negatives="skip")
+    with pytest.raises(ReprolibError, match="without_negatives must be one of random, skip"):
+        _groups(sampler, {}, without_negatives="drop")
 
 
 def test_tevatron_sampler_walks_a_fixed_shuffle_by_epoch():

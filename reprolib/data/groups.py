@@ -9,6 +9,10 @@ Two samplers, as the recipes do it (docs/recipes.md §1.5, §2.3, §3, §5):
   (Disentangled, `per_query=True`); the positive is drawn uniformly; the negatives are drawn
   without replacement from the first `sample_neg_from_topk` negatives of the query; when fewer than
   G-1 are available, all of them are used and the shortfall is drawn uniformly from the corpus.
+
+A query with no negatives at all is trained on corpus-random ones (`without_negatives="random"`, RetroMAE)
+or not trained (`"skip"`: OpenMatch, LexMAE and Tevatron's HF set train only the queries of their negatives
+file; docs/recipes.md correction 6).
 * "tevatron" (Tevatron v1, OpenMatch's mapping dataset): one example per query; seeded by
   (index + seed), the positive is positives[(seed + epoch) % n], and the negatives are a fixed
   shuffle of the list walked as a window that moves by G-1 each epoch; `random.choices` when the
@@ -29,6 +33,7 @@ from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
 
 SAMPLERS = ("retromae", "tevatron")
+WITHOUT_NEGATIVES = ("random", "skip")
 
 
 class TrainGroups:
@@ -36,15 +41,19 @@ class TrainGroups:
     [G teacher scores] when `teacher` is given.
 
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
-    negatives: {qid: [pid, ...]} in rank order (missing queries get corpus-random negatives);
+    negatives: {qid: [pid, ...]} in rank order (a query without any: see `without_negatives`);
     teacher: {qid: {pid: score}} covering every positive and negative (queries without a scored
     negative are skipped).
     """
 
     def __init__(self, corpus, queries, qrels, negatives, group_size=8, sampler="retromae",
-                 sample_neg_from_topk=200, per_query=None, template="plain", sep="[SEP]", seed=42, teacher=None):
+                 sample_neg_from_topk=200, per_query=None, template="plain", sep="[SEP]", seed=42, teacher=None,
+                 without_negatives="random"):
         if sampler not in SAMPLERS:
             raise ReprolibError(f"unknown negative sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if without_negatives not in WITHOUT_NEGATIVES:
+            raise ReprolibError(f"without_negatives must be one of {', '.join(WITHOUT_NEGATIVES)}, "
+                                f"not {without_negatives!r}")
         if group_size < 1:
             raise ReprolibError(f"group_size must be at least 1, not {group_size}")
         self.corpus = corpus
@@ -71,7 +80,7 @@ class TrainGroups:
                 continue
             negative_positions = corpus.positions(negatives.get(qid, []))
             negative_positions = [int(p) for p in negative_positions if p >= 0 and p not in positives]
-            if teacher is not None and not negative_positions:
+            if not negative_positions and (teacher is not None or without_negatives == "skip"):
                 skipped.append(qid)
                 continue
             index = len(self.queries)
@@ -81,7 +90,8 @@ class TrainGroups:
             else:
                 self.examples.extend((index, [p]) for p in positives)
         if not self.examples:
-            raise ReprolibError("no training examples: no judged query has its text and a positive in the corpus")
+            also = " and a negative (without_negatives: skip)" if without_negatives == "skip" else ""
+            raise ReprolibError(f"no training examples: no judged query has its text and a positive in the corpus{also}")
         self.skipped_queries = skipped
 
     def __len__(self):
