@@ -70,11 +70,11 @@ def shares_storage(a, b):
 # ---------------------------------------------------------------- the representation
 
 def brute_force(encoder, texts):
-    """max over non-special, non-padding positions of log(1 + ReLU(logit)), position by position."""
+    """max over the positions that are neither padding nor [CLS]/[SEP] of log(1 + ReLU(logit)), one by one."""
     batch = encoder.tokenize(texts, "passage")
     with torch.no_grad():
         logits = encoder.model(**batch).logits
-    special = set(encoder.tokenizer.all_special_ids)
+    special = {encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id}
     out = torch.zeros(len(texts), logits.shape[-1])
     for row in range(len(texts)):
         for pos, token in enumerate(batch["input_ids"][row].tolist()):
@@ -94,26 +94,31 @@ def test_representation_is_max_log1p_relu_over_text_positions(encoder):
             assert not reps[TEXTS.index("")].any()  # no text position: no weight at all
 
 
-def test_special_tokens_and_padding_do_not_count(encoder):
-    """Huge logits at [CLS], [SEP], [UNK] and padding change nothing."""
+def test_cls_sep_and_padding_do_not_count_but_unk_does(encoder):
+    """Huge logits at [CLS], [SEP] and padding change nothing; at [UNK] they do (LexMAE's text mask excludes
+    [CLS] and [SEP] only)."""
     texts = ["the cell", "42 of the blood and the brain"]  # "42": [UNK], digits are not in the vocabulary
     batch = encoder.tokenize(texts, "passage")
-    special = torch.isin(batch["input_ids"], torch.tensor(encoder.tokenizer.all_special_ids))
-    assert (batch["attention_mask"] == 0).any() and (batch["input_ids"] == encoder.tokenizer.unk_token_id).any()
-    off_text = special | (batch["attention_mask"] == 0)
-    with torch.no_grad():
-        before = encoder.embed(batch, "passage")
+    ids = batch["input_ids"]
+    cls_sep = torch.isin(ids, torch.tensor([encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id]))
+    unk = ids == encoder.tokenizer.unk_token_id
+    assert (batch["attention_mask"] == 0).any() and unk.any()
 
+    def embed_with_boost(where):
         def boost(module, args, output):
-            output.logits[off_text] += 1000.0
+            output.logits[where] += 1000.0
             return output
 
         handle = encoder.model.register_forward_hook(boost)
         try:
-            after = encoder.embed(batch, "passage")
+            return encoder.embed(batch, "passage")
         finally:
             handle.remove()
-    torch.testing.assert_close(after, before)
+
+    with torch.no_grad():
+        before = encoder.embed(batch, "passage")
+        torch.testing.assert_close(embed_with_boost(cls_sep | (batch["attention_mask"] == 0)), before)
+        assert (embed_with_boost(unk)[1] > before[1] + 1).any()
 
 
 def test_head_created_and_tied_when_missing(tiny_dirs, caplog):

@@ -7,7 +7,7 @@
               b = a @ E, E = the word embeddings, detached                               [B, H]
     decoder   BertEmbeddings(decoder ids, ~50% masked), position 0 replaced by b
               -> `decoder_layers` new BERT layers (bidirectional, padding mask only)
-              -> a new head transform -> the encoder's output projection (tied to E)
+              -> a new head transform -> E as output projection, with a bias of its own (zeros at first)
               -> decoder MLM loss on the decoder-masked positions
     loss = encoder_weight * encoder MLM + decoder_weight * decoder MLM
 
@@ -39,8 +39,9 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         self.decoder_transform = BertPredictionHeadTransform(lm.config)
         for module in (self.decoder, self.decoder_transform):
             module.apply(lm._init_weights)               # BERT's initialisation (normal, initializer_range)
-        # the encoder's own output layer: its weight is the word embeddings and its bias is shared
-        self.decoder_projection = lm.get_output_embeddings()
+        # the output projection is the word embeddings (tied), its bias the decoder's own (docs/recipes.md
+        # correction 7): the encoder's head bias stays the encoder's
+        self.decoder_bias = nn.Parameter(torch.zeros(lm.config.vocab_size))
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
@@ -73,7 +74,8 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         for layer in self.decoder:
             hidden = layer(hidden, attention_mask=padding)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden      # a tuple before transformers 5
-        decoder_head = lambda h: self.decoder_projection(self.decoder_transform(h))  # noqa: E731
+        words = self.lm.get_input_embeddings().weight
+        decoder_head = lambda h: nn.functional.linear(self.decoder_transform(h), words, self.decoder_bias)  # noqa: E731
         decoder_loss = self.mlm_loss(hidden, decoder_labels, decoder_head)
         total = self.encoder_weight * encoded.loss + self.decoder_weight * decoder_loss
         return total, encoded.loss, decoder_loss

@@ -3,8 +3,7 @@
     text --tokenizer--> BERT + MLM head --> logits W [L, V]
     w_v = max over text positions i of log(1 + ReLU(W_iv))          one weight per vocabulary entry
 
-Text positions exclude padding and every special token ([CLS], [SEP], [PAD], [UNK], [MASK]: the
-tokenizer's `all_special_ids`). Because log1p and ReLU are monotonic, the max is taken over the raw
+Text positions exclude padding, [CLS] and [SEP], as LexMAE's text mask does; [UNK] is text. Because log1p and ReLU are monotonic, the max is taken over the raw
 logits first and saturated after: one [B, V] operation instead of three over [B, L, V]. Similarity is
 the dot product of the weight vectors; queries and passages share the model.
 
@@ -41,8 +40,8 @@ class SparseEncoder(TextEncoder):
         """`model`: an HF masked-LM (BertForMaskedLM, ...) whose logits score the vocabulary."""
         super().__init__(model, tokenizer, query_max_len, passage_max_len)
         self.model = model
-        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.register_buffer("special_ids", special, persistent=False)
+        special = [i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id) if i is not None]
+        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
 
     @property
     def dim(self):
