@@ -52,6 +52,32 @@ def test_scratch_t5_encodes_with_openmatchs_first_decoder_token(synthetic_corpus
     assert vectors.shape == (2, 128) and abs(vectors[0] - vectors[1]).max() > 0
 
 
+def test_t5_scaled_spec_keeps_the_vectors_and_shrinks_the_weights(synthetic_corpus, tmp_path):
+    """OpenMatch's t5-base-scaled (docs/recipes.md correction 5): the same function, smaller weights."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from transformers import T5Model
+
+    from reprolib.modeling import DenseEncoder
+    from reprolib.modeling.scratch import build_scratch_model
+    from reprolib.modeling.specs import resolve_model
+
+    plain = build_scratch_model(synthetic_corpus, tmp_path / "t5", size="t5-tiny", seed=0)
+    scaled = resolve_model(f"t5-scaled:{plain}", synthetic_corpus, tmp_path / "scaled")
+    texts = [synthetic_corpus.text(i) for i in range(4)]
+    a = DenseEncoder.from_pretrained(scaled).encode_passages(texts)
+    b = DenseEncoder.from_pretrained(plain).encode_passages(texts)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.9999    # equal up to RMSNorm's epsilon, which the 100x smaller stream feels
+    before, after = T5Model.from_pretrained(plain), T5Model.from_pretrained(scaled)
+    ratio = lambda get: float(get(before).weight.detach().norm() / get(after).weight.detach().norm())  # noqa: E731
+    assert ratio(lambda m: m.shared) == pytest.approx(100, rel=1e-4)
+    assert ratio(lambda m: m.encoder.block[0].layer[0].SelfAttention.o) == pytest.approx(100, rel=1e-4)
+    assert ratio(lambda m: m.decoder.block[0].layer[1].EncDecAttention.o) == pytest.approx(100, rel=1e-4)
+    assert ratio(lambda m: m.decoder.block[0].layer[2].DenseReluDense.wi) == pytest.approx(10, rel=1e-4)
+    assert ratio(lambda m: m.encoder.block[0].layer[0].SelfAttention.q) == pytest.approx(1, rel=1e-6)
+
+
 def test_prepare_links_a_local_dataset_directory(tmp_path):
     source = tmp_path / "beir"
     (source / "qrels").mkdir(parents=True)

