@@ -5,6 +5,7 @@ LexMAE pretraining (reprolib.objectives; docs/recipes.md §1, §2.3-2.5, §3, §
         [micro-batch: examples -> objective.loss -> backward] x grad_accum
         -> clip -> AdamW step -> schedule step
     -> out_dir/model, train_log.csv, tensorboard/, checkpoints/
+       (with eval_steps: dev_eval.csv and best/, the model of the best dev evaluation; keep: best saves it as model/)
 
 The same code runs in a notebook (one process), under `reprolib train CONFIG.yaml`, and under
 `accelerate launch -m reprolib train CONFIG.yaml` on many GPUs or CPU processes. Each process takes
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from reprolib.dev_eval import DevEval
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
 from reprolib.modeling.encoder import resolve_precision
@@ -41,6 +43,7 @@ from reprolib.objectives import OBJECTIVES, Contrastive
 LOG_FILE = "train_log.csv"
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
+BEST_DIR, DEV_FILE, DEV_LOG = "best", "dev_eval.json", "dev_eval.csv"   # keep: best (reprolib.dev_eval)
 LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "examples_per_second")
 SCHEDULES = ("linear", "constant")
 DISTILLATIONS = ("kl", "kl_batchmean", "margin_mse")
@@ -105,6 +108,15 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"           # no | fp16 | bf16 | auto (bf16 where native, else fp16 on a GPU, no on a CPU)
     gradient_checkpointing: bool = False
+    # dev evaluation and the checkpoint kept (reprolib.dev_eval; LexMAE: every 10k steps, keep the best)
+    eval_steps: int = 0                   # evaluate every N steps and at the end (0: never)
+    eval_data: str | None = None          # dataset with the dev queries and qrels (None: train_data)
+    eval_split: str = "dev"
+    eval_candidates: str | None = None    # TREC run to rerank (e.g. BM25's); None: exact search of the corpus
+    eval_depth: int = 1000                # candidates reranked per query
+    eval_max_queries: int | None = None   # the first N judged dev queries (qid order)
+    eval_metric: str = "RR@10"
+    keep: str = "last"                    # the model saved: last | best (by eval_metric)
     # bookkeeping
     seed: int = 42
     save_steps: int = 0                   # checkpoint every N steps (0: only the final model)
@@ -166,6 +178,12 @@ class TrainConfig:
                                 f"{self.distillation!r}, teacher_scores={self.teacher_scores!r})")
         if self.distillation and self.objective not in ("contrastive", "sparse"):
             raise ReprolibError(f"{source}: distillation trains a contrastive or sparse retriever, not {self.objective!r}")
+        if self.keep not in ("last", "best"):
+            raise ReprolibError(f"{source}: keep must be last or best, not {self.keep!r}")
+        if self.keep == "best" and not self.eval_steps > 0:
+            raise ReprolibError(f"{source}: keep: best needs dev evaluations (eval_steps > 0)")
+        if self.eval_steps and self.objective not in ("contrastive", "sparse"):
+            raise ReprolibError(f"{source}: dev evaluation (eval_steps) scores retrievers, not the {self.objective} objective")
         if self.without_negatives not in ("random", "skip"):
             raise ReprolibError(f"{source}: without_negatives must be random or skip, not {self.without_negatives!r}")
         if self.cross_encoder_loss not in ("listwise", "bce"):
@@ -306,6 +324,9 @@ def train(config, log=print):
             f"steps; global batch {global_batch * config.grad_accum}{per_example} on {world} process(es) "
             f"({accelerator.device}, {accelerator.mixed_precision})")
 
+    dev = DevEval(config, corpus) if config.eval_steps and main else None
+    best = _read_json(out_dir / BEST_DIR / DEV_FILE) if main else None   # the best evaluation so far (a resume)
+
     columns = LOG_COLUMNS + objective.loss_parts
     writer = _Logger(out_dir, columns, resume_step=start_step, tensorboard=config.tensorboard) if main else None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0,
@@ -347,6 +368,10 @@ def train(config, log=print):
                 writer.write(step=done, epoch=round(done / steps_per_epoch, 4), loss=step_loss,
                              learning_rate=scheduler.get_last_lr()[0], grad_norm=grad_norm, seconds=round(seconds, 4),
                              examples_per_second=round(global_batch * config.grad_accum / seconds, 2), **step_parts)
+            if config.eval_steps and (done % config.eval_steps == 0 or done == total_steps):
+                if dev:
+                    best = _evaluate(dev, objective, accelerator.unwrap_model(model), done, best, out_dir, log)
+                accelerator.wait_for_everyone()
             if config.save_steps and done % config.save_steps == 0 and done < total_steps:
                 _save_checkpoint(accelerator, out_dir, done, digest, config.save_total_limit)
     finally:
@@ -360,14 +385,46 @@ def train(config, log=print):
                "processes": world, "global_batch": global_batch * config.grad_accum,
                "seconds": round(time.perf_counter() - started, 2),
                "resumed_from_step": start_step, "device": str(accelerator.device)}
+    if best:
+        summary.update(kept=config.keep, best_step=best["step"], **{f"best_dev_{best['metric']}": best["value"]})
     if main:
-        objective.save(accelerator.unwrap_model(model), out_dir / "model")
+        if config.keep == "best" and best:
+            shutil.rmtree(out_dir / "model", ignore_errors=True)
+            shutil.copytree(out_dir / BEST_DIR, out_dir / "model", ignore=shutil.ignore_patterns(DEV_FILE))
+        else:
+            objective.save(accelerator.unwrap_model(model), out_dir / "model")
         with atomic_write(summary_path) as f:
             json.dump(summary, f, indent=2)
         log(f"saved {out_dir / 'model'} after {total_steps} steps ({summary['seconds']} s)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _evaluate(dev, objective, model, step, best, out_dir, log):
+    """Evaluate on the dev queries, append to dev_eval.csv, and save the model to best/ when it is the best
+    so far; returns the best evaluation ({step, metric, value})."""
+    value = dev(model)
+    path = out_dir / DEV_LOG
+    new_file = not path.exists()
+    with open(path, "a", newline="") as f:
+        if new_file:
+            f.write(f"step,{dev.metric}\n")
+        f.write(f"{step},{value}\n")
+    log(f"step {step}: dev {dev.metric} {value:.4f}" + (f" (best {best['value']:.4f} at step {best['step']})" if best else ""))
+    if best is None or value > best["value"]:
+        best = {"step": step, "metric": dev.metric, "value": value}
+        partial = out_dir / (BEST_DIR + ".partial")   # complete before it replaces the previous best
+        shutil.rmtree(partial, ignore_errors=True)
+        objective.save(model, partial)
+        (partial / DEV_FILE).write_text(json.dumps(best))
+        shutil.rmtree(out_dir / BEST_DIR, ignore_errors=True)
+        partial.rename(out_dir / BEST_DIR)
+    return best
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 class _Logger:

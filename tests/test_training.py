@@ -1,5 +1,6 @@
 """Training groups (both samplers), the Accelerate loop (logs, saved model, resume with the same data
 order) and the multi-process launcher, on the synthetic data set with a micro BERT built from it."""
+import dataclasses
 import json
 import os
 
@@ -212,3 +213,42 @@ def test_sparse_objective_adds_flops_of_queries_and_passages_to_the_cross_entrop
                                             + 0.01 * row["flops_passage"], rel=1e-5)
         assert row["flops_query"] > 0 and row["flops_passage"] > 0
     assert isinstance(load_encoder(tmp_path / "sparse" / "model"), SparseEncoder)
+
+
+def test_dev_evaluation_keeps_the_best_model(synthetic_dir, tmp_path, monkeypatch):
+    """docs/recipes.md correction 4: evaluate every N steps, keep the checkpoint of the best dev metric."""
+    import reprolib.dev_eval
+
+    scores = iter([0.30, 0.50, 0.40])       # the dev metric at steps 2, 4 and 6: step 4 is the best
+    monkeypatch.setattr(reprolib.dev_eval.DevEval, "__call__", lambda self, encoder: next(scores))
+    best_run = _config(synthetic_dir, tmp_path / "best", eval_steps=2, eval_max_queries=20, keep="best")
+    summary = train(best_run, log=lambda *_: None)
+    assert summary["best_step"] == 4 and summary["best_dev_RR@10"] == 0.50 and summary["kept"] == "best"
+    assert (tmp_path / "best" / "dev_eval.csv").read_text().splitlines() == ["step,RR@10", "2,0.3", "4,0.5", "6,0.4"]
+    assert _weights(tmp_path / "best" / "model").keys() == _weights(tmp_path / "best" / "best").keys()
+    for name, tensor in _weights(tmp_path / "best" / "model").items():
+        assert torch.equal(tensor, _weights(tmp_path / "best" / "best")[name])
+    last = train(_config(synthetic_dir, tmp_path / "last", max_steps=6), log=lambda *_: None)
+    assert last["steps"] == 6
+    assert any(not torch.equal(t, _weights(tmp_path / "last" / "model")[n])   # the best is not the last
+               for n, t in _weights(tmp_path / "best" / "model").items())
+
+
+def test_dev_evaluation_measures_the_retriever(synthetic_dir, synthetic_corpus, tmp_path):
+    """Exact search and a rerank of the same candidates agree; a trained model scores above chance."""
+    from reprolib.data.formats import write_run
+    from reprolib.dev_eval import DevEval
+    from reprolib.modeling import DenseEncoder
+
+    config = _config(synthetic_dir, tmp_path / "run", max_steps=30, eval_max_queries=50)
+    train(config, log=lambda *_: None)
+    encoder = DenseEncoder.from_pretrained(tmp_path / "run" / "model")
+    exact = DevEval(config, synthetic_corpus)
+    pids = [synthetic_corpus.id(i) for i in range(len(synthetic_corpus))]
+    write_run(tmp_path / "all.trec", {q: {p: -i for i, p in enumerate(pids)} for q in exact.queries})
+    rerank = DevEval(dataclasses.replace(config, eval_candidates=str(tmp_path / "all.trec"),
+                                         eval_depth=len(pids)), synthetic_corpus)
+    value = exact(encoder)
+    assert value == pytest.approx(rerank(encoder)) and value > 0.05
+    with pytest.raises(ReprolibError, match="keep: best needs dev evaluations"):
+        dataclasses.replace(config, keep="best").check()
