@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 # What the zygote imports: what nearly every notebook imports first.
 WARM_MODULES = ("torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
@@ -45,7 +44,6 @@ class Zygote:
         # Same session as the pipeline; it exits when its stdin closes, i.e. when the pipeline does.
         self.process = subprocess.Popen([sys.executable, "-m", "reprolib.kernels", "zygote", self.socket_path],
                                         stdin=subprocess.PIPE)
-
         self.kernel_manager_class = _forked_kernel_manager(self.socket_path)
 
     def close(self):
@@ -99,7 +97,11 @@ def _serve(socket_path):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped by the system, not waited for
     while True:
         conn, _ = listener.accept()
-        request = json.loads(conn.makefile("r").readline())
+        try:
+            request = json.loads(conn.makefile("r").readline())
+        except ValueError:  # a proxy that died before it asked
+            conn.close()
+            continue
         pid = os.fork()
         if pid == 0:
             listener.close()
@@ -162,12 +164,8 @@ def _proxy(socket_path, kernel_args):
         os.execv(sys.executable, argv)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: _forward(pid, signum))
-    while True:
-        try:
-            if not conn.recv(64):  # the kernel closed its end: it has exited
-                return
-        except InterruptedError:
-            continue
+    while conn.recv(64):  # until the kernel closes its end: it has exited
+        pass
 
 
 def _forward(pid, signum):
@@ -183,4 +181,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "proxy":
         _proxy(sys.argv[2], sys.argv[3:])
     else:
-        sys.exit(f"usage: python -m reprolib.kernels zygote SOCKET | proxy SOCKET KERNEL_ARGS...")
+        sys.exit("usage: python -m reprolib.kernels zygote SOCKET | proxy SOCKET KERNEL_ARGS...")
