@@ -31,8 +31,11 @@ WARM_MODULES = ("torch", "transformers.modeling_utils", "transformers.models.ber
 
 
 def start_zygote():
-    """A Zygote where kernels can be forked (Linux), else None: kernels then start the usual way."""
-    return Zygote() if sys.platform.startswith("linux") else None
+    """A Zygote where kernels can be forked (Linux, unless REPROLIB_FORK_KERNELS=0), else None: kernels then
+    start the usual way."""
+    if not sys.platform.startswith("linux") or os.environ.get("REPROLIB_FORK_KERNELS") == "0":
+        return None
+    return Zygote()
 
 
 class Zygote:

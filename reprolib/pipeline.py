@@ -11,10 +11,12 @@ Seeds: with `seeds: [1, 2, 3]` (or `--seeds`), every stage marked `seeded: true`
 that reads one, runs once per seed as `<id>_seed<s>` with its `seed` parameter set to s; the
 other stages (data, BM25, the report) run once. A check on a seeded stage uses the mean.
 """
+import contextlib
 import datetime
 import hashlib
 import json
 import numbers
+import os
 import re
 import shutil
 import time
@@ -30,6 +32,7 @@ from reprolib.fileio import atomic_write
 from reprolib.kernels import start_zygote
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 METRICS = "metrics.json"
 PER_QUERY = report.PER_QUERY
 PARAMS = "params.json"
@@ -398,6 +401,39 @@ def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only
     """
     pipeline = load_pipeline(params_path, sets, seeds)
     run_dir = (Path(out_root) / pipeline.run).resolve()
+    with _run_lock(run_dir):
+        return _run_locked(pipeline, run_dir, from_stage, only, force, log)
+
+
+def _run_lock(run_dir):
+    """Hold <run_dir>/.lock for the run: a second `reprolib run` on the same folder would delete the first's
+    stage folders under it. The system drops the lock when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / LOCK, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise ReprolibError(f"{run_dir} is in use by another `reprolib run` (pid {holder}); "
+                                    "wait for it to end, or stop it") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+
+    return held()
+
+
+def _run_locked(pipeline, run_dir, from_stage, only, force, log):
     params = _resolve_params(pipeline, run_dir)
     hashes = _stage_hashes(pipeline, params)
     forced = _forced_stages(pipeline, from_stage, only, force)

@@ -511,3 +511,22 @@ def test_every_relative_check_fails_when_the_method_is_replaced_by_its_control(y
             manifest = {"stages": stages}
             [row] = run_checks([entry], manifest, run_dir)
             assert row["status"] == expected_status, (yaml_path.name, entry, row)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no run lock on Windows")
+def test_a_second_run_on_the_same_folder_is_refused(project):
+    """Two runs on one run folder would delete each other's stage folders: the second says who holds it."""
+    import fcntl
+
+    path = write_pipeline(project, [{"id": "a", "notebook": "step"}])
+    run_dir = project / "outputs" / "demo"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(ReprolibError, match=r"in use by another `reprolib run` \(pid 4242\)"):
+            run(project, path)
+    assert ran(project) == []
+    run(project, path)                      # released: the next run goes ahead
+    assert ran(project) == ["a"]
