@@ -23,11 +23,12 @@ import sys
 import tempfile
 import threading
 
-# What the zygote imports: what nearly every notebook imports first.
+# What the zygote imports: the heavy third-party modules nearly every notebook imports first. Not reprolib's
+# own (they import in a fraction of a second): a kernel must run the library as it is when its stage starts,
+# also when someone edits it during a long run.
 WARM_MODULES = ("torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
                 "transformers.models.bert.tokenization_bert", "transformers.models.t5.modeling_t5",
-                "matplotlib.pyplot", "ipykernel.kernelapp", "reprolib.training", "reprolib.index",
-                "reprolib.search", "reprolib.plots")
+                "matplotlib.pyplot", "ipykernel.kernelapp")
 
 
 def start_zygote():
@@ -130,6 +131,8 @@ def _run_kernel(conn, request):
     # as long as the pipeline. A parent also keeps ipykernel from printing its terminal banner.
     os.environ["JPY_PARENT_PID"] = str(os.getppid())
     sys.argv = request["argv"]
+    for name in [name for name in sys.modules if name == "reprolib" or name.startswith("reprolib.")]:
+        del sys.modules[name]  # the zygote's own reprolib.kernels: the stage imports the library afresh
     threading.Thread(target=_exit_with_socket, args=(conn,), daemon=True).start()
     from ipykernel.kernelapp import IPKernelApp
 

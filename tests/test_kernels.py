@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ke
 PROBE = """\
 import json, os, sys
 from pathlib import Path
+library_preloaded = any(name.startswith("reprolib") for name in sys.modules)
 Path("probe.json").write_text(json.dumps({
     "pid": os.getpid(), "cwd": os.getcwd(), "env": os.environ.get("REPROLIB_TEST_ENV"),
     "torch_preloaded": "torch" in sys.modules, "leaked": "marker" in globals(),
+    "library_preloaded": library_preloaded,
 }))
 marker = 1
 """
@@ -80,6 +82,7 @@ def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypa
     assert seen["a"]["pid"] != seen["b"]["pid"]                       # a new process per stage
     assert not seen["b"]["leaked"]                                    # nothing left by stage a
     assert all(s["torch_preloaded"] for s in seen.values())           # forked after the imports
+    assert not any(s["library_preloaded"] for s in seen.values())     # reprolib as it is now, not at fork time
     assert [Path(seen[sid]["cwd"]).name for sid in "ab"] == ["a", "b"]
     assert {s["env"] for s in seen.values()} == {"from the pipeline"}
     assert kernel_processes() == before                               # zygote, proxies and kernels are gone
