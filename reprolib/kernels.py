@@ -28,7 +28,7 @@ import threading
 # also when someone edits it during a long run.
 WARM_MODULES = ("torch", "transformers.modeling_utils", "transformers.models.bert.modeling_bert",
                 "transformers.models.bert.tokenization_bert", "transformers.models.t5.modeling_t5",
-                "matplotlib.pyplot", "ipykernel.kernelapp")
+                "matplotlib.pyplot", "accelerate", "faiss", "ir_measures", "ipykernel.kernelapp")
 
 
 def start_zygote():
