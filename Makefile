@@ -40,6 +40,8 @@ bench: install   # about 70 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/sparse_search.py $(if $(SPARSE_MODEL),--model $(SPARSE_MODEL))
 	$(BIN)/python bench/retromae_step.py
 	$(BIN)/python bench/retromae_synthetic.py
+	$(BIN)/python bench/kernel_start.py
+	REPROLIB_FORK_KERNELS=0 $(BIN)/python bench/kernel_start.py --out bench/results/kernel_start_fresh.json
 
 clean:
 	rm -rf $(VENV) outputs/quickstart
