@@ -55,3 +55,24 @@ def test_fine_tuning_stage_matches_the_recipe_notes(recipe):
 
 def test_the_table_names_every_recipe():
     assert set(TABLE["query / passage length"]) == set(RECIPES)
+
+
+def _stage(yaml_name, stage_id):
+    return next(s for s in load_pipeline(ROOT / "params" / yaml_name).stages if s.id == stage_id)
+
+
+@pytest.mark.parametrize("yaml_name, stage_id, query_len", [
+    ("tevatron_bert_msmarco.yaml", "eval", 32),            # trains at 16, evaluates dev queries at 32
+    ("disentangled_contrast_msmarco.yaml", "eval", 512),    # evaluate/index_utils.py: 512 for queries too
+    ("disentangled_contrast_msmarco.yaml", "covid_eval", 512),
+    ("disentangled_distill_msmarco.yaml", "zero_shot", 512),
+    ("retromae_beir.yaml", "zero_shot", 512),               # sentence-transformers' Transformer(model): 512
+])
+def test_evaluation_query_lengths_are_the_originals(yaml_name, stage_id, query_len):
+    """docs/recipes.md correction 2: evaluation lengths are not training lengths."""
+    assert _stage(yaml_name, stage_id).params["query_max_len"] == query_len
+
+
+def test_openmatch_mines_its_default_retrieval_depth():
+    """docs/recipes.md correction 9: OpenMatch's "top 200" mining retrieves 100 deep."""
+    assert _stage("openmatch_t5_msmarco.yaml", "mine").params["depth"] == 100
