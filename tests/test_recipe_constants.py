@@ -76,3 +76,11 @@ def test_evaluation_query_lengths_are_the_originals(yaml_name, stage_id, query_l
 def test_openmatch_mines_its_default_retrieval_depth():
     """docs/recipes.md correction 9: OpenMatch's "top 200" mining retrieves 100 deep."""
     assert _stage("openmatch_t5_msmarco.yaml", "mine").params["depth"] == 100
+
+
+def test_lexmae_flops_weights_by_stage():
+    """§4.3: λ_d 0.002 in stage 1, 0.008 in stages 2 and 3 (queries get 0.75 λ_d by default)."""
+    weights = [float(w) for w in TABLE["FLOPS λ_d by stage"]["LexMAE"].split("/")]
+    stages = [_stage("lexmae_msmarco.yaml", sid) for sid in ("finetune", "finetune_hn", "finetune_distill")]
+    assert [s.params["flops_passage_weight"] for s in stages] == weights
+    assert all(s.params.get("flops_query_weight") is None for s in stages)
