@@ -325,7 +325,13 @@ def train(config, log=print):
             f"({accelerator.device}, {accelerator.mixed_precision})")
 
     dev = DevEval(config, corpus) if config.eval_steps and main else None
-    best = _read_json(out_dir / BEST_DIR / DEV_FILE) if main else None   # the best evaluation so far (a resume)
+    best = None   # the best dev evaluation so far: a resume continues from the one on disk, a new run clears it
+    if main and start_step:
+        best = _read_json(out_dir / BEST_DIR / DEV_FILE)
+    elif main:
+        for stale in (BEST_DIR, BEST_DIR + ".partial"):
+            shutil.rmtree(out_dir / stale, ignore_errors=True)
+        (out_dir / DEV_LOG).unlink(missing_ok=True)
 
     columns = LOG_COLUMNS + objective.loss_parts
     writer = _Logger(out_dir, columns, resume_step=start_step, tensorboard=config.tensorboard) if main else None

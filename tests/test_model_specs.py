@@ -62,6 +62,8 @@ def test_t5_scaled_spec_keeps_the_vectors_and_shrinks_the_weights(synthetic_corp
     from reprolib.modeling.scratch import build_scratch_model
     from reprolib.modeling.specs import resolve_model
 
+    other = build_scratch_model(synthetic_corpus, tmp_path / "other", size="t5-tiny", seed=1)
+    resolve_model(f"t5-scaled:{other}", synthetic_corpus, tmp_path / "scaled")   # a stale build in the same folder
     plain = build_scratch_model(synthetic_corpus, tmp_path / "t5", size="t5-tiny", seed=0)
     scaled = resolve_model(f"t5-scaled:{plain}", synthetic_corpus, tmp_path / "scaled")
     texts = [synthetic_corpus.text(i) for i in range(4)]

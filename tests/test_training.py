@@ -252,3 +252,17 @@ def test_dev_evaluation_measures_the_retriever(synthetic_dir, synthetic_corpus, 
     assert value == pytest.approx(rerank(encoder)) and value > 0.05
     with pytest.raises(ReprolibError, match="keep: best needs dev evaluations"):
         dataclasses.replace(config, keep="best").check()
+
+
+def test_a_new_run_does_not_take_an_earlier_runs_best(synthetic_dir, tmp_path, monkeypatch):
+    """best/ and dev_eval.csv left by another config in the same out_dir are cleared, not continued."""
+    import reprolib.dev_eval
+
+    scores = iter([0.9, 0.1, 0.2, 0.3])
+    monkeypatch.setattr(reprolib.dev_eval.DevEval, "__call__", lambda self, encoder: next(scores))
+    train(_config(synthetic_dir, tmp_path / "run", max_steps=2, eval_steps=2, eval_max_queries=20, keep="best"),
+          log=lambda *_: None)
+    summary = train(_config(synthetic_dir, tmp_path / "run", max_steps=6, eval_steps=2, eval_max_queries=20,
+                            keep="best", learning_rate=2e-3), log=lambda *_: None)
+    assert summary["best_step"] == 6 and summary["best_dev_RR@10"] == 0.3       # not the other run's 0.9
+    assert (tmp_path / "run" / "dev_eval.csv").read_text().splitlines() == ["step,RR@10", "2,0.1", "4,0.2", "6,0.3"]

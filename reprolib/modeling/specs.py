@@ -7,6 +7,7 @@
     t5-scaled:<t5 name/path>  that T5 with OpenMatch's fp16 weight scaling (`scale_t5_weights`), built on first use
 """
 import importlib.util
+import json
 from pathlib import Path
 
 from reprolib.errors import ReprolibError
@@ -71,9 +72,12 @@ def build_scaled_t5(name_or_path, build_dir):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     build_dir = Path(build_dir)
-    if not (build_dir / "config.json").exists():
-        name_or_path = package_path(name_or_path)
-        model = scale_t5_weights(T5ForConditionalGeneration.from_pretrained(name_or_path))
-        model.save_pretrained(build_dir)
-        AutoTokenizer.from_pretrained(name_or_path).save_pretrained(build_dir)
+    built_from = build_dir / "t5_scaled.json"   # what the folder holds, so that another source rebuilds it
+    recipe = {"source": str(name_or_path)}
+    if built_from.exists() and json.loads(built_from.read_text()) == recipe:
+        return build_dir
+    source = package_path(name_or_path)
+    scale_t5_weights(T5ForConditionalGeneration.from_pretrained(source)).save_pretrained(build_dir)
+    AutoTokenizer.from_pretrained(source).save_pretrained(build_dir)
+    built_from.write_text(json.dumps(recipe))   # last: a folder without it is rebuilt
     return build_dir
