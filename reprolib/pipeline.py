@@ -405,32 +405,29 @@ def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only
         return _run_locked(pipeline, run_dir, from_stage, only, force, log)
 
 
+@contextlib.contextmanager
 def _run_lock(run_dir):
     """Hold <run_dir>/.lock for the run: a second `reprolib run` on the same folder would delete the first's
     stage folders under it. The system drops the lock when the process ends, however it ends."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def held():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / LOCK, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                raise ReprolibError(f"{run_dir} is in use by another `reprolib run` (pid {holder}); "
-                                    "wait for it to end, or stop it") from None
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            yield
-
-    return held()
+            holder = f.read().strip() or "?"
+            raise ReprolibError(f"{run_dir} is in use by another `reprolib run` (pid {holder}); "
+                                "wait for it to end, or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 def _run_locked(pipeline, run_dir, from_stage, only, force, log):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from reprolib.data.groups import WITHOUT_NEGATIVES
 from reprolib.dev_eval import DevEval
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
@@ -184,8 +185,9 @@ class TrainConfig:
             raise ReprolibError(f"{source}: keep: best needs dev evaluations (eval_steps > 0)")
         if self.eval_steps and self.objective not in ("contrastive", "sparse"):
             raise ReprolibError(f"{source}: dev evaluation (eval_steps) scores retrievers, not the {self.objective} objective")
-        if self.without_negatives not in ("random", "skip"):
-            raise ReprolibError(f"{source}: without_negatives must be random or skip, not {self.without_negatives!r}")
+        if self.without_negatives not in WITHOUT_NEGATIVES:
+            raise ReprolibError(f"{source}: without_negatives must be one of {', '.join(WITHOUT_NEGATIVES)}, "
+                                f"not {self.without_negatives!r}")
         if self.cross_encoder_loss not in ("listwise", "bce"):
             raise ReprolibError(f"{source}: cross_encoder_loss must be listwise or bce, not {self.cross_encoder_loss!r}")
         if self.schedule not in SCHEDULES:
