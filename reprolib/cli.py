@@ -24,6 +24,49 @@ def seed_list(text):
     return seeds
 
 
+def positive_int(text):
+    """A count that must be at least 1 (--topk, --batch-size, --depth, ...): 0 and negatives are refused, not
+    read as "all" or as a Python slice."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    """A finite float >= 0 (BM25's k1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_float(text):
+    """A float in [0, 1] (BM25's b)."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _check_outputs(args, inputs=("corpus", "queries", "run", "qrels", "negatives", "model", "index")):
+    """--out must not be one of the command's inputs: writing it would replace what is being read."""
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    target = Path(out).resolve()
+    for name in inputs:
+        value = getattr(args, name, None)
+        if value and Path(value).exists() and Path(value).resolve() == target:
+            raise ReprolibError(f"--out {out} is also the --{name} input; choose another output path")
+
+
 def cmd_status(args):
     from reprolib.pipeline import format_status
     print(format_status(args.run_dir))
@@ -207,9 +250,16 @@ def cmd_train(args):
     train(TrainConfig.from_yaml(args.config))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="reprolib", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = _Parser(prog="reprolib", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("run", help="run a pipeline YAML (stages of notebooks) into outputs/")
     p.add_argument("params")
@@ -230,7 +280,7 @@ def build_parser():
     p = data.add_parser("prepare", help="synthetic | msmarco-passage | msmarco-hard-negatives | beir/<name> | lotte/<domain>/<split>")
     p.add_argument("name")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-passages", type=int, default=5000, help="synthetic only")
+    p.add_argument("--num-passages", type=positive_int, default=5000, help="synthetic only")
     p.add_argument("--seed", type=int, default=42, help="synthetic only")
     p.add_argument("--url", action="append", default=[], metavar="KEY=URL",
                    help="override a download URL: url= for beir/lotte; rocketqa_url=, qrels_train_url=, triples_url= for msmarco-passage; "
@@ -247,9 +297,9 @@ def build_parser():
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
     p.add_argument("--out", required=True)
-    p.add_argument("--topk", type=int, default=1000)
-    p.add_argument("--k1", type=float, default=1.5)
-    p.add_argument("--b", type=float, default=0.75)
+    p.add_argument("--topk", type=positive_int, default=1000)
+    p.add_argument("--k1", type=non_negative_float, default=1.5)
+    p.add_argument("--b", type=unit_float, default=0.75)
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
     p.set_defaults(func=cmd_bm25)
 
@@ -258,12 +308,12 @@ def build_parser():
     p.add_argument("--model", required=True, help="HF name or folder (HF, sentence-transformers or reprolib)")
     p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
     p.add_argument("--out", required=True, help="index directory")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-len", type=int, help="passage max length (default: the model's reprolib or sentence-transformers "
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-len", type=positive_int, help="passage max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 128; sparse: 144)")
     _precision_arguments(p)
     p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
-    p.add_argument("--shard-size", type=int, default=100_000, help="passages per shard file")
+    p.add_argument("--shard-size", type=positive_int, default=100_000, help="passages per shard file")
     p.add_argument("--dtype", choices=["float16", "float32"],
                    help="stored vector type (default: float16 for dense models; sparse ones store float32 only)")
     p.set_defaults(func=cmd_encode)
@@ -275,14 +325,14 @@ def build_parser():
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
     p.add_argument("--out", required=True)
-    p.add_argument("--topk", type=int, default=1000)
+    p.add_argument("--topk", type=positive_int, default=1000)
     p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], default="flat",
                    help="dense indexes. flat: exact; hnsw / ivfpq: approximate, built on first use and kept in the "
                         "index directory")
     p.add_argument("--quantized", action="store_true",
                    help="sparse indexes: score Anserini's integer impacts round(100 w) instead of the float weights")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-len", type=int, help="query max length (default: the model's reprolib or sentence-transformers "
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-len", type=positive_int, help="query max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 32)")
     p.set_defaults(func=cmd_search)
 
@@ -303,8 +353,8 @@ def build_parser():
     p.add_argument("--qrels", required=True)
     p.add_argument("--split", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--depth", type=int, default=200)
-    p.add_argument("--num", type=int, default=None, help="keep at most this many per query")
+    p.add_argument("--depth", type=positive_int, default=200)
+    p.add_argument("--num", type=positive_int, default=None, help="keep at most this many per query")
     p.add_argument("--shuffle-seed", type=int, default=None,
                    help="shuffle each query's negatives before --num (Tevatron/OpenMatch build_hn); default: rank order")
     p.set_defaults(func=cmd_mine)
@@ -312,7 +362,7 @@ def build_parser():
     p = verbs.add_parser("rerank", help="rescore the top-D hits of a run with a cross-encoder")
     _cross_encoder_arguments(p)
     p.add_argument("--run", required=True, help="TREC run to rerank")
-    p.add_argument("--depth", type=int, default=100)
+    p.add_argument("--depth", type=positive_int, default=100)
     p.set_defaults(func=cmd_rerank)
 
     p = verbs.add_parser("score", help="teacher scores (qid pid score) of each judged query's positives and its "
@@ -322,7 +372,7 @@ def build_parser():
     candidates.add_argument("--run", help="TREC run whose top-D hits are scored")
     candidates.add_argument("--negatives", help="qid \\t pid,pid negatives file whose first D are scored")
     p.add_argument("--qrels", required=True, help="qrels file or dataset directory (its positives are scored too)")
-    p.add_argument("--depth", type=int, default=200)
+    p.add_argument("--depth", type=positive_int, default=200)
     p.set_defaults(func=cmd_score)
 
     p = verbs.add_parser("train", help="contrastive fine-tuning from a YAML of TrainConfig options "
@@ -339,8 +389,8 @@ def _cross_encoder_arguments(p):
     p.add_argument("--split", help="split when --queries / --qrels is a directory")
     p.add_argument("--out", required=True)
     p.add_argument("--template", default="plain", help="passage text template")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-len", type=int, help="pair max length (default: the model's, else 200)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-len", type=positive_int, help="pair max length (default: the model's, else 200)")
     _precision_arguments(p)
 
 
@@ -352,12 +402,23 @@ def _precision_arguments(p):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a bad command line (already reported in one line)
+        return e.code
+    try:
+        _check_outputs(args)
         args.func(args)
     except ReprolibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a read-only or full disk, an output path that is a directory, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was written so far is kept; the same command resumes where it can", file=sys.stderr)
+        return 130
     return 0
 
 

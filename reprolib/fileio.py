@@ -3,6 +3,7 @@ import contextlib
 import gzip
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 from reprolib.errors import DataError
@@ -23,18 +24,27 @@ def open_binary(path):
 def iter_lines(path, skip_blank=True):
     """Yield (line_number, text) with the line ending (LF or CRLF) stripped.
 
-    Decodes strictly as UTF-8 so a bad byte is reported with its line, not replaced silently.
+    Decodes strictly as UTF-8 so a bad byte is reported with its line, not replaced silently. A UTF-8 byte
+    order mark (Windows editors write one) is dropped: it would otherwise become part of the first id.
+    A damaged .gz file is reported with the line where it broke.
     """
     with open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            line = line.rstrip("\r\n")
-            if skip_blank and not line.strip():
-                continue
-            yield number, line
+        number = 0
+        try:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                if number == 1:
+                    line = line.removeprefix("\ufeff")
+                line = line.rstrip("\r\n")
+                if skip_blank and not line.strip():
+                    continue
+                yield number, line
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(path, number + 1 if number else None, f"damaged gzip file ({e})") from None
+
 
 
 def split_fields(path, number, line, counts, sep="\t"):

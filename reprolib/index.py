@@ -24,7 +24,9 @@ once from the shards into out_dir/<type>_<build params>.faiss and reused by late
 re-encoding a shard deletes them. Passage ids are not stored in the index: positions map to ids
 through the corpus (`run_from_hits`).
 """
+import hashlib
 import json
+import logging
 import math
 import os
 import zipfile
@@ -36,6 +38,8 @@ from tqdm.auto import tqdm
 
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 DTYPES = ("float16", "float32")
@@ -80,9 +84,29 @@ def _shard_info(path):
 
 
 def _valid_shard(path, rows, dtype, dim):
-    """True when `path` holds a (rows, dim) matrix of `dtype` (dim None: any width)."""
+    """True when `path` holds a (rows, dim) matrix of `dtype` (dim None: any width) of finite numbers."""
     info = _shard_info(path)
-    return info is not None and info[0] == rows and info[2] == np.dtype(dtype) and dim in (None, info[1])
+    if info is None or info[0] != rows or info[2] != np.dtype(dtype) or dim not in (None, info[1]):
+        return False
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            return bool(np.isfinite(f["data"]).all())
+    shard = np.load(path, mmap_mode="r")
+    return all(np.isfinite(shard[i:i + 65536]).all() for i in range(0, rows, 65536))
+
+
+def model_fingerprint(encoder):
+    """A digest of the encoder's weights: an index is bound to the model that wrote it (None for an encoder
+    that is not a torch module)."""
+    import torch
+
+    if not isinstance(encoder, torch.nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _save_shard(path, vectors, dtype):
@@ -122,6 +146,7 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
     store = getattr(corpus, "store_dir", None)
     meta = {"kind": kind, "num_passages": num_passages, "dim": None, "dtype": dtype, "shard_size": shard_size,
             "num_shards": num_shards, "corpus_store": str(store) if store is not None else None,
+            "corpus_fingerprint": getattr(corpus, "fingerprint", None), "model_fingerprint": model_fingerprint(encoder),
             "template": _template_name(template), "complete": False}
 
     meta_path = out_dir / INDEX_FILE
@@ -131,9 +156,21 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
-        meta["dim"] = old.get("dim")
+        changed = [what for key, what in (("corpus_fingerprint", "corpus"), ("model_fingerprint", "model"))
+                   if old.get(key) != meta[key]]
+        if changed:   # same shape, other content: the old shards would pass every check and be wrong
+            logger.warning("%s: the %s changed since its shards were written; encoding every shard again",
+                           out_dir, " and the ".join(changed))
+            state.wait_for_everyone()   # every process has compared before the main one removes the shards
+            if state.is_main_process:
+                for number in range(old.get("num_shards", 0)):
+                    shard_path(out_dir, number, kind).unlink(missing_ok=True)
+                _remove_ann_files(out_dir)
+        else:
+            meta["dim"] = old.get("dim")
     if state.is_main_process:
         _write_json(meta_path, meta)  # records the settings before any shard, so a resume can check them
+    state.wait_for_everyone()   # no process reads shards the main process is still removing
 
     dim = meta["dim"]
     mine = range(state.process_index, num_shards, state.num_processes)
@@ -335,7 +372,13 @@ def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
 
 def _load_shard(index_dir, number, rows=None):
     """Shard `number` (or its `rows`) as a C-contiguous float32 array, as faiss wants it."""
-    shard = np.load(shard_path(index_dir, number), mmap_mode="r")
+    path = shard_path(index_dir, number)
+    shard = np.load(path, mmap_mode="r")
+    meta = load_meta(index_dir)
+    expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+    if shard.ndim != 2 or shard.shape[0] != expected:
+        raise ReprolibError(f"{path}: {shard.shape[0] if shard.ndim else 0} rows, but {INDEX_FILE} promises {expected}; "
+                            "the index is damaged: re-run `reprolib encode`")
     return np.ascontiguousarray(shard if rows is None else shard[rows], dtype=np.float32)
 
 
@@ -456,7 +499,12 @@ def search_sparse(queries, index_dir, topk=1000, quantize=False, progress=False)
     queries = _search_weights(queries, quantize)
     scores = positions = None
     for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
-        shard = scipy.sparse.load_npz(shard_path(index_dir, number, "sparse"))
+        path = shard_path(index_dir, number, "sparse")
+        shard = scipy.sparse.load_npz(path)
+        expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+        if shard.shape[0] != expected:
+            raise ReprolibError(f"{path}: {shard.shape[0]} rows, but {INDEX_FILE} promises {expected}; "
+                                "the index is damaged: re-run `reprolib encode`")
         postings = _search_weights(shard, quantize).T.tocsr()  # token -> passages
         block = max(1, SCORE_BLOCK // postings.shape[1])
         found = [top_k((queries[start:start + block] @ postings).toarray(), k)

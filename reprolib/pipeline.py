@@ -64,6 +64,7 @@ class Stage:
     seeded: bool = False   # runs once per seed (set in the YAML, or because it reads a seeded stage)
     base: str = None       # the YAML's id of a per-seed copy (None: the stage runs once)
     seed: int = None       # the seed of a per-seed copy
+    declared: tuple = ()   # the names its notebook's parameters cell assigns
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _read_yaml(path):
         raise _error(path, "not valid UTF-8") from None
     try:
         node = loader.get_single_node()
+        _check_duplicate_keys(path, node)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         raise _error(path, f"invalid YAML at line {e.problem_mark.line + 1}: {e.problem}") from None
@@ -131,6 +133,21 @@ def _read_yaml(path):
     finally:
         loader.dispose()
     return data, _expected_value_texts(node)
+
+
+def _check_duplicate_keys(path, node):
+    """YAML lets a repeated key silently replace the first; in a pipeline that is always a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    raise _error(path, f"line {key.start_mark.line + 1}: duplicate key {key.value!r}")
+                seen.add(key.value)
+            _check_duplicate_keys(path, value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(path, item)
 
 
 def _expected_value_texts(root):
@@ -183,7 +200,38 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
         raise _error(path, f"stage '{sid}': cannot read notebook {notebook}: {e}") from None
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
     code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
-    return Stage(sid, notebook, kernel, code, {**defaults, **params}, [], raw.get("seeded", False))
+    declared = notebook_parameters(nb)
+    for name in params:
+        _check_declared(path, sid, notebook, declared, name)
+    # defaults (e.g. seed) reach the stages whose notebooks have them
+    inherited = {name: value for name, value in defaults.items() if name in declared}
+    return Stage(sid, notebook, kernel, code, {**inherited, **params}, [], raw.get("seeded", False),
+                 declared=tuple(declared))
+
+
+def notebook_parameters(nb):
+    """The names assigned in a notebook's cell tagged `parameters` (papermill injects values for these)."""
+    import ast
+
+    names = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, ast.AnnAssign) else []
+                names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def _check_declared(path, sid, notebook, declared, name, source=""):
+    """A parameter the notebook does not have would be injected and ignored: a typo must not run."""
+    if name in declared:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, declared, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise _error(path, f"{source}stage '{sid}': {notebook.name} has no parameter {name!r}{hint}")
 
 
 def _apply_sets(path, stages, sets):
@@ -196,6 +244,8 @@ def _apply_sets(path, stages, sets):
             raise ReprolibError(f"--set {item!r}: expected stage.key=value")
         if sid not in by_id:
             raise ReprolibError(f"--set {item!r}: {path} has no stage '{sid}' (stages: {', '.join(by_id)})")
+        stage = by_id[sid]
+        _check_declared(path, sid, stage.notebook, stage.declared, key, source=f"--set {item!r}: ")
         try:
             by_id[sid].params[key] = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -275,9 +325,9 @@ def _expand_seeds(path, stages, seeds):
                 if target and target.group(1) in seeded:
                     return "${stages." + seed_copy(target.group(1), seed) + ".out}"
                 return match.group(0)
-            params = {**_interpolate(stage.params, rename), "seed": seed}
+            params = {**_interpolate(stage.params, rename), **({"seed": seed} if "seed" in stage.declared else {})}
             expanded.append(Stage(seed_copy(stage.id, seed), stage.notebook, stage.kernel, stage.code, params, [],
-                                  True, stage.id, seed))
+                                  True, stage.id, seed, declared=stage.declared))
     ids = [stage.id for stage in expanded]
     clash = next((sid for sid in ids if ids.count(sid) > 1), None)
     if clash:

@@ -51,3 +51,27 @@ def synthetic_corpus(synthetic_dir, session_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPROLIB_CACHE", str(session_cache))
         return Corpus.open(synthetic_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every extra thread waits."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, synthetic_corpus, one_torch_thread):
+    """A random micro BERT with a WordPiece vocabulary from the synthetic corpus, saved as a reprolib
+    encoder (mean pooling, normalized: a passage's own text is its nearest neighbour)."""
+    from reprolib.modeling import DenseEncoder
+    from reprolib.modeling.scratch import build_scratch_model
+
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    build_scratch_model(synthetic_corpus, root / "init", size="micro", seed=0)
+    encoder = DenseEncoder.from_pretrained(root / "init", pooling="mean", normalize=True, query_max_len=128,
+                                           passage_max_len=128)
+    return encoder.save(root / "model")

@@ -29,7 +29,17 @@ save_metrics(out_dir, {"value": value, "found_partial": int(Path("partial.ckpt")
 """
 
 
-def make_notebook(path, *cells, params='out_dir = ""\nlog_file = ""\nrecord = []\nvalue = 0'):
+STEP_PARAMS = """\
+out_dir = ""
+log_file = ""
+record = []
+value = 0
+# what the tests pass (a stage may only set parameters its notebook declares)
+seed = 0
+lr = epochs = fp16 = data_dir = files = src = tag = x = y = run_dir = None"""
+
+
+def make_notebook(path, *cells, params=STEP_PARAMS):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
@@ -395,7 +405,7 @@ def report_lines(lines):
 
 
 def test_relative_checks_over_seeds(project):
-    make_notebook(project / "notebooks" / "system.ipynb", SYSTEM, params='out_dir = ""\nquality = 0.5\nseed = 0')
+    make_notebook(project / "notebooks" / "system.ipynb", SYSTEM, params='out_dir = ""\nquality = 0.5\nseed = 0\ntag = None')
     path = write_pipeline(project, [
         {"id": "data", "notebook": "step"},
         {"id": "method", "notebook": "system", "seeded": True, "params": {"quality": 0.8}},
@@ -530,3 +540,36 @@ def test_a_second_run_on_the_same_folder_is_refused(project):
     assert ran(project) == []
     run(project, path)                      # released: the next run goes ahead
     assert ran(project) == ["a"]
+
+
+# ---------------------------------------------------------------- typos are errors, not ignored parameters
+
+@pytest.mark.parametrize("stage_params, sets, message", [
+    ({"valeu": 1}, [], "stage 'a': step.ipynb has no parameter 'valeu'; did you mean 'value'?"),
+    ({}, ["a.recrod=[]"], "--set 'a.recrod=[]': stage 'a': step.ipynb has no parameter 'recrod'; did you mean 'record'?"),
+    ({"zzz": 1}, [], "stage 'a': step.ipynb has no parameter 'zzz'"),
+])
+def test_a_parameter_the_notebook_does_not_have_is_an_error(project, stage_params, sets, message):
+    path = write_pipeline(project, [{"id": "a", "notebook": "step", "params": stage_params}])
+    with pytest.raises(ReprolibError) as info:
+        run(project, path, sets=sets)
+    assert str(info.value).endswith(message)
+    assert not (project / "outputs").exists() and ran(project) == []
+
+
+def test_defaults_reach_only_the_notebooks_that_have_them(project):
+    make_notebook(project / "notebooks" / "bare.ipynb", STEP, params='out_dir = ""\nlog_file = ""\nrecord = []\nvalue = 0')
+    path = write_pipeline(project, [{"id": "a", "notebook": "step"}, {"id": "b", "notebook": "bare"}],
+                          defaults={"seed": 7})
+    run(project, path)
+    run_dir = project / "outputs" / "demo"
+    assert json.loads((run_dir / "a" / "params.json").read_text())["seed"] == 7
+    assert "seed" not in json.loads((run_dir / "b" / "params.json").read_text())
+
+
+def test_a_duplicate_yaml_key_is_an_error(project):
+    path = project / "params" / "p.yaml"
+    path.write_text("run: demo\nstages:\n  - id: a\n    notebook: step\n    params: {value: 1}\n"
+                    "    params: {value: 2}\n")
+    with pytest.raises(ReprolibError, match=r"p.yaml: line 6: duplicate key 'params'"):
+        run(project, path)

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from reprolib.data.layout import find_corpus_file
 from reprolib.errors import DataError
+from reprolib.data.formats import check_id, json_record, record_id, record_text
 from reprolib.fileio import iter_lines
 
-STORE_VERSION = 1
+STORE_VERSION = 2   # 2: meta.json holds the content fingerprint
 
 
 def cache_root():
@@ -38,11 +39,11 @@ def _iter_source(path):
     is_json = path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz")
     for number, line in iter_lines(path):
         if is_json:
-            try:
-                record = json.loads(line)
-                pid, title, text = str(record["_id"]), record.get("title") or "", record.get("text") or ""
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(path, number, f"not a corpus record with _id/title/text ({e})") from None
+            record = json_record(path, number, line)
+            if "_id" not in record:
+                raise DataError(path, number, "not a corpus record: no '_id' field")
+            pid = record_id(path, number, record["_id"], "passage id")
+            title, text = record_text(path, number, record, "title", False), record_text(path, number, record, "text", False)
         else:
             fields = line.split("\t")
             if len(fields) == 3:
@@ -51,8 +52,7 @@ def _iter_source(path):
                 (pid, text), title = fields, ""
             else:
                 raise DataError(path, number, f"expected 2 or 3 tab-separated fields (id, [title,] text), found {len(fields)}")
-        if not pid:
-            raise DataError(path, number, "empty passage id")
+        check_id(path, number, pid, "passage id")
         if not title.strip() and not text.strip():
             raise DataError(path, number, f"empty passage {pid!r} (no title and no text)")
         yield number, pid, title, text
@@ -98,6 +98,8 @@ def _write_store(source, tmp, progress):
                                          disable=not progress, mininterval=1.0):
         ids.add(pid), titles.add(title), texts.add(text)
         lines.append(number)
+    if not lines:
+        raise DataError(source, None, "no passages: the corpus is empty")
     for blob, name in ((titles, "title"), (texts, "text"), (ids, "id")):
         blob.close(tmp / f"{name}.idx.npy")
     id_array = _fixed_width_ids(tmp)
@@ -110,7 +112,18 @@ def _write_store(source, tmp, progress):
     np.save(tmp / "ids.npy", id_array)
     np.save(tmp / "id_order.npy", order)
     np.save(tmp / "sorted_ids.npy", sorted_ids)
-    (tmp / "meta.json").write_text(json.dumps({"version": STORE_VERSION, "source": str(source), "passages": len(id_array)}))
+    (tmp / "meta.json").write_text(json.dumps({"version": STORE_VERSION, "source": str(source), "passages": len(id_array),
+                                               "fingerprint": _fingerprint(tmp)}))
+
+
+def _fingerprint(store_dir):
+    """A digest of the passages' ids, titles and texts in order: an index is bound to the corpus it encoded."""
+    digest = hashlib.sha256()
+    for name in ("ids.npy", "title.idx.npy", "title.bin", "text.idx.npy", "text.bin"):
+        with open(store_dir / name, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _fixed_width_ids(tmp):
@@ -154,6 +167,10 @@ class Corpus:
         if not (store_dir / "meta.json").exists():
             build_store(source, store_dir, progress=progress)
         return cls(store_dir)
+
+    @property
+    def fingerprint(self):
+        return json.loads((self.store_dir / "meta.json").read_text())["fingerprint"]
 
     def __len__(self):
         return len(self.ids)

@@ -14,6 +14,7 @@ and live in `reprolib.data.corpus`.
 """
 import gzip
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -38,6 +39,32 @@ def _field(path, number, record, *names):
     raise DataError(path, number, f"missing field {names[0]!r}")
 
 
+def record_id(path, number, value, what):
+    """A JSON id as a string: a string or an integer, never null, and without whitespace, which TREC runs and
+    qrels (whitespace separated) could not carry back."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(path, number, f"{what} must be a string or an integer, got {json.dumps(value)}")
+    return check_id(path, number, str(value), what)
+
+
+def check_id(path, number, value, what):
+    if not value:
+        raise DataError(path, number, f"empty {what}")
+    if any(c.isspace() for c in value):
+        raise DataError(path, number, f"{what} {value!r} contains whitespace, which TREC runs and qrels cannot carry")
+    return value
+
+
+def record_text(path, number, record, name, required=True):
+    """A JSON text field as a string ('' when absent or null and not `required`)."""
+    value = record.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, number, f"field {name!r} must be a string, got {json.dumps(value)[:40]}")
+    return value
+
+
 def _put_unique(table, key, value, path, number, what):
     if key in table:
         raise DataError(path, number, f"duplicate {what} {key!r}")
@@ -54,9 +81,12 @@ def read_queries(path):
     for number, line in iter_lines(path):
         if is_json:
             record = json_record(path, number, line)
-            qid, text = str(_field(path, number, record, "_id", "qid")), _field(path, number, record, "text", "query")
+            qid = record_id(path, number, _field(path, number, record, "_id", "qid"), "query id")
+            _field(path, number, record, "text", "query")   # present, under either name
+            text = record_text(path, number, record, "text" if "text" in record else "query")
         else:
             qid, text = split_fields(path, number, line, (2,))
+            check_id(path, number, qid, "query id")
         if not str(text).strip():
             raise DataError(path, number, f"empty query text for {qid!r}")
         _put_unique(queries, qid, text, path, number, "query id")
@@ -173,6 +203,8 @@ def read_run(path):
             value = float(score)
         except ValueError:
             raise DataError(path, number, f"score {score!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(path, number, f"score {score!r} is not a finite number")
         _put_unique(run.setdefault(qid, {}), pid, value, path, number, f"hit for query {qid!r}, doc")
     return run
 
@@ -181,6 +213,9 @@ def write_run(path, run, tag="reprolib"):
     """Write hits sorted by score (descending) with ranks 1..k."""
     with atomic_write(path) as f:
         for qid, hits in run.items():
+            for text, what in ((qid, "query id"), *((pid, "doc id") for pid in hits)):
+                if not text or any(c.isspace() for c in text):
+                    raise DataError(path, None, f"{what} {text!r} is empty or contains whitespace: a TREC run cannot carry it")
             ranked = sorted(hits.items(), key=lambda hit: -hit[1])
             for rank, (pid, score) in enumerate(ranked, 1):
                 f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")

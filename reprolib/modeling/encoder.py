@@ -67,6 +67,19 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+def _check_tokenizer(model, tokenizer):
+    """Refuse a tokenizer that cannot be the model's: a folder without its tokenizer files can load one with a
+    handful of tokens, which turns every word into [UNK] and trains or indexes nonsense without an error.
+    Embedding matrices are often padded (T5: 32,128 rows for 32,100 tokens), so only a large gap is refused."""
+    from reprolib.errors import ReprolibError
+
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) < 0.9 * rows:
+        where = getattr(model.config, "_name_or_path", "") or "the model"
+        raise ReprolibError(f"{where}: the tokenizer has {len(tokenizer):,} tokens but the model embeds {rows:,}; "
+                            "are the tokenizer files (vocab.txt, tokenizer.json, ...) missing from the folder?")
+
+
 class TextEncoder(nn.Module):
     kind = None
 
@@ -74,6 +87,7 @@ class TextEncoder(nn.Module):
         """`model`: the HF module that takes the tokenized batch (its forward's arguments decide whether
         token_type_ids are passed)."""
         super().__init__()
+        _check_tokenizer(model, tokenizer)
         self.tokenizer = tokenizer
         self.query_max_len = int(query_max_len)
         self.passage_max_len = int(passage_max_len)

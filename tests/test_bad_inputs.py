@@ -1,0 +1,292 @@
+"""Hostile input, table by table: every bad file, option or stale output ends in exit 2 and one line naming the
+problem (and the file and line where there is one), with no traceback, the inputs unchanged and nothing
+marked complete that is not. Good inputs in an odd dress (a byte-order mark, CRLF) read as the plain ones.
+"""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from reprolib.cli import main
+from reprolib.data import read_qrels, read_queries, read_run, write_run
+from reprolib.data.corpus import Corpus
+from reprolib.errors import DataError
+
+
+def error_line(capsys, argv):
+    """Run the CLI: exit 2, exactly one `error: ...` line, last on stderr, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def ok(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Five passages, three queries, their qrels and a run, as plain files."""
+    (tmp_path / "corpus.tsv").write_text("".join(f"d{i}\tTitle {i}\tpassage {i} about topic{i}\n" for i in range(5)))
+    (tmp_path / "queries.tsv").write_text("q0\ttopic0\nq1\ttopic1\nq2\ttopic2\n")
+    (tmp_path / "qrels.trec").write_text("q0 0 d0 1\nq1 0 d1 1\nq2 0 d2 1\n")
+    (tmp_path / "run.trec").write_text("".join(f"q{q} Q0 d{d} {r + 1} {5 - r}.0 t\n"
+                                               for q in range(3) for r, d in enumerate([q, (q + 1) % 5])))
+    return tmp_path
+
+
+# ---------------------------------------------------------------- readers: a BOM or CRLF changes nothing
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name, read", [
+    ("qrels.trec", read_qrels),
+    ("run.trec", read_run),
+    ("queries.tsv", read_queries),
+])
+@pytest.mark.parametrize("dress", ["bom", "crlf", "bom+crlf"])
+def test_a_bom_or_crlf_reads_as_the_plain_file(small, name, read, dress):
+    plain = (small / name).read_text()
+    text = plain.replace("\n", "\r\n") if "crlf" in dress else plain
+    dressed = small / f"dressed_{name}"
+    dressed.write_text(BOM + text if "bom" in dress else text, newline="")
+    assert read(dressed) == read(small / name)
+
+
+def test_beir_qrels_header_is_recognised_after_a_bom(tmp_path):
+    (tmp_path / "qrels.tsv").write_text(BOM + "query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    assert read_qrels(tmp_path / "qrels.tsv") == {"q0": {"d0": 1}}
+
+
+def test_a_bom_does_not_become_part_of_the_first_passage_id(small):
+    (small / "bom.tsv").write_text(BOM + (small / "corpus.tsv").read_text())
+    assert Corpus.open(small / "bom.tsv", progress=False).id(0) == "d0"
+
+
+def test_evaluate_with_bom_files_scores_like_the_plain_ones(capsys, small):
+    for name in ("run.trec", "qrels.trec"):
+        (small / f"bom_{name}").write_text(BOM + (small / name).read_text())
+    plain = json.loads(ok(capsys, ["evaluate", str(small / "run.trec"), str(small / "qrels.trec"), "--json"]))
+    dressed = json.loads(ok(capsys, ["evaluate", str(small / "bom_run.trec"), str(small / "bom_qrels.trec"), "--json"]))
+    assert dressed == plain and plain["RR@10"] == 1.0
+
+
+# ---------------------------------------------------------------- readers: bad values, named by file and line
+
+@pytest.mark.parametrize("file, content, line, problem", [
+    ("c.jsonl", '{"_id": "a", "text": "x"}\n{"_id": null, "text": "y"}\n', 2, "passage id must be a string or an integer, got null"),
+    ("c.jsonl", '{"_id": "a", "title": 5, "text": "x"}\n', 1, "field 'title' must be a string, got 5"),
+    ("c.jsonl", '{"_id": "doc 7", "text": "x"}\n', 1, "passage id 'doc 7' contains whitespace"),
+    ("c.jsonl", '{"_id": true, "text": "x"}\n', 1, "passage id must be a string or an integer, got true"),
+    ("c.tsv", "a b\ttext\n", 1, "passage id 'a b' contains whitespace"),
+    ("c.jsonl", "", None, "no passages: the corpus is empty"),
+])
+def test_bad_corpus_values(tmp_path, file, content, line, problem):
+    (tmp_path / file).write_text(content)
+    with pytest.raises(DataError) as info:
+        Corpus.open(tmp_path / file, progress=False)
+    assert (info.value.line, info.value.path) == (line, str((tmp_path / file).resolve()))
+    assert problem in info.value.problem
+
+
+@pytest.mark.parametrize("file, content, line, problem", [
+    ("q.jsonl", '{"_id": "q1", "text": 12345}\n', 1, "field 'text' must be a string, got 12345"),
+    ("q.jsonl", '{"_id": null, "text": "x"}\n', 1, "query id must be a string or an integer, got null"),
+    ("q.tsv", "q 1\ttext\n", 1, "query id 'q 1' contains whitespace"),
+])
+def test_bad_query_values(tmp_path, file, content, line, problem):
+    (tmp_path / file).write_text(content)
+    with pytest.raises(DataError) as info:
+        read_queries(tmp_path / file)
+    assert info.value.line == line and problem in info.value.problem
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
+def test_a_run_with_a_non_finite_score_is_refused(tmp_path, score):
+    (tmp_path / "run.trec").write_text(f"q0 Q0 d0 1 1.0 t\nq0 Q0 d1 2 {score} t\n")
+    with pytest.raises(DataError, match=r"run.trec:2: score .* is not a finite number"):
+        read_run(tmp_path / "run.trec")
+
+
+def test_a_run_cannot_be_written_with_an_id_holding_a_space(tmp_path):
+    with pytest.raises(DataError, match="doc id 'doc 7' is empty or contains whitespace"):
+        write_run(tmp_path / "run.trec", {"q0": {"doc 7": 1.0}})
+    assert not (tmp_path / "run.trec").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_a_damaged_gzip_corpus_is_one_line(capsys, small, damage):
+    whole = gzip.compress(("".join(f'{{"_id": "d{i}", "text": "passage {i} ' + "word " * 50 + '"}\n'
+                                   for i in range(200))).encode())
+    path = small / "c.jsonl.gz"
+    path.write_bytes(whole[:len(whole) // 2] if damage == "truncated" else b"plain text, not gzip\n")
+    line = error_line(capsys, ["bm25", "--corpus", str(path), "--queries", str(small / "queries.tsv"),
+                               "--out", str(small / "o.trec")])
+    assert "c.jsonl.gz" in line and "damaged gzip file" in line
+    assert not (small / "o.trec").exists()
+
+
+# ---------------------------------------------------------------- options: every count must be >= 1
+
+def _bm25(s):
+    return ["bm25", "--corpus", str(s / "corpus.tsv"), "--queries", str(s / "queries.tsv"), "--out", str(s / "o.trec")]
+
+
+def _mine(s):
+    return ["mine-negatives", "--run", str(s / "run.trec"), "--qrels", str(s / "qrels.trec"), "--out", str(s / "n.tsv")]
+
+
+def _encode(s):
+    return ["encode", "--model", str(s / "no-model"), "--corpus", str(s / "corpus.tsv"), "--out", str(s / "idx")]
+
+
+def _search(s):
+    return ["search", "--model", str(s / "no-model"), "--index", str(s / "idx"), "--queries", str(s / "queries.tsv"),
+            "--out", str(s / "o.trec")]
+
+
+def _rerank(s):
+    return ["rerank", "--model", str(s / "no-model"), "--run", str(s / "run.trec"), "--corpus", str(s / "corpus.tsv"),
+            "--queries", str(s / "queries.tsv"), "--out", str(s / "o.trec")]
+
+
+def _score(s):
+    return ["score", "--model", str(s / "no-model"), "--run", str(s / "run.trec"), "--qrels", str(s / "qrels.trec"),
+            "--corpus", str(s / "corpus.tsv"), "--queries", str(s / "queries.tsv"), "--out", str(s / "o.tsv")]
+
+
+@pytest.mark.parametrize("command, option", [
+    (_bm25, "--topk"), (_mine, "--depth"), (_mine, "--num"),
+    (_encode, "--batch-size"), (_encode, "--max-len"), (_encode, "--shard-size"),
+    (_search, "--topk"), (_search, "--batch-size"), (_search, "--max-len"),
+    (_rerank, "--depth"), (_rerank, "--batch-size"), (_score, "--depth"), (_score, "--batch-size"),
+])
+@pytest.mark.parametrize("value", ["0", "-3", "five"])
+def test_counts_below_one_are_refused_before_any_work(capsys, small, command, option, value):
+    line = error_line(capsys, command(small) + [option, value])
+    assert f"argument {option}" in line
+    assert not any(p.exists() for p in (small / "o.trec", small / "n.tsv", small / "idx", small / "o.tsv"))
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--k1", "-1", "must be a finite number >= 0"), ("--k1", "nan", "must be a finite number >= 0"),
+    ("--b", "7", "must be between 0 and 1"), ("--b", "-0.5", "must be a finite number >= 0"),
+])
+def test_bm25_parameters_out_of_range(capsys, small, option, value, problem):
+    assert problem in error_line(capsys, _bm25(small) + [option, value])
+
+
+# ---------------------------------------------------------------- outputs: never over an input, OS errors in one line
+
+@pytest.mark.parametrize("command, name", [(_bm25, "corpus.tsv"), (_bm25, "queries.tsv"), (_mine, "run.trec"),
+                                           (_mine, "qrels.trec")])
+def test_out_equal_to_an_input_is_refused(capsys, small, command, name):
+    before = (small / name).read_bytes()
+    argv = command(small)
+    argv[argv.index("--out") + 1] = str(small / name)
+    assert f"is also the --{name.split('.')[0]} input" in error_line(capsys, argv)
+    assert (small / name).read_bytes() == before
+
+
+def test_out_that_is_a_directory_is_one_line(capsys, small):
+    (small / "adir").mkdir()
+    argv = _bm25(small)
+    argv[argv.index("--out") + 1] = str(small / "adir")
+    assert "adir" in error_line(capsys, argv)
+
+
+# ---------------------------------------------------------------- indexes: bound to their corpus and model
+
+@pytest.fixture
+def self_queries(tmp_path, synthetic_corpus):
+    """Twenty passages' own texts as queries, each judged relevant to its passage."""
+    picked = range(0, 2000, 100)
+    (tmp_path / "q.tsv").write_text("".join(f"q{i}\t{synthetic_corpus.title(i)} {synthetic_corpus.text(i)}\n"
+                                            for i in picked))
+    (tmp_path / "qrels.tsv").write_text("".join(f"q{i} 0 {synthetic_corpus.id(i)} 1\n" for i in picked))
+    return tmp_path / "q.tsv", tmp_path / "qrels.tsv"
+
+
+def _rr(capsys, model, index, queries, qrels, out):
+    ok(capsys, ["search", "--model", str(model), "--index", str(index), "--queries", str(queries), "--out", str(out),
+                "--topk", "10"])
+    return json.loads(ok(capsys, ["evaluate", str(out), str(qrels), "--metrics", "RR@10", "--json"]))["RR@10"]
+
+
+def test_an_edited_corpus_is_encoded_again(capsys, tmp_path, synthetic_dir, tiny_model, self_queries):
+    """Same passages in a new order: same count, kind, dtype and template, so only the fingerprint tells."""
+    lines = (synthetic_dir / "corpus.tsv").read_text().splitlines(keepends=True)
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("".join(lines))
+    index = tmp_path / "index"
+    encode = ["encode", "--model", str(tiny_model), "--corpus", str(corpus), "--out", str(index), "--shard-size", "700"]
+    ok(capsys, encode)
+    assert _rr(capsys, tiny_model, index, *self_queries, tmp_path / "a.trec") == 1.0
+    corpus.write_text("".join(reversed(lines)))
+    ok(capsys, encode)
+    assert _rr(capsys, tiny_model, index, *self_queries, tmp_path / "b.trec") == 1.0
+
+
+def test_another_model_encodes_again(capsys, tmp_path, synthetic_dir, tiny_model):
+    import torch
+
+    from reprolib.modeling import DenseEncoder
+
+    index = tmp_path / "index"
+    encode = ["encode", "--corpus", str(synthetic_dir), "--out", str(index), "--shard-size", "1000", "--dtype", "float32"]
+    ok(capsys, encode + ["--model", str(tiny_model)])
+    other = DenseEncoder.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    ok(capsys, encode + ["--model", str(other.save(tmp_path / "other"))])
+    first = np.load(index / "shard_00000.npy")[:3]
+    items = [(Corpus.open(synthetic_dir, progress=False).title(i), Corpus.open(synthetic_dir, progress=False).text(i))
+             for i in range(3)]
+    np.testing.assert_allclose(first, other.encode_passages(items, template="plain"), atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["nan", "short"])
+def test_a_damaged_shard_is_never_taken_as_done(capsys, tmp_path, synthetic_dir, tiny_model, self_queries, damage):
+    index = tmp_path / "index"
+    encode = ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+              "--shard-size", "1000"]
+    ok(capsys, encode)
+    shard = index / "shard_00001.npy"
+    vectors = np.load(shard)
+    if damage == "nan":
+        vectors[5] = np.nan
+        np.save(shard, vectors)
+        ok(capsys, encode)                # a shard with NaN is not complete: it is encoded again
+        assert np.isfinite(np.load(shard)).all()
+        assert _rr(capsys, tiny_model, index, *self_queries, tmp_path / "a.trec") == 1.0
+    else:
+        np.save(shard, vectors[:900])     # a shard cut short after the index was marked complete
+        line = error_line(capsys, ["search", "--model", str(tiny_model), "--index", str(index), "--queries",
+                                   str(self_queries[0]), "--out", str(tmp_path / "o.trec")])
+        assert "shard_00001.npy: 900 rows, but index.json promises 1000" in line
+        assert not (tmp_path / "o.trec").exists()
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(capsys, tmp_path, synthetic_dir, tiny_model):
+    """transformers 5 loads a folder without tokenizer files with a handful of tokens: every word is [UNK]."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (broken / name).unlink(missing_ok=True)
+    line = error_line(capsys, ["encode", "--model", str(broken), "--corpus", str(synthetic_dir), "--out",
+                               str(tmp_path / "idx")])
+    assert "tokenizer" in line
+    assert not (tmp_path / "idx" / "shard_00000.npy").exists()
