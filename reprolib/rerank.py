@@ -5,13 +5,17 @@ RetroMAE's teacher scores the training qrels pairs plus the retriever's ranked l
 writes the finished queries to `<out>.partial` as it goes and a rerun continues from there; the file is
 renamed to `out` when complete.
 """
+import hashlib
+import logging
 import os
 from pathlib import Path
 
 from reprolib.data.formats import read_negatives, read_run, read_scores, write_scores
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
-from reprolib.fileio import iter_lines
+from reprolib.fileio import atomic_write, iter_lines
+
+logger = logging.getLogger(__name__)
 
 
 def read_candidates(path):
@@ -38,8 +42,10 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
                 queries_per_chunk=256, progress=True):
     """{qid: {pid: logit}} of `pairs` ({qid: [pid, ...]}); `queries` is {qid: text}, `corpus` a Corpus.
 
-    With `out_path`, the scores are also written there (`qid \\t pid \\t score`), resumably: chunks of
+    With `out_path`, the scores are also written there (`qid \t pid \t score`), resumably: chunks of
     `queries_per_chunk` queries are appended to `<out_path>.partial`, and a rerun skips the queries found there.
+    `<out_path>.request` records what the scores are of (the model's weights, the pairs, the template): an
+    output or partial file of another request is scored afresh, never returned as this one.
     """
     from tqdm.auto import tqdm
 
@@ -48,9 +54,18 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
     scores, partial = {}, None
     if out_path is not None:
         out_path = Path(out_path)
-        if out_path.exists():
-            return read_scores(out_path)
         partial = out_path.with_name(out_path.name + ".partial")
+        request_path = out_path.with_name(out_path.name + ".request")
+        request = _request_digest(cross_encoder, pairs, template)
+        recorded = request_path.read_text().strip() if request_path.exists() else None
+        if recorded == request and out_path.exists():
+            return read_scores(out_path)
+        if recorded != request:
+            if out_path.exists() or partial.exists():
+                logger.warning("%s was scored for another model, candidates or template: scoring afresh", out_path)
+            partial.unlink(missing_ok=True)
+            with atomic_write(request_path) as f:
+                f.write(request + "\n")
         scores = _finished_queries(partial)
     todo = [qid for qid in pairs if qid not in scores and pairs[qid]]
     bar = tqdm(total=sum(len(pairs[q]) for q in todo), desc="cross-encoder", unit="pair", disable=not progress)
@@ -85,6 +100,15 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
                        progress=progress)
 
 
+def _request_digest(cross_encoder, pairs, template):
+    from reprolib.index import model_fingerprint
+
+    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}\n".encode())
+    for qid, pids in pairs.items():
+        digest.update(f"{qid}\t{','.join(pids)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _append(path, chunk_scores):
     """Append whole queries in one write, flushed to disk: a crash leaves at most a torn last query."""
     lines = "".join(f"{qid}\t{pid}\t{score:.7g}\n" for qid, hits in chunk_scores.items() for pid, score in hits.items())
@@ -102,10 +126,15 @@ def _finished_queries(partial):
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines.pop()
-    scores = {}
-    for line in lines:
-        qid, pid, score = line.split("\t")
-        scores.setdefault(qid, {})[pid] = float(score)
+    scores, kept = {}, 0
+    for line in lines:   # up to the first damaged line: what follows it is scored again
+        try:
+            qid, pid, score = line.rstrip("\n").split("\t")
+            scores.setdefault(qid, {})[pid] = float(score)
+        except ValueError:
+            break
+        kept += 1
+    lines = lines[:kept]
     if scores:
         scores.pop(next(reversed(scores)))
     partial.write_text("".join(line for line in lines if line.split("\t", 1)[0] in scores), encoding="utf-8")

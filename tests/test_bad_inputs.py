@@ -290,3 +290,21 @@ def test_a_model_folder_without_its_tokenizer_is_refused(capsys, tmp_path, synth
                                str(tmp_path / "idx")])
     assert "tokenizer" in line
     assert not (tmp_path / "idx" / "shard_00000.npy").exists()
+
+
+# ---------------------------------------------------------------- no data loss
+
+def test_dropping_missing_qrels_of_a_prepared_dataset_leaves_its_source_alone(capsys, tmp_path):
+    """`data prepare` of a local dataset links its files and folders; the rewrite must not go through them."""
+    source = tmp_path / "source"
+    (source / "qrels").mkdir(parents=True)
+    (source / "corpus.jsonl").write_text('{"_id": "d1", "text": "one"}\n{"_id": "d2", "text": "two"}\n')
+    (source / "queries.jsonl").write_text('{"_id": "q1", "text": "first"}\n{"_id": "q2", "text": "second"}\n')
+    qrels = "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\tdX\t1\nq2\td2\t1\n"
+    (source / "qrels" / "test.tsv").write_text(qrels)
+    prepared = tmp_path / "prepared"
+    ok(capsys, ["data", "prepare", str(source), "--out", str(prepared)])
+    assert (prepared / "qrels").is_symlink()
+    assert "test: dropped 1 qrels rows" in ok(capsys, ["data", "validate", str(prepared), "--drop-missing-qrels"])
+    assert (source / "qrels" / "test.tsv").read_text() == qrels
+    assert read_qrels(prepared / "qrels" / "test.tsv") == {"q1": {"d1": 1}, "q2": {"d2": 1}}

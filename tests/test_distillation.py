@@ -210,18 +210,44 @@ def test_score_pairs_resumes_from_a_partial_file(cross_encoder_dir, synthetic_co
 
     out = tmp_path / "scores.tsv"
     partial = tmp_path / "scores.tsv.partial"
-    done = "".join(f"{q}\t{p}\t{full[q][p]}\n" for q in qids[:3] for p in pairs[q])
-    partial.write_text(done + f"{qids[3]}\t{pairs[qids[3]][0]}\t1")     # a torn last line after a crash
-    calls = []
     original = model.score
+
+    def crash_on_third_chunk(texts, calls=[], **kw):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(texts, **kw)
+
+    model.score = crash_on_third_chunk
+    with pytest.raises(KeyboardInterrupt):    # queries 0-3 are in the partial file, 4-5 are not
+        score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, queries_per_chunk=2, progress=False)
+    assert not out.exists() and len(partial.read_text().splitlines()) == 12
+    partial.write_text(partial.read_text()[:-3])      # a torn last line, as a crash mid-write leaves it
+    calls = []
     model.score = lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw)
     resumed = score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, queries_per_chunk=2, progress=False)
-    # queries 0-1 are kept; query 2, the file's last (which a crash may have cut short), is redone: 2-3, 4-5
-    assert calls == [6, 6]
+    # queries 0-2 are kept; query 3, the file's last (which a crash may have cut short), is redone: 3-4, 5
+    assert calls == [6, 3]
     assert not partial.exists()
     for qid in qids:
         assert resumed[qid] == pytest.approx(full[qid], rel=1e-4, abs=1e-5)
         assert read_scores(out)[qid] == pytest.approx(full[qid], rel=1e-4, abs=1e-5)
+    # the same request returns the file; another one (fewer pairs, another model) is scored afresh
+    calls.clear()
+    assert score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, progress=False) == read_scores(out)
+    assert calls == []
+    fewer = {qid: pids[:1] for qid, pids in pairs.items()}
+    scored = score_pairs(model, fewer, synthetic_corpus, queries, out_path=out, progress=False)
+    assert calls == [6] and all(len(hits) == 1 for hits in read_scores(out).values())
+    for qid in qids:
+        assert scored[qid] == pytest.approx(read_scores(out)[qid], abs=1e-6)
+    before = read_scores(out)
+    with torch.no_grad():   # another model: its logits are the old ones + 1
+        model.model.classifier.bias += 1.0
+    rescored = score_pairs(model, fewer, synthetic_corpus, queries, out_path=out, progress=False)
+    assert calls == [6, 6]
+    for qid in qids:
+        assert rescored[qid] == pytest.approx({pid: s + 1 for pid, s in before[qid].items()}, abs=1e-4)
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
 

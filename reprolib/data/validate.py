@@ -20,7 +20,7 @@ def validate_dataset(dataset_dir, drop_missing_qrels=False):
         if drop_missing_qrels:
             kept, dropped = drop_unknown_docs(qrels, corpus)
             if dropped:
-                rewrite_qrels(qrels_path, kept)
+                rewrite_qrels(_unlinked(dataset_dir, qrels_path), kept)
             yield f"{split}: dropped {dropped} qrels rows whose doc is not in the corpus"
             qrels = kept
         check_doc_ids(qrels_path, qrels, corpus)
@@ -31,3 +31,19 @@ def validate_dataset(dataset_dir, drop_missing_qrels=False):
             check_query_ids(negatives_path, negatives, queries)
             check_doc_ids(negatives_path, negatives, corpus)
             yield f"{split}: negatives for {len(negatives)} queries"
+
+
+def _unlinked(dataset_dir, path):
+    """`path`, made safe to rewrite: a dataset prepared from a local one links its files and folders (e.g.
+    qrels/ -> the source's qrels/), and a rewrite through a linked folder would edit the source. Each linked
+    folder on the way becomes a real folder of links; the file's own link is then replaced by the rewrite."""
+    current = dataset_dir
+    for part in path.relative_to(dataset_dir).parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            target = current.resolve()
+            current.unlink()
+            current.mkdir()
+            for entry in target.iterdir():
+                (current / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return path
