@@ -166,12 +166,14 @@ def cmd_search(args):
 def _load_encoder(model, device, load=None):
     """The model folder's encoder (dense, or sparse when saved as one; or whatever `load(model)` returns) on
     `device`, with the model's own settings (as notebooks load it); --max-len overrides its max lengths per call."""
+    from safetensors import SafetensorError
+
     from reprolib.modeling import load_encoder
     if model.startswith((".", "/")) and not Path(model).exists():
         raise ReprolibError(f"{model}: model folder not found")
     try:
         encoder = (load or load_encoder)(model)
-    except (OSError, ValueError) as e:  # transformers' "not found" / "not a model" errors
+    except (OSError, ValueError, SafetensorError) as e:  # transformers' "not found" / "not a model", damaged weights
         raise ReprolibError(f"cannot load model {model}: {str(e).strip().splitlines()[0]}") from None
     return encoder.to(device)
 

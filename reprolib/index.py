@@ -151,7 +151,7 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
 
     meta_path = out_dir / INDEX_FILE
     if meta_path.exists():  # every process checks, so none writes shards into a mismatched index
-        old = {"kind": "dense", **json.loads(meta_path.read_text())}  # indexes from before sparse ones are dense
+        old = {"kind": "dense", **_read_meta(meta_path)}  # indexes from before sparse ones are dense
         for key in ("kind", "num_passages", "dtype", "shard_size", "template"):
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
@@ -242,12 +242,22 @@ def _check_shards(out_dir, meta, dim):
     return dim
 
 
+def _read_meta(path):
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReprolibError(f"{path}: not valid JSON ({e}); the index is damaged: delete it and encode again") from None
+    if not isinstance(meta, dict):
+        raise ReprolibError(f"{path}: not an index description; delete the index and encode again")
+    return meta
+
+
 def load_meta(index_dir):
     """index.json of a complete index; `kind` is "dense" for indexes written before sparse ones existed."""
     path = Path(index_dir) / INDEX_FILE
     if not path.exists():
         raise ReprolibError(f"{index_dir} is not an index (no {INDEX_FILE}); build it with `reprolib encode`")
-    meta = {"kind": "dense", **json.loads(path.read_text())}
+    meta = {"kind": "dense", **_read_meta(path)}
     if not meta.get("complete"):
         raise ReprolibError(f"the index in {index_dir} is incomplete; re-run `reprolib encode` to finish it")
     return meta
@@ -373,7 +383,10 @@ def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
 def _load_shard(index_dir, number, rows=None):
     """Shard `number` (or its `rows`) as a C-contiguous float32 array, as faiss wants it."""
     path = shard_path(index_dir, number)
-    shard = np.load(path, mmap_mode="r")
+    try:
+        shard = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise ReprolibError(f"{path}: cannot read the shard ({e}); the index is damaged: re-run `reprolib encode`") from None
     meta = load_meta(index_dir)
     expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
     if shard.ndim != 2 or shard.shape[0] != expected:
@@ -500,7 +513,10 @@ def search_sparse(queries, index_dir, topk=1000, quantize=False, progress=False)
     scores = positions = None
     for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
         path = shard_path(index_dir, number, "sparse")
-        shard = scipy.sparse.load_npz(path)
+        try:
+            shard = scipy.sparse.load_npz(path)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ReprolibError(f"{path}: cannot read the shard ({e}); the index is damaged: re-run `reprolib encode`") from None
         expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
         if shard.shape[0] != expected:
             raise ReprolibError(f"{path}: {shard.shape[0]} rows, but {INDEX_FILE} promises {expected}; "

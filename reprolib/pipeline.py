@@ -664,9 +664,14 @@ def _write_manifest(run_dir, manifest):
 
 def load_manifest(run_dir):
     """The manifest of a run directory (ReprolibError if there is none)."""
-    manifest = _read_json(Path(run_dir) / MANIFEST, None)
+    path = Path(run_dir) / MANIFEST
+    manifest = _read_json(path, None)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
         raise ReprolibError(f"{run_dir}: no {MANIFEST} here; is this a run directory (outputs/<run>)?")
+    for sid, entry in manifest["stages"].items():
+        if not isinstance(entry, dict) or not {"status", "params_hash"} <= set(entry):
+            raise ReprolibError(f"{path}: stage '{sid}' is not a stage record (status, params_hash, ...); the file "
+                                "was edited or damaged: delete the run folder, or that stage's entry to rerun it")
     return manifest
 
 

@@ -136,7 +136,7 @@ class TrainConfig:
                    if f.default is dataclasses.MISSING and f.name not in data]
         if missing:
             raise ReprolibError(f"{source}: missing training option(s) {', '.join(missing)}")
-        config = cls(**data)
+        config = cls(**{name: _typed(cls, name, value, source) for name, value in data.items()})
         config.check(source)
         return config
 
@@ -163,6 +163,11 @@ class TrainConfig:
             self.flops_query_weight = 0.75 * self.flops_passage_weight
 
     def check(self, source="config"):
+        for name in ("batch_size", "grad_accum", "epochs", "group_size", "sample_neg_from_topk"):
+            if getattr(self, name) < 1:
+                raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ReprolibError(f"{source}: learning_rate must be > 0, not {self.learning_rate}")
         if self.objective not in OBJECTIVES:
             raise ReprolibError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.bottleneck not in ("softmax", "logits_sat"):
@@ -515,3 +520,32 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
     if process.wait() != 0:
         raise ReprolibError(f"training failed (exit {process.returncode}): {cause or ' '.join(command)}")
     return json.loads((Path(TrainConfig.from_yaml(path).out_dir) / SUMMARY_FILE).read_text())
+
+
+def _typed(cls, name, value, source):
+    """A YAML value as the option's type (an int for an int option, ...), or a one-line error: `batch_size:
+    eight` must not reach the training loop."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kinds = str(field.type)
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ReprolibError(f"{source}: {name} must not be empty")
+    for kind, convert in (("int", int), ("float", float)):
+        if kinds.startswith(kind):
+            number = value
+            if isinstance(value, str):   # YAML reads 2e-5 (no dot) as a string
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = None
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number \
+                    or (kind == "int" and number != int(number)):
+                raise ReprolibError(f"{source}: {name} must be {'an integer' if kind == 'int' else 'a number'}, "
+                                    f"not {value!r}")
+            return convert(number)
+    if kinds.startswith("bool") and not isinstance(value, bool):
+        raise ReprolibError(f"{source}: {name} must be true or false, not {value!r}")
+    if kinds.startswith("str") and not isinstance(value, str):
+        raise ReprolibError(f"{source}: {name} must be a string, not {value!r}")
+    return value

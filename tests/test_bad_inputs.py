@@ -308,3 +308,90 @@ def test_dropping_missing_qrels_of_a_prepared_dataset_leaves_its_source_alone(ca
     assert "test: dropped 1 qrels rows" in ok(capsys, ["data", "validate", str(prepared), "--drop-missing-qrels"])
     assert (source / "qrels" / "test.tsv").read_text() == qrels
     assert read_qrels(prepared / "qrels" / "test.tsv") == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+
+
+# ---------------------------------------------------------------- damaged files: one line, not a traceback
+
+@pytest.fixture
+def built_index(capsys, tmp_path, synthetic_dir, tiny_model):
+    index = tmp_path / "index"
+    ok(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+                "--shard-size", "1000"])
+    return index
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated index.json", "index.json: not valid JSON"),
+    ("truncated shard", "shard_00000.npy: cannot read the shard"),
+    ("deleted shard", "shard_00000.npy"),
+])
+def test_a_damaged_index_is_one_line_at_search(capsys, tmp_path, built_index, tiny_model, synthetic_dir, damage, problem):
+    meta, shard = built_index / "index.json", built_index / "shard_00000.npy"
+    if damage == "truncated index.json":
+        meta.write_text(meta.read_text()[:100])
+    elif damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:20000])
+    else:
+        shard.unlink()
+    line = error_line(capsys, ["search", "--model", str(tiny_model), "--index", str(built_index), "--queries",
+                               str(synthetic_dir), "--out", str(tmp_path / "o.trec")])
+    assert problem in line
+    assert not (tmp_path / "o.trec").exists()
+
+
+def test_a_damaged_model_is_one_line(capsys, tmp_path, tiny_model, synthetic_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = error_line(capsys, ["encode", "--model", str(broken), "--corpus", str(synthetic_dir), "--out",
+                               str(tmp_path / "idx")])
+    assert line.startswith(f"error: cannot load model {broken}")
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("batch_size", "eight", "batch_size must be an integer, not 'eight'"),
+    ("batch_size", 0, "batch_size must be at least 1, not 0"),
+    ("learning_rate", -0.1, "learning_rate must be > 0, not -0.1"),
+    ("learning_rate", "fast", "learning_rate must be a number, not 'fast'"),
+    ("epochs", 1.5, "epochs must be an integer, not 1.5"),
+    ("normalize", "yes", "normalize must be true or false, not 'yes'"),
+])
+def test_training_options_of_the_wrong_type(capsys, tmp_path, option, value, problem):
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": "scratch:micro", "out_dir": str(tmp_path / "out"),
+                                      "train_data": str(tmp_path), option: value}))
+    assert error_line(capsys, ["train", str(config)]) == f"error: {config}: {problem}"
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    from reprolib.training import TrainConfig
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: scratch:micro\nout_dir: {tmp_path}/out\ntrain_data: {tmp_path}\nlearning_rate: 2e-5\n")
+    assert TrainConfig.from_yaml(config).learning_rate == 2e-5
+
+
+@pytest.mark.parametrize("entry", ['"done"', '{"status": "done"}', '{"params_hash": "x"}'])
+def test_a_damaged_manifest_is_one_line(capsys, tmp_path, entry):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"run": "r", "stages": {"a": ' + entry + "}}")
+    line = error_line(capsys, ["status", str(run_dir)])
+    assert "manifest.json: stage 'a' is not a stage record" in line
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, small):
+    import reprolib.search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reprolib.search, "bm25_search", interrupted)
+    assert main(_bm25(small)) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
