@@ -212,14 +212,18 @@ def cmd_mine(args):
 
 def cmd_rerank(args):
     from reprolib.data import Corpus, read_run, write_run
+    from reprolib.data.formats import check_doc_ids
     from reprolib.data.layout import load_queries
     from reprolib.modeling.encoder import autocast
     from reprolib.rerank import rerank
     queries = load_queries(args.queries, args.split)
     run = read_run(args.run)
+    corpus = Corpus.open(args.corpus)
+    check_doc_ids(args.run, {qid: sorted(hits, key=lambda pid: -hits[pid])[:args.depth] for qid, hits in run.items()},
+                  corpus)
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
     with autocast(args.precision, cross_encoder.device):
-        reranked = rerank(cross_encoder, run, Corpus.open(args.corpus), queries, depth=args.depth,
+        reranked = rerank(cross_encoder, run, corpus, queries, depth=args.depth,
                           template=args.template, batch_size=args.batch_size)
     write_run(args.out, reranked, tag="cross-encoder")
     print(f"reranked the top {args.depth} of {len(reranked)} queries into {args.out}")

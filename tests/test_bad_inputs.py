@@ -395,3 +395,16 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, small):
     assert main(_bm25(small)) == 130
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (lambda s: ["evaluate", str(s / "empty.trec"), str(s / "qrels.trec")], "empty.trec: no hits: the run file is empty"),
+    (lambda s: ["evaluate", str(s / "run.trec"), str(s / "empty.trec")], "empty.trec: no judgements: the qrels file is empty"),
+    (lambda s: ["rerank", "--model", "x", "--run", str(s / "unknown.trec"), "--corpus", str(s / "corpus.tsv"),
+                "--queries", str(s / "queries.tsv"), "--out", str(s / "o.trec")],
+     "unknown.trec:2: unknown doc id 'nope' (query 'q0') not in the corpus"),
+])
+def test_errors_name_the_file(capsys, small, argv, problem):
+    (small / "empty.trec").write_text("")
+    (small / "unknown.trec").write_text("q0 Q0 d0 1 2.0 t\nq0 Q0 nope 2 1.0 t\n")
+    assert error_line(capsys, argv(small)).endswith(problem)

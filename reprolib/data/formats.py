@@ -132,6 +132,8 @@ def read_qrels(path):
             raise DataError(path, number, f"relevance {rel!r} is not an integer") from None
         judged = qrels.setdefault(qid, {})
         _put_unique(judged, pid, relevance, path, number, f"judgement for query {qid!r}, doc")
+    if not qrels:
+        raise DataError(path, None, "no judgements: the qrels file is empty")
     return qrels
 
 
@@ -206,6 +208,8 @@ def read_run(path):
         if not math.isfinite(value):
             raise DataError(path, number, f"score {score!r} is not a finite number")
         _put_unique(run.setdefault(qid, {}), pid, value, path, number, f"hit for query {qid!r}, doc")
+    if not run:
+        raise DataError(path, None, "no hits: the run file is empty")
     return run
 
 
