@@ -98,6 +98,12 @@ class TextEncoder(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
+    def describe(self):
+        """One line for a notebook: the encoder, its settings, backbone and size (the module repr runs to pages)."""
+        backbone = getattr(getattr(self._backbones()[0], "config", None), "model_type", "?")
+        return (f"{type(self).__name__}({self.extra_repr()}) on a {backbone} backbone, "
+                f"{sum(p.numel() for p in self.parameters()):,} parameters")
+
     @property
     def sep_token(self):
         """What a template's `{sep}` becomes for this tokenizer ("[SEP]" for BERT, "</s>" for RoBERTa/T5)."""
@@ -195,7 +201,7 @@ class TextEncoder(nn.Module):
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc=f"encode {side}s", unit="text")
+            bar = tqdm(total=len(texts), desc=f"encode {'queries' if side == 'query' else 'passages'}", unit="text")
         try:
             chunk_size = max(int(chunk_size), batch_size)
             for start in range(0, len(texts), chunk_size):
