@@ -42,7 +42,8 @@ STAGE_KEYS = ("id", "notebook", "params", "seeded")
 # A check compares a stage's metric with a paper's `value` (within `tolerance`, either side), or with
 # another stage `than` of the same run: better `by` at least this much, with a paired test p < `alpha`,
 # or (`within`) no further from it than this, either side (two one-sided tests, p < `alpha`).
-EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within", "source")
+EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within", "at_most",
+                 "source")
 
 STAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no dots: ids appear in ${stages.<id>.out}
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -360,10 +361,16 @@ def _parse_expected(path, raw, value_texts, stage_ids):
         for key in ("metric", "than_metric"):
             if (key == "metric" or key in entry) and (not isinstance(entry.get(key), str) or not entry[key]):
                 raise _error(path, f"{where}: missing '{key}'")
-        if ("value" in entry) == ("than" in entry):
-            raise _error(path, f"{where}: give either 'value' (a paper's number) or 'than' (a control stage)")
+        if sum(key in entry for key in ("value", "than", "at_most")) != 1:
+            raise _error(path, f"{where}: give one of 'value' (a paper's number), 'than' (a control stage) or "
+                               "'at_most' (a bound, e.g. on non-zeros per passage)")
         check = {"stage": entry["stage"], "metric": entry["metric"], "source": str(entry.get("source", ""))}
-        if "value" in entry:
+        if "at_most" in entry:
+            _no_keys(path, entry, where, ("tolerance", "than_metric", "by", "alpha", "within"), "a bound (at_most)")
+            if not _is_number(entry["at_most"]):
+                raise _error(path, f"{where}: 'at_most' must be a number, got {entry['at_most']!r}")
+            check["at_most"] = entry["at_most"]
+        elif "value" in entry:
             _no_keys(path, entry, where, ("than_metric", "by", "alpha", "within"), "a paper check")
             value, tolerance = entry["value"], entry.get("tolerance", 0)
             if not _is_number(value):

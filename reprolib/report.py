@@ -58,6 +58,12 @@ def relative_check(difference, p_value, by, alpha):
     return "FAIL"
 
 
+def bound_check(measured, at_most):
+    """"OK" | "FAIL" for a property that must stay under a bound, e.g. the non-zeros per passage of a sparse
+    retriever (a dense-as-sparse index has the whole vocabulary). Every seed's mean counts: OK when at most."""
+    return "OK" if measured is not None and math.isfinite(measured) and measured <= at_most else "FAIL"
+
+
 def equivalence_check(difference, p_value, within, alpha):
     """"OK" | "OKISH" | "FAIL" for "the same quality as the reference, within ±`within`".
 
@@ -85,6 +91,11 @@ def run_checks(expected, manifest, run_dir):
                "p_value": None, "n": None, "note": ""}
         if "than" in entry:
             row.update(_compare(entry, manifest, Path(run_dir), copies, measured))
+        elif "at_most" in entry:
+            row.update(reference=float(entry["at_most"]), status=bound_check(measured, entry["at_most"]),
+                       difference=None if measured is None else measured - float(entry["at_most"]))
+            if row["status"] == "FAIL":
+                row["note"] = "missing" if measured is None else f"above the bound {entry['at_most']:g}"
         else:
             row.update(reference=float(entry["value"]),
                        difference=None if measured is None else measured - float(entry["value"]),
@@ -204,11 +215,13 @@ def format_measured(row):
 
 
 def _decimals(row):
-    return max(0, -Decimal(row["value"]).as_tuple().exponent) + 1 if "value" in row else 4
+    return max(0, -Decimal(row["value"]).as_tuple().exponent) + 1 if "value" in row else 1 if "at_most" in row else 4
 
 
 def format_reference(row):
     """`0.393, RetroMAE README` for a paper check; `dense 0.7411: +0.0712 >= 0.02, p 0.0001` for a relative one."""
+    if "at_most" in row:
+        return ", ".join(part for part in (f"<= {row['at_most']:g}", row["source"]) if part)
     if "than" not in row:
         return ", ".join(part for part in (row["value"], row["source"]) if part)
     than_metric = row.get("than_metric", row["metric"])
@@ -360,6 +373,8 @@ def _checks_table(checks):
             reference = "missing" if c.get("reference") is None else f"{c['than']}: {c['reference']:.4f}"
             alpha = f", p < {c.get('alpha', 0.05):g}"
             wanted = f"within ± {c['within']:g}{alpha}" if "within" in c else f"≥ {c['by']:+g}{alpha}"
+        elif "at_most" in c:
+            reference, wanted = "bound", f"≤ {c['at_most']:g}"
         else:
             reference, wanted = f"paper: {c['value']}", f"± {c['tolerance']:g}"
         difference = "" if c.get("difference") is None else f"{c['difference']:+.4f}"

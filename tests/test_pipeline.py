@@ -573,3 +573,35 @@ def test_a_duplicate_yaml_key_is_an_error(project):
                     "    params: {value: 2}\n")
     with pytest.raises(ReprolibError, match=r"p.yaml: line 6: duplicate key 'params'"):
         run(project, path)
+
+
+def test_a_bound_check_fails_above_the_bound(tmp_path):
+    """`at_most`: e.g. a sparse retriever's non-zeros per passage; a dense-as-sparse index (the whole
+    vocabulary) must fail it."""
+    from reprolib.report import format_check, run_checks
+
+    entry = {"stage": "index", "metric": "passages_nonzeros_mean", "at_most": 300, "source": "sparse"}
+    rows = []
+    for values in ([120.0, 180.0, 150.0], [120.0, 4000.0, 150.0], [4000.0] * 3):
+        stages = {f"index_seed{i}": {"status": "done", "base": "index", "metrics": {entry["metric"]: v}}
+                  for i, v in enumerate(values)}
+        [row] = run_checks([entry], {"stages": stages}, tmp_path)
+        rows.append(row)
+    assert [row["status"] for row in rows] == ["OK", "FAIL", "FAIL"]
+    assert format_check(rows[0]) == "OK     index passages_nonzeros_mean = 150.0 ± 30.0 (3 seeds) (<= 300, sparse)"
+    assert rows[2]["note"] == "above the bound 300"
+
+
+def test_a_bound_check_is_parsed_alone(project):
+    from reprolib.pipeline import load_pipeline
+
+    path = write_pipeline(project, [{"id": "a", "notebook": "step"}])
+    text = path.read_text()
+    path.write_text(text + "expected:\n  - {stage: a, metric: n, at_most: 300, value: 1}\n")
+    with pytest.raises(ReprolibError, match="give one of 'value'"):
+        load_pipeline(path)
+    path.write_text(text + "expected:\n  - {stage: a, metric: n, at_most: 300, by: 1}\n")
+    with pytest.raises(ReprolibError, match="'by' does not belong in a bound"):
+        load_pipeline(path)
+    path.write_text(text + "expected:\n  - {stage: a, metric: n, at_most: 300}\n")
+    assert load_pipeline(path).expected[0]["at_most"] == 300
