@@ -549,7 +549,7 @@ def _check_upstream_done(pipeline, manifest, only):
 
 def _action(entry, digest, forced):
     """'skip', 'resume' (rerun in the existing stage dir) or 'fresh' (clear the stage dir, then run)."""
-    if forced or entry["params_hash"] != digest:
+    if forced or entry.get("params_hash") != digest:
         return "fresh"
     if entry["status"] == "done":
         return "skip"
@@ -676,7 +676,7 @@ def load_manifest(run_dir):
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
         raise ReprolibError(f"{run_dir}: no {MANIFEST} here; is this a run directory (outputs/<run>)?")
     for sid, entry in manifest["stages"].items():
-        if not isinstance(entry, dict) or not {"status", "params_hash"} <= set(entry):
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
             raise ReprolibError(f"{path}: stage '{sid}' is not a stage record (status, params_hash, ...); the file "
                                 "was edited or damaged: delete the run folder, or that stage's entry to rerun it")
     return manifest

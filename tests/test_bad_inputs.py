@@ -376,7 +376,7 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     assert TrainConfig.from_yaml(config).learning_rate == 2e-5
 
 
-@pytest.mark.parametrize("entry", ['"done"', '{"status": "done"}', '{"params_hash": "x"}'])
+@pytest.mark.parametrize("entry", ['"done"', '{"status": 1}', '{"params_hash": "x"}'])
 def test_a_damaged_manifest_is_one_line(capsys, tmp_path, entry):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -452,8 +452,8 @@ def test_relative_checks_over_seeds(project):
 @pytest.mark.parametrize("entry, problem", [
     ({"stage": "a", "metric": "m", "than": "zz"}, "unknown than 'zz'"),
     ({"stage": "a", "metric": "m", "than": "a"}, "compares a m with itself"),
-    ({"stage": "a", "metric": "m", "value": 1, "than": "a"}, "give either 'value'"),
-    ({"stage": "a", "metric": "m"}, "give either 'value'"),
+    ({"stage": "a", "metric": "m", "value": 1, "than": "a"}, "give one of 'value'"),
+    ({"stage": "a", "metric": "m"}, "give one of 'value'"),
     ({"stage": "a", "metric": "m", "than": "b", "tolerance": 0.1}, "'tolerance' does not belong in a relative check"),
     ({"stage": "a", "metric": "m", "value": 1, "by": 0.1}, "'by' does not belong in a paper check"),
     ({"stage": "a", "metric": "m", "than": "b", "alpha": 2}, "'alpha' must be a number between 0 and 1"),
@@ -605,3 +605,25 @@ def test_a_bound_check_is_parsed_alone(project):
         load_pipeline(path)
     path.write_text(text + "expected:\n  - {stage: a, metric: n, at_most: 300}\n")
     assert load_pipeline(path).expected[0]["at_most"] == 300
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no run lock on Windows")
+def test_two_runs_at_once_on_one_folder(project):
+    """Two real `reprolib run` processes on one --out: the second is refused in one line, the first completes."""
+    import subprocess
+    import time
+
+    make_notebook(project / "notebooks" / "slow.ipynb", "import time\ntime.sleep(6)\n" + STEP)
+    path = write_pipeline(project, [{"id": "a", "notebook": "slow"}])
+    command = [sys.executable, "-m", "reprolib", "run", str(path), "--out", str(project / "outputs")]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage_dir = project / "outputs" / "demo" / "a"
+    deadline = time.monotonic() + 120
+    while not (stage_dir / "params.json").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith("error: ") and "in use by another `reprolib run`" in second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert ran(project) == ["a"] and load_manifest(project / "outputs" / "demo")["stages"]["a"]["status"] == "done"
