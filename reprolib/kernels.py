@@ -39,6 +39,9 @@ def start_zygote():
     return Zygote()
 
 
+KERNEL_LOG = "kernel.log"   # in the stage folder (the kernel's working directory)
+
+
 class Zygote:
     """The warm process of one pipeline run; `kernel_manager_class` makes papermill's kernels forks of it."""
 
@@ -125,6 +128,12 @@ def _run_kernel(conn, request):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupts (forwarded by the proxy) raise again
     os.setpgid(0, 0)  # out of the terminal's process group, as jupyter_client's own kernels are
     os.chdir(request["cwd"])
+    # The kernel process's own output (not the cells': those go to the notebook) is start-up chatter and, when a
+    # run is interrupted, shutdown noise: it goes to the stage's kernel.log, which a failed stage points to.
+    log = os.open(KERNEL_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
     os.environ.clear()
     os.environ.update(request["env"])
     # The parent ipykernel watches (and exits without) is the zygote: it is this process's parent, and it lives

@@ -644,7 +644,11 @@ def _stage_error(sid, error, executed):
     if isinstance(error, PapermillExecutionError):
         return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
     if isinstance(error, (NoSuchKernel, DeadKernelError)):
-        return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {executed})")
+        from reprolib.kernels import KERNEL_LOG
+
+        log = Path(executed).parent / KERNEL_LOG
+        see = f"{executed} and {log}" if log.exists() and log.stat().st_size else str(executed)
+        return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {see})")
     return error
 
 

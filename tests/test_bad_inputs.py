@@ -198,13 +198,6 @@ def test_out_equal_to_an_input_is_refused(capsys, small, command, name):
     assert (small / name).read_bytes() == before
 
 
-def test_out_that_is_a_directory_is_one_line(capsys, small):
-    (small / "adir").mkdir()
-    argv = _bm25(small)
-    argv[argv.index("--out") + 1] = str(small / "adir")
-    assert "adir" in error_line(capsys, argv)
-
-
 # ---------------------------------------------------------------- indexes: bound to their corpus and model
 
 @pytest.fixture
@@ -408,3 +401,24 @@ def test_errors_name_the_file(capsys, small, argv, problem):
     (small / "empty.trec").write_text("")
     (small / "unknown.trec").write_text("q0 Q0 d0 1 2.0 t\nq0 Q0 nope 2 1.0 t\n")
     assert error_line(capsys, argv(small)).endswith(problem)
+
+
+def test_a_write_that_fails_names_the_output(capsys, small):
+    """The OS error of a write names the temp file beside the output: the message names the output itself."""
+    (small / "adir").mkdir()
+    argv = _bm25(small)
+    argv[argv.index("--out") + 1] = str(small / "adir")
+    assert error_line(capsys, argv) == f"error: {small / 'adir'}: cannot write here (Is a directory)"
+
+
+def test_a_corpus_store_that_cannot_be_built_is_one_line(capsys, small, monkeypatch):
+    import errno
+
+    import reprolib.data.corpus as corpus_module
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus_module, "_write_store", full_disk)
+    line = error_line(capsys, _bm25(small))
+    assert "cannot build the corpus store" in line and "No space left on device" in line and "REPROLIB_CACHE" in line

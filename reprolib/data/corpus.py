@@ -80,11 +80,14 @@ def build_store(source, store_dir, progress=True):
     source, store_dir = Path(source), Path(store_dir)
     tmp = store_dir.with_name(store_dir.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write_store(source, tmp, progress)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):   # a full or read-only cache disk
+            raise DataError(store_dir, None, f"cannot build the corpus store of {source} here ({e.strerror or e}); "
+                                             "set REPROLIB_CACHE to a folder with room") from None
         raise
     shutil.rmtree(store_dir, ignore_errors=True)
     os.replace(tmp, store_dir)
