@@ -36,6 +36,8 @@ def iter_lines(path, skip_blank=True):
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(path, number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                if "\x00" in line:
+                    raise DataError(path, number, f"NUL byte at column {line.index(chr(0)) + 1} (a binary file?)")
                 if number == 1:
                     line = line.removeprefix("\ufeff")
                 line = line.rstrip("\r\n")

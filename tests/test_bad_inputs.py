@@ -112,10 +112,15 @@ def test_bad_query_values(tmp_path, file, content, line, problem):
 
 
 @pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
-def test_a_run_with_a_non_finite_score_is_refused(tmp_path, score):
+def test_a_run_or_teacher_score_that_is_not_finite_is_refused(tmp_path, score):
+    from reprolib.data import read_scores
+
     (tmp_path / "run.trec").write_text(f"q0 Q0 d0 1 1.0 t\nq0 Q0 d1 2 {score} t\n")
     with pytest.raises(DataError, match=r"run.trec:2: score .* is not a finite number"):
         read_run(tmp_path / "run.trec")
+    (tmp_path / "scores.tsv").write_text(f"q0 d0 1.0\nq0 d1 [{score}]\n")
+    with pytest.raises(DataError, match=r"scores.tsv:2: score .* is not a finite number"):
+        read_scores(tmp_path / "scores.tsv")
 
 
 def test_a_run_cannot_be_written_with_an_id_holding_a_space(tmp_path):
@@ -422,3 +427,21 @@ def test_a_corpus_store_that_cannot_be_built_is_one_line(capsys, small, monkeypa
     monkeypatch.setattr(corpus_module, "_write_store", full_disk)
     line = error_line(capsys, _bm25(small))
     assert "cannot build the corpus store" in line and "No space left on device" in line and "REPROLIB_CACHE" in line
+
+
+# ---------------------------------------------------------------- every reader: a NUL byte or bad UTF-8 is located
+
+def _read_corpus(path):
+    return Corpus.open(path, progress=False)
+
+
+@pytest.mark.parametrize("name, read", [("qrels.trec", read_qrels), ("run.trec", read_run), ("queries.tsv", read_queries),
+                                        ("corpus.tsv", _read_corpus)])
+@pytest.mark.parametrize("bad, problem", [(b"\x00", "NUL byte at column"), (b"\xe9", "not valid UTF-8 (byte 0xe9")])
+def test_a_bad_byte_is_reported_with_its_line(small, name, read, bad, problem):
+    lines = (small / name).read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1][:3] + bad + lines[1][3:]
+    (small / f"bad_{name}").write_bytes(b"".join(lines))
+    with pytest.raises(DataError) as info:
+        read(small / f"bad_{name}")
+    assert info.value.line == 2 and problem in info.value.problem

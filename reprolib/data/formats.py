@@ -243,6 +243,8 @@ def read_scores(path):
             value = float(score.strip("[]"))
         except ValueError:
             raise DataError(path, number, f"score {score!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(path, number, f"score {score!r} is not a finite number")
         _put_unique(scores.setdefault(qid, {}), pid, value, path, number, f"score for query {qid!r}, doc")
     return scores
 
