@@ -12,25 +12,7 @@ from reprolib.cli import main
 from reprolib.data import read_qrels, read_queries, read_run, write_run
 from reprolib.data.corpus import Corpus
 from reprolib.errors import DataError
-
-
-def error_line(capsys, argv):
-    """Run the CLI: exit 2, exactly one `error: ...` line, last on stderr, no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    return errors[0]
-
-
-def ok(capsys, argv):
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return captured.out
+from test_cli import error_line, ok
 
 
 @pytest.fixture

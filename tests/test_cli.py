@@ -14,10 +14,11 @@ from reprolib.data.corpus import Corpus
 
 
 def error_line(capsys, argv):
-    """Run the CLI; it must exit 2 with exactly one `error: ...` line, the last line of stderr."""
+    """Run the CLI; it must exit 2 with exactly one `error: ...` line, the last line of stderr, and no traceback."""
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
+    assert "Traceback" not in err, err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], err
