@@ -19,6 +19,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -618,8 +619,9 @@ def _execute(stage, executed, params, stage_dir, zygote=None):
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
     extra = {"kernel_manager_class": zygote.kernel_manager_class} if zygote else {}
+    # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
     papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
-                               kernel_name=stage.kernel, progress_bar=True, **extra)
+                               kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(), **extra)
 
 
 def _describe(error):
