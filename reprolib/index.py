@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
-from tqdm.auto import tqdm
+from reprolib.progress import tqdm
 
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write

@@ -619,9 +619,15 @@ def _execute(stage, executed, params, stage_dir, zygote=None):
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
     extra = {"kernel_manager_class": zygote.kernel_manager_class} if zygote else {}
+    from reprolib.progress import STAGE_ENV
+
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
-    papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
-                               kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(), **extra)
+    os.environ[STAGE_ENV] = "1"   # the kernel's progress bars: text, stored finished (reprolib.progress)
+    try:
+        papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
+                                   kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(), **extra)
+    finally:
+        os.environ.pop(STAGE_ENV, None)
 
 
 def _describe(error):

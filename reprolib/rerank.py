@@ -47,7 +47,7 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
     `<out_path>.request` records what the scores are of (the model's weights, the pairs, the template): an
     output or partial file of another request is scored afresh, never returned as this one.
     """
-    from tqdm.auto import tqdm
+    from reprolib.progress import tqdm
 
     render = get_template(template).render
     sep = cross_encoder.sep_token

@@ -2,7 +2,7 @@
 runs into negatives."""
 import random
 
-from tqdm.auto import tqdm
+from reprolib.progress import tqdm
 
 from reprolib.data.templates import get_template
 

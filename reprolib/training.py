@@ -266,7 +266,7 @@ def train(config, log=print):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from reprolib.progress import tqdm
 
     from reprolib.data.groups import epoch_order
     from reprolib.index import process_state

@@ -627,3 +627,18 @@ def test_two_runs_at_once_on_one_folder(project):
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert ran(project) == ["a"] and load_manifest(project / "outputs" / "demo")["stages"]["a"]["status"] == "done"
+
+
+def test_a_stage_stores_its_progress_bars_finished_as_text(project):
+    """Under the pipeline, reprolib's bars are text on stdout, stored finished: no widget frozen at 0%, no
+    red stderr, no 'IProgress not found' warning."""
+    make_notebook(project / "notebooks" / "bars.ipynb",
+                  "from reprolib.progress import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass\n" + STEP)
+    path = write_pipeline(project, [{"id": "a", "notebook": "bars"}])
+    run(project, path)
+    executed = nbformat.read(project / "outputs" / "demo" / "a" / "bars.ipynb", as_version=4)
+    streams = [o for cell in executed.cells for o in cell.get("outputs", []) if o.output_type == "stream"]
+    text = "".join(o.text for o in streams)
+    assert "work: 100%" in text and "3/3" in text and "TqdmWarning" not in text
+    assert all(o.name == "stdout" for o in streams if "work" in o.text)
+    assert not any(o.output_type == "display_data" for cell in executed.cells for o in cell.get("outputs", []))

@@ -20,7 +20,7 @@ from array import array
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from reprolib.progress import tqdm
 
 from reprolib.data.layout import find_corpus_file
 from reprolib.errors import DataError

@@ -66,7 +66,7 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
                     pack=False):
     """The corpus (its first `limit` passages) as a list of int32 id arrays with specials, ready to mask
     (see the module docstring; `pack` applies to RetroMAE only)."""
-    from tqdm.auto import tqdm
+    from reprolib.progress import tqdm
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")

@@ -199,7 +199,7 @@ class TextEncoder(nn.Module):
         device = self.device
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from reprolib.progress import tqdm
 
             bar = tqdm(total=len(texts), desc=f"encode {'queries' if side == 'query' else 'passages'}", unit="text")
         try:
