@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reprolib.cli import main
-from reprolib.data import read_qrels, read_queries, read_run, write_run
+from reprolib.data import read_negatives, read_qrels, read_queries, read_run, read_scores, write_run
 from reprolib.data.corpus import Corpus
 from reprolib.errors import DataError
 from test_cli import error_line, ok
@@ -23,6 +23,8 @@ def small(tmp_path):
     (tmp_path / "qrels.trec").write_text("q0 0 d0 1\nq1 0 d1 1\nq2 0 d2 1\n")
     (tmp_path / "run.trec").write_text("".join(f"q{q} Q0 d{d} {r + 1} {5 - r}.0 t\n"
                                                for q in range(3) for r, d in enumerate([q, (q + 1) % 5])))
+    (tmp_path / "negatives.tsv").write_text("q0\td1,d2\nq1\td2,d3\nq2\td3,d4\n")
+    (tmp_path / "scores.tsv").write_text("q0 d0 3.5\nq0 d1 1.25\nq1 d1 2.0\n")
     return tmp_path
 
 
@@ -35,6 +37,8 @@ BOM = "\ufeff"
     ("qrels.trec", read_qrels),
     ("run.trec", read_run),
     ("queries.tsv", read_queries),
+    ("negatives.tsv", read_negatives),
+    ("scores.tsv", read_scores),
 ])
 @pytest.mark.parametrize("dress", ["bom", "crlf", "bom+crlf"])
 def test_a_bom_or_crlf_reads_as_the_plain_file(small, name, read, dress):
@@ -95,8 +99,6 @@ def test_bad_query_values(tmp_path, file, content, line, problem):
 
 @pytest.mark.parametrize("score", ["nan", "inf", "-inf"])
 def test_a_run_or_teacher_score_that_is_not_finite_is_refused(tmp_path, score):
-    from reprolib.data import read_scores
-
     (tmp_path / "run.trec").write_text(f"q0 Q0 d0 1 1.0 t\nq0 Q0 d1 2 {score} t\n")
     with pytest.raises(DataError, match=r"run.trec:2: score .* is not a finite number"):
         read_run(tmp_path / "run.trec")
@@ -418,6 +420,7 @@ def _read_corpus(path):
 
 
 @pytest.mark.parametrize("name, read", [("qrels.trec", read_qrels), ("run.trec", read_run), ("queries.tsv", read_queries),
+                                        ("negatives.tsv", read_negatives), ("scores.tsv", read_scores),
                                         ("corpus.tsv", _read_corpus)])
 @pytest.mark.parametrize("bad, problem", [(b"\x00", "NUL byte at column"), (b"\xe9", "not valid UTF-8 (byte 0xe9")])
 def test_a_bad_byte_is_reported_with_its_line(small, name, read, bad, problem):
