@@ -16,6 +16,8 @@ def test_notebook_is_committed_without_outputs_and_has_one_parameters_cell(path)
     code = [c for c in cells if c["cell_type"] == "code"]
     assert not any(c.get("outputs") or c.get("execution_count") for c in code), "strip outputs before committing"
     assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in cells) == 1
+    ids = [c.get("id") for c in cells]
+    assert all(ids) and len(set(ids)) == len(ids), "every cell needs its own id (nbformat 4.5)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
