@@ -49,8 +49,11 @@ class Zygote:
         self._dir = tempfile.TemporaryDirectory(prefix="reprolib-zygote-")
         self.socket_path = os.path.join(self._dir.name, "zygote.sock")
         # Same session as the pipeline; it exits when its stdin closes, i.e. when the pipeline does.
+        from reprolib.progress import STAGE_ENVIRONMENT
+
+        # the stage environment from the start: libraries it warms up read it at import (transformers' bars)
         self.process = subprocess.Popen([sys.executable, "-m", "reprolib.kernels", "zygote", self.socket_path],
-                                        stdin=subprocess.PIPE)
+                                        stdin=subprocess.PIPE, env={**os.environ, **STAGE_ENVIRONMENT})
         self.kernel_manager_class = _forked_kernel_manager(self.socket_path)
 
     def close(self):

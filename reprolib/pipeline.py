@@ -619,15 +619,20 @@ def _execute(stage, executed, params, stage_dir, zygote=None):
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
     extra = {"kernel_manager_class": zygote.kernel_manager_class} if zygote else {}
-    from reprolib.progress import STAGE_ENV
+    from reprolib.progress import STAGE_ENVIRONMENT
 
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
-    os.environ[STAGE_ENV] = "1"   # the kernel's progress bars: text, stored finished (reprolib.progress)
+    saved = {name: os.environ.get(name) for name in STAGE_ENVIRONMENT}
+    os.environ.update(STAGE_ENVIRONMENT)   # the kernel's progress bars (reprolib.progress)
     try:
         papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
                                    kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(), **extra)
     finally:
-        os.environ.pop(STAGE_ENV, None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _describe(error):

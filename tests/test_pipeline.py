@@ -633,12 +633,15 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
     """Under the pipeline, reprolib's bars are text on stdout, stored finished: no widget frozen at 0%, no
     red stderr, no 'IProgress not found' warning."""
     make_notebook(project / "notebooks" / "bars.ipynb",
-                  "from reprolib.progress import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass\n" + STEP)
+                  "from reprolib.progress import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass\n"
+                  "from transformers.utils import logging\nfor _ in logging.tqdm(range(3), desc='hf'):\n    pass\n"
+                  + STEP)
     path = write_pipeline(project, [{"id": "a", "notebook": "bars"}])
     run(project, path)
     executed = nbformat.read(project / "outputs" / "demo" / "a" / "bars.ipynb", as_version=4)
     streams = [o for cell in executed.cells for o in cell.get("outputs", []) if o.output_type == "stream"]
     text = "".join(o.text for o in streams)
     assert "work: 100%" in text and "3/3" in text and "TqdmWarning" not in text
+    assert "hf:" not in text   # Hugging Face's own bars are off in stages
     assert all(o.name == "stdout" for o in streams if "work" in o.text)
     assert not any(o.output_type == "display_data" for cell in executed.cells for o in cell.get("outputs", []))
