@@ -375,7 +375,7 @@ def train(config, log=print):
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)   # drawn at the bar's own interval
             if writer and (done % config.log_steps == 0 or done == total_steps):
                 seconds = time.perf_counter() - step_start
                 writer.write(step=done, epoch=round(done / steps_per_epoch, 4), loss=step_loss,
