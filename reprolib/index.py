@@ -83,11 +83,19 @@ def _shard_info(path):
     return (*array.shape, array.dtype) if array.ndim == 2 else None
 
 
-def _valid_shard(path, rows, dtype, dim):
-    """True when `path` holds a (rows, dim) matrix of `dtype` (dim None: any width) of finite numbers."""
+def _shard_rows(meta, number):
+    """How many passages shard `number` of an index holds."""
+    return min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+
+
+def _valid_shard(path, rows, dtype, dim, finite=True):
+    """True when `path` holds a (rows, dim) matrix of `dtype` (dim None: any width), of finite numbers unless
+    `finite` is False (shards this run wrote were checked in memory: reading them back would cost a full pass)."""
     info = _shard_info(path)
     if info is None or info[0] != rows or info[2] != np.dtype(dtype) or dim not in (None, info[1]):
         return False
+    if not finite:
+        return True
     if path.suffix == ".npz":
         with np.load(path) as f:
             return bool(np.isfinite(f["data"]).all())
@@ -197,6 +205,9 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
         if dim is not None and vectors.shape[1] != dim:
             raise ReprolibError(f"encoder returned width {vectors.shape[1]}, but the index has dim {dim}")
         dim = int(vectors.shape[1])
+        values = vectors.data if scipy.sparse.issparse(vectors) else vectors
+        if not np.isfinite(values).all():   # fp16 overflow, a broken model: never a shard that looks complete
+            raise ReprolibError(f"the encoder returned NaN or infinite values for passages {start}-{end - 1}")
         _save_shard(path, vectors, dtype)
         del vectors
 
@@ -229,10 +240,10 @@ def _check_shards(out_dir, meta, dim):
     missing = []
     for number in range(meta["num_shards"]):
         path = shard_path(out_dir, number, meta["kind"])
-        rows = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
-        if dim is None and _valid_shard(path, rows, meta["dtype"], None):
+        rows = _shard_rows(meta, number)
+        if dim is None and _valid_shard(path, rows, meta["dtype"], None, finite=False):
             dim = _shard_info(path)[1]  # this process encoded no shard: take the width from another's
-        if not _valid_shard(path, rows, meta["dtype"], dim):
+        if not _valid_shard(path, rows, meta["dtype"], dim, finite=False):
             missing.append(number)
     if missing:
         shown = ", ".join(str(shard_path(out_dir, n, meta["kind"]).name) for n in missing[:5])
@@ -372,7 +383,7 @@ def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
     index = _flat_index(meta["dim"], resources, gpu_fp16)
     scores = positions = None
     for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
-        index.add(_load_shard(index_dir, number))
+        index.add(_load_shard(index_dir, meta, number))
         shard_scores, shard_positions = index.search(queries, min(k, index.ntotal))
         shard_positions = shard_positions.astype(np.int64) + number * meta["shard_size"]
         index.reset()
@@ -380,15 +391,14 @@ def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
     return scores, positions
 
 
-def _load_shard(index_dir, number, rows=None):
+def _load_shard(index_dir, meta, number, rows=None):
     """Shard `number` (or its `rows`) as a C-contiguous float32 array, as faiss wants it."""
     path = shard_path(index_dir, number)
     try:
         shard = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
         raise ReprolibError(f"{path}: cannot read the shard ({e}); the index is damaged: re-run `reprolib encode`") from None
-    meta = load_meta(index_dir)
-    expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+    expected = _shard_rows(meta, number)
     if shard.ndim != 2 or shard.shape[0] != expected:
         raise ReprolibError(f"{path}: {shard.shape[0] if shard.ndim else 0} rows, but {INDEX_FILE} promises {expected}; "
                             "the index is damaged: re-run `reprolib encode`")
@@ -430,7 +440,7 @@ def ann_index(index_dir, index_type="hnsw", hnsw_m=32, nlist=None, pq_m=None, pr
         index = faiss.IndexIVFPQ(quantizer, meta["dim"], nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
         index.train(_training_sample(index_dir, meta, max(IVF_TRAIN_PER_LIST * nlist, PQ_MIN_TRAIN)))
     for number in tqdm(range(meta["num_shards"]), desc=f"building {path.name}", unit=" shard", disable=not progress):
-        index.add(_load_shard(index_dir, number))  # ids 0..N-1 in shard order: ids are corpus positions
+        index.add(_load_shard(index_dir, meta, number))  # ids 0..N-1 in shard order: ids are corpus positions
     with atomic_write(path, "wb") as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
     return index
@@ -458,7 +468,7 @@ def _training_sample(index_dir, meta, size):
     for number in range(meta["num_shards"]):
         lo, hi = np.searchsorted(rows, [number * shard_size, (number + 1) * shard_size])
         if hi > lo:
-            parts.append(_load_shard(index_dir, number, rows[lo:hi] - number * shard_size))
+            parts.append(_load_shard(index_dir, meta, number, rows[lo:hi] - number * shard_size))
     return np.concatenate(parts)
 
 
@@ -517,7 +527,7 @@ def search_sparse(queries, index_dir, topk=1000, quantize=False, progress=False)
             shard = scipy.sparse.load_npz(path)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise ReprolibError(f"{path}: cannot read the shard ({e}); the index is damaged: re-run `reprolib encode`") from None
-        expected = min(meta["shard_size"], meta["num_passages"] - number * meta["shard_size"])
+        expected = _shard_rows(meta, number)
         if shard.shape[0] != expected:
             raise ReprolibError(f"{path}: {shard.shape[0]} rows, but {INDEX_FILE} promises {expected}; "
                                 "the index is damaged: re-run `reprolib encode`")

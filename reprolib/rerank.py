@@ -42,7 +42,7 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
                 queries_per_chunk=256, progress=True):
     """{qid: {pid: logit}} of `pairs` ({qid: [pid, ...]}); `queries` is {qid: text}, `corpus` a Corpus.
 
-    With `out_path`, the scores are also written there (`qid \t pid \t score`), resumably: chunks of
+    With `out_path`, the scores are also written there (`qid \\t pid \\t score`), resumably: chunks of
     `queries_per_chunk` queries are appended to `<out_path>.partial`, and a rerun skips the queries found there.
     `<out_path>.request` records what the scores are of (the model's weights, the pairs, the template): an
     output or partial file of another request is scored afresh, never returned as this one.

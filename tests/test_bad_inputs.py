@@ -430,3 +430,21 @@ def test_a_bad_byte_is_reported_with_its_line(small, name, read, bad, problem):
     with pytest.raises(DataError) as info:
         read(small / f"bad_{name}")
     assert info.value.line == 2 and problem in info.value.problem
+
+
+def test_an_encoder_that_returns_nan_writes_no_shard(capsys, monkeypatch, tmp_path, synthetic_dir, tiny_model):
+    from reprolib.modeling import DenseEncoder
+
+    original = DenseEncoder.encode_passages
+
+    def nan_in_row_3(self, *args, **kwargs):
+        vectors = original(self, *args, **kwargs)
+        vectors[3] = np.nan
+        return vectors
+
+    monkeypatch.setattr(DenseEncoder, "encode_passages", nan_in_row_3)
+    index = tmp_path / "index"
+    line = error_line(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+                               "--shard-size", "1000"])
+    assert "NaN or infinite values for passages 0-999" in line
+    assert not (index / "shard_00000.npy").exists()

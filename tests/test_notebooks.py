@@ -95,7 +95,7 @@ def test_every_stage_param_is_a_parameter_of_its_notebook(params_file):
 
     pipeline = load_pipeline(params_file)
     for stage in pipeline.stages:
-        unknown = set(stage.params) - _parameter_names(stage.notebook)
+        unknown = set(stage.params) - set(stage.declared)
         assert not unknown, f"{params_file.name}: stage {stage.id} passes {sorted(unknown)} to {stage.notebook.name}"
 
 
