@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from reprolib import __version__
 from reprolib.errors import ReprolibError
 
 
@@ -265,6 +266,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="reprolib", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"reprolib {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("run", help="run a pipeline YAML (stages of notebooks) into outputs/")

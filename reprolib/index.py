@@ -274,9 +274,20 @@ def load_meta(index_dir):
     return meta
 
 
+def _faiss():
+    """The faiss module, or a one-line error saying how to install it (an extra, so that conda's faiss-gpu is
+    not shadowed by pip's CPU build)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ReprolibError("dense search needs faiss, which is not installed: pip install 'reprolib[faiss]' "
+                            "(CPU), or conda install -c conda-forge faiss-gpu") from None
+    return faiss
+
+
 def _gpu_resources(use_gpu):
     """One faiss StandardGpuResources per visible GPU when wanted and available, else None."""
-    import faiss
+    faiss = _faiss()
 
     available = hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     if use_gpu == "auto":
@@ -290,7 +301,7 @@ def _gpu_resources(use_gpu):
 
 def _flat_index(dim, resources, fp16):
     """An empty exact inner-product index: on the CPU, or split over the GPUs of `resources`."""
-    import faiss
+    faiss = _faiss()
 
     index = faiss.IndexFlatIP(dim)
     if resources is None:
@@ -414,7 +425,7 @@ def ann_index(index_dir, index_type="hnsw", hnsw_m=32, nlist=None, pq_m=None, pr
     build parameters, so other parameters build another file. IVF-PQ defaults: nlist = 4 sqrt(N)
     (at most N / 39, so k-means has data for every list), pq_m = the largest divisor of dim up to dim / 4.
     """
-    import faiss
+    faiss = _faiss()
 
     meta = load_meta(index_dir)
     if meta["num_passages"] == 0:

@@ -84,14 +84,14 @@ def collate(encoder, items, device):
     false-negative masking."""
     import torch
 
-    queries = [item[0] for item in items]
-    passages = [text for item in items for text in item[1]]
+    queries = [item.query for item in items]
+    passages = [text for item in items for text in item.texts]
     query_batch = {k: v.to(device) for k, v in encoder.tokenize(queries, "query").items()}
     # B*G passages vary in length far more than B queries: length-sorted buckets of B waste little padding
     passage_batch = encoder.tokenize_buckets(passages, "passage", bucket_size=max(len(items), 8)).to(device)
-    passage_ids = torch.tensor([p for item in items for p in item[2]], device=device)
-    width = max(len(item[3]) for item in items)
-    positive_ids = torch.tensor([item[3] + [-1] * (width - len(item[3])) for item in items], device=device)
+    passage_ids = torch.tensor([p for item in items for p in item.positions], device=device)
+    width = max(len(item.positives) for item in items)
+    positive_ids = torch.tensor([item.positives + [-1] * (width - len(item.positives)) for item in items], device=device)
     return query_batch, passage_batch, passage_ids, positive_ids
 
 
@@ -134,7 +134,7 @@ class Contrastive:
             return ranking, {}, q, p
         import torch
 
-        teacher = torch.tensor([item[4] for item in items], dtype=torch.float32, device=device)
+        teacher = torch.tensor([item.teacher for item in items], dtype=torch.float32, device=device)
         distill = distillation_loss(config.distillation, q.float(), p.float(), teacher, config.temperature)
         loss = distill + config.contrastive_weight * ranking
         return loss, {"ranking_loss": ranking.item(), "distill_loss": distill.item()}, q, p
@@ -188,13 +188,13 @@ class CrossEncoderObjective(Contrastive):
     def loss(self, model, items, device):
         from reprolib.losses import cross_encoder_loss
 
-        pairs = [(item[0], text) for item in items for text in item[1]]
+        pairs = [(item.query, text) for item in items for text in item.texts]
         batch = self.model.tokenize_buckets(pairs, "passage", bucket_size=max(len(items), 8)).to(device)
         logits = model(passage=batch)[1].float().view(len(items), -1)
         return cross_encoder_loss(logits, self.config.cross_encoder_loss), {}
 
 
-class MaskedAutoEncoder:
+class Pretraining:
     """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone."""
     loss_parts = ("encoder_loss", "decoder_loss")
 
@@ -243,8 +243,8 @@ class MaskedAutoEncoder:
 
 
 OBJECTIVES = {"contrastive": Contrastive, "sparse": Sparse, "cross_encoder": CrossEncoderObjective,
-              "retromae": MaskedAutoEncoder,
-              "lexmae": MaskedAutoEncoder}
+              "retromae": Pretraining,
+              "lexmae": Pretraining}
 
 
 def build_objective(config, corpus):
@@ -259,8 +259,8 @@ def group_score_matrix(encoder, groups, num_groups=200, batch_size=64):
     import numpy as np
 
     items = [groups[i] for i in range(min(num_groups, len(groups)))]
-    queries = encoder.encode_queries([item[0] for item in items], batch_size=batch_size)
-    passages = encoder.encode_passages([text for item in items for text in item[1]], batch_size=batch_size)
+    queries = encoder.encode_queries([item.query for item in items], batch_size=batch_size)
+    passages = encoder.encode_passages([text for item in items for text in item.texts], batch_size=batch_size)
     paired = queries[np.repeat(np.arange(len(items)), groups.group_size)]      # row i*G+j: query i
     if hasattr(paired, "multiply"):
         scores = np.asarray(paired.multiply(passages).sum(axis=1)).ravel()
@@ -274,3 +274,11 @@ def score_groups(encoder, groups, num_groups=200, batch_size=64):
     encoder separates them (the notebooks plot the two distributions)."""
     scores, _ = group_score_matrix(encoder, groups, num_groups, batch_size)
     return scores[:, 0], scores[:, 1:].ravel()
+
+
+def group_accuracy(positive_scores, negative_scores):
+    """The share of groups whose positive outscores every one of its negatives (`score_groups`' two arrays)."""
+    import numpy as np
+
+    negatives = np.asarray(negative_scores).reshape(len(positive_scores), -1)
+    return float(np.mean(np.asarray(positive_scores) > negatives.max(axis=1)))

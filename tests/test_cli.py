@@ -58,6 +58,19 @@ def test_python_m_reprolib_help():
         assert verb in result.stdout
 
 
+def test_version(capsys):
+    from reprolib import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"reprolib {__version__}"
+
+
+def test_an_unknown_dataset_lists_every_kind_prepare_knows(capsys, tmp_path):
+    assert error_line(capsys, ["data", "prepare", "msmacro", "--out", str(tmp_path / "d")]) == (
+        "error: unknown dataset 'msmacro': expected synthetic, a dataset directory, msmarco-passage, "
+        "msmarco-hard-negatives, msmarco-passage+hard-negatives, beir/<name> or lotte/<domain>/<split>")
+
+
 def test_unknown_verb_exits_2(capsys):
     assert "invalid choice: 'no-such-verb'" in error_line(capsys, ["no-such-verb"])
 
@@ -369,6 +382,18 @@ def test_encode_bf16_autocast(capsys, tmp_path, synthetic_dir, tiny_model):
     full, half = load_shards(runs["fp32"]), load_shards(runs["bf16"])
     assert not np.array_equal(full, half)  # the matmuls did run in bf16 ...
     assert (np.sum(full * half, axis=1) > 0.99).all()  # ... and the vectors (unit length) barely moved
+
+
+def test_search_without_faiss_says_how_to_install_it(capsys, tmp_path, synthetic_dir, tiny_model, monkeypatch):
+    index = tmp_path / "index"
+    ok(capsys, ["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index)])
+    monkeypatch.setitem(sys.modules, "faiss", None)          # `import faiss` now raises ImportError
+    run_file = tmp_path / "dev.trec"
+    assert error_line(capsys, ["search", "--model", str(tiny_model), "--index", str(index), "--queries",
+                               str(synthetic_dir), "--out", str(run_file)]) == (
+        "error: dense search needs faiss, which is not installed: pip install 'reprolib[faiss]' (CPU), "
+        "or conda install -c conda-forge faiss-gpu")
+    assert not run_file.exists()
 
 
 def test_encode_and_search_errors(capsys, tmp_path, synthetic_dir, tiny_model):

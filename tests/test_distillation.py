@@ -111,9 +111,9 @@ def test_groups_carry_the_teachers_score_of_every_passage_and_repeat_scored_nega
     groups = TrainGroups(corpus, {"q1": "first", "q2": "second"}, {"q1": {"p0": 1}, "q2": {"p2": 1}},
                          {"q1": ["p10", "p11"], "q2": []}, group_size=5, seed=1, teacher=teacher)
     assert groups.skipped_queries == ["q2"]          # no scored negative to distill against
-    query, texts, positions, positives, scores = groups[0]
-    assert positions[0] == 0 and set(positions[1:]) == {10, 11}     # 4 slots, only 2 scored: repeated
-    assert scores == [teacher["q1"][f"p{p}"] for p in positions]
+    group = groups[0]
+    assert group.positions[0] == 0 and set(group.positions[1:]) == {10, 11}     # 4 slots, only 2 scored: repeated
+    assert group.teacher == [teacher["q1"][f"p{p}"] for p in group.positions]
 
 
 def test_load_groups_takes_negatives_from_the_scores_when_no_file_is_given(synthetic_dir, tmp_path):
@@ -128,7 +128,7 @@ def test_load_groups_takes_negatives_from_the_scores_when_no_file_is_given(synth
     config = _config(synthetic_dir, tmp_path / "out", teacher_scores=str(tmp_path / "t.tsv"), distillation="kl")
     groups = load_groups(config, "[SEP]")
     assert len(groups) == 1 and len(groups.skipped_queries) == len(qrels) - 1     # the unscored queries
-    *_, scores = groups[0]
+    scores = groups[0].teacher
     assert scores[0] == 3.0 and scores[1:] == [-1.0] * 3
 
 

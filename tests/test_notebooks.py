@@ -54,6 +54,7 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert (run_dir / "index" / "index" / "index.json").exists()
     assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0
     assert stages["finetune"]["metrics"]["group_accuracy_after"] > stages["finetune"]["metrics"]["group_accuracy_before"]
+    assert 0 < stages["finetune"]["metrics"]["passage_cosine_before"] < 0.9999   # mean pooling: passages differ at init
     assert stages["dense_hn"]["metrics"]["RR@10"] > 0.1      # 1,000 passages, one short epoch: it retrieves, not more
     assert (run_dir / "dense_bm25" / "run.trec").stat().st_size > 0
     per_query = json.loads((run_dir / "dense_hn" / "per_query.json").read_text())

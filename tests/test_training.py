@@ -49,7 +49,7 @@ def test_retromae_sampler_one_example_per_qrels_row_negatives_from_topk_without_
     seen = set()
     for epoch in range(20):
         groups.set_epoch(epoch)
-        query, texts, positions, positives = groups[0]
+        query, texts, positions, positives, _ = groups[0]
         assert query == "first query" and positives == [0, 1]
         assert positions[0] == 0                           # the row's own positive, first in the group
         negs = positions[1:]
@@ -61,9 +61,9 @@ def test_retromae_sampler_one_example_per_qrels_row_negatives_from_topk_without_
 
 def test_retromae_sampler_tops_up_from_the_corpus_when_short():
     groups = _groups("retromae", {"q2": ["p20", "p21"]}, group_size=8, n=30)
-    positions = groups[2][2]
+    positions = groups[2].positions
     assert positions[:3] == [2, 20, 21] and len(positions) == 8 and 2 not in positions[1:]
-    q1 = groups[0][2]                                      # q1 has no negatives at all: all random, never a positive
+    q1 = groups[0].positions                               # q1 has no negatives at all: all random, never a positive
     assert len(q1) == 8 and not set(q1[1:]) & {0, 1}
 
 
@@ -71,7 +71,7 @@ def test_retromae_sampler_tops_up_from_the_corpus_when_short():
 def test_queries_without_negatives_can_be_left_out(sampler):
     """OpenMatch, LexMAE and Tevatron train only the queries of their negatives file (correction 6)."""
     groups = _groups(sampler, {"q2": ["p20", "p21"]}, without_negatives="skip")
-    assert groups.skipped_queries == ["q1"] and {groups[i][0] for i in range(len(groups))} == {"second query"}
+    assert groups.skipped_queries == ["q1"] and {groups[i].query for i in range(len(groups))} == {"second query"}
     with pytest.raises(ReprolibError, match="and a negative"):
         _groups(sampler, {}, without_negatives="skip")
     with pytest.raises(ReprolibError, match="without_negatives must be one of random, skip"):
@@ -85,13 +85,13 @@ def test_tevatron_sampler_walks_a_fixed_shuffle_by_epoch():
     windows = []
     for epoch in range(3):
         groups.set_epoch(epoch)
-        _, _, positions, _ = groups[0]
+        positions = groups[0].positions
         windows.append(positions[1:])
     assert sorted(p for w in windows for p in w) == list(range(10, 19))   # three windows of 3 cover all 9
     positives = set()
     for epoch in range(2):
         groups.set_epoch(epoch)
-        positives.add(groups[0][2][0])
+        positives.add(groups[0].positions[0])
     assert positives == {0, 1}                            # the positive rotates with the epoch
     assert groups[1][2][1:] == [50, 50, 50]               # fewer than G-1: drawn with replacement
 

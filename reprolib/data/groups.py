@@ -26,6 +26,7 @@ every passage must have one: the caller keeps only scored positives and negative
 fewer than G-1 scored negatives repeats them instead of drawing unscored corpus passages.
 """
 import random
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,9 +37,17 @@ SAMPLERS = ("retromae", "tevatron")
 WITHOUT_NEGATIVES = ("random", "skip")
 
 
+class Group(NamedTuple):
+    """One training example: a query and its G passages, the positive first."""
+    query: str
+    texts: list                  # the G passages as the encoder reads them (template applied)
+    positions: list              # their corpus positions
+    positives: list              # the corpus positions of every positive of the query (false-negative masking)
+    teacher: list | None = None  # the teacher's score of each of the G passages (distillation)
+
+
 class TrainGroups:
-    """`groups[i]` -> (query text, [G passage texts], [G corpus positions], [positive positions]), plus
-    [G teacher scores] when `teacher` is given.
+    """`groups[i]` -> a Group of G passages (with the teacher's scores when `teacher` is given).
 
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
     negatives: {qid: [pid, ...]} in rank order (a query without any: see `without_negatives`);
@@ -111,10 +120,8 @@ class TrainGroups:
         else:
             positive, chosen = self._tevatron(i, positives, negatives, all_positives)
         positions = [positive] + chosen
-        group = (query, [self.passage_text(p) for p in positions], positions, all_positives)
-        if self.teacher is None:
-            return group
-        return group + ([self.teacher[qid][self.corpus.id(p)] for p in positions],)
+        scores = None if self.teacher is None else [self.teacher[qid][self.corpus.id(p)] for p in positions]
+        return Group(query, [self.passage_text(p) for p in positions], positions, all_positives, scores)
 
     def _retromae(self, i, positives, negatives, all_positives):
         rng = random.Random(f"{self.seed}/{self.epoch}/{i}")

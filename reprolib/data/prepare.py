@@ -4,6 +4,7 @@ from pathlib import Path
 from reprolib.data import synthetic
 from reprolib.data.corpus import Corpus
 from reprolib.data.formats import read_qrels, read_queries, write_negatives
+from reprolib.data.prepare_remote import REMOTE_NAMES, UnknownDataset
 from reprolib.data.prepare_remote import prepare as prepare_remote
 from reprolib.errors import ReprolibError
 from reprolib.search import bm25_search, mine_negatives
@@ -15,7 +16,10 @@ def prepare(name, out_dir, progress=True, **options):
         return prepare_synthetic(out_dir, progress=progress, **options)
     if Path(name).is_dir():
         return link_local(name, out_dir)
-    return prepare_remote(name, out_dir, progress=progress, **options)
+    try:
+        return prepare_remote(name, out_dir, progress=progress, **options)
+    except UnknownDataset:
+        raise UnknownDataset(f"unknown dataset {name!r}: expected synthetic, a dataset directory, {REMOTE_NAMES}") from None
 
 
 def link_local(source, out_dir):

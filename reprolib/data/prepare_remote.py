@@ -51,6 +51,12 @@ BEIR_MD5 = {
 LOTTE_DOMAINS = ("writing", "recreation", "science", "technology", "lifestyle", "pooled")
 LOTTE_SPLITS = ("dev", "test")
 
+REMOTE_NAMES = "msmarco-passage, msmarco-hard-negatives, msmarco-passage+hard-negatives, beir/<name> or lotte/<domain>/<split>"
+
+
+class UnknownDataset(ReprolibError):
+    """A dataset name that none of the downloaders knows."""
+
 
 def prepare(name, out_dir, **options):
     """Prepare dataset `name` into `out_dir`; `options` go to the matching prepare_* function."""
@@ -70,8 +76,7 @@ def prepare(name, out_dir, **options):
         return prepare_beir(parts[1], out_dir, **options)
     if parts[0] == "lotte" and len(parts) == 3:
         return prepare_lotte(parts[1], parts[2], out_dir, **options)
-    raise ReprolibError(f"unknown dataset {name!r}: expected msmarco-passage, msmarco-hard-negatives, "
-                        "msmarco-passage+hard-negatives, beir/<name> or lotte/<domain>/<split>")
+    raise UnknownDataset(f"unknown dataset {name!r}: expected {REMOTE_NAMES}")
 
 
 # ---------------------------------------------------------------------------------------------
