@@ -85,6 +85,28 @@ def score_histogram(scores, path=None, title="Scores of positives and negatives"
     return _finish(fig, path)
 
 
+def histogram(values, path=None, title="", xlabel="", ylabel="count", limit=None, limit_label=None, bins=30):
+    """`values`: {label: numbers} drawn as overlaid histograms (lengths, norms, ...); `limit`: a dashed red line
+    at that x (e.g. the max length, beyond which text is cut)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, v in values.items():
+        ax.hist(np.asarray(v, float), bins=bins, alpha=0.6 if len(values) > 1 else 1, label=label)
+    if limit is not None:
+        ax.axvline(limit, color="red", ls="--", label=limit_label or f"{limit}")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    return _finish(fig, path)
+
+
+def rank_histogram(ranks, depth, path=None, title="Where the positives are"):
+    """`ranks`: the rank of each query's first positive (depth + 1 when it was not retrieved); log x axis."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(np.minimum(ranks, depth + 1), bins=np.logspace(0, np.log10(depth + 2), 25))
+    ax.set(xscale="log", xlabel=f"rank of the first positive ({depth + 1} = not retrieved)", ylabel="queries",
+           title=title)
+    return _finish(fig, path)
+
+
 def sparsity_histogram(nonzeros, path=None, title="Non-zero weights per text"):
     """`nonzeros`: {label: non-zero count per text}, e.g. queries and passages of a sparse index; log x axis
     (texts with no weight at all are counted in the legend)."""

@@ -5,6 +5,7 @@ import random
 from reprolib.progress import tqdm
 
 from reprolib.data.templates import get_template
+from reprolib.errors import ReprolibError
 
 
 def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain",
@@ -77,13 +78,17 @@ def sparse_search(encoder, queries, index_dir, corpus, topk=1000, quantize=False
     return index.run_from_hits(qids, scores, positions, corpus)
 
 
-def search_index(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, max_length=None, progress=True):
-    """`dense_search` or `sparse_search` (float weights), whichever the index's kind calls for."""
+def search_index(encoder, queries, index_dir, corpus, topk=1000, batch_size=128, max_length=None, progress=True,
+                 quantize=False):
+    """`dense_search` or `sparse_search`, whichever the index's kind calls for (`quantize`: sparse only)."""
     from reprolib.index import load_meta
 
-    search = sparse_search if load_meta(index_dir)["kind"] == "sparse" else dense_search
-    return search(encoder, queries, index_dir, corpus, topk=topk, batch_size=batch_size, max_length=max_length,
-                  progress=progress)
+    options = dict(topk=topk, batch_size=batch_size, max_length=max_length, progress=progress)
+    if load_meta(index_dir)["kind"] == "sparse":
+        return sparse_search(encoder, queries, index_dir, corpus, quantize=quantize, **options)
+    if quantize:
+        raise ReprolibError(f"{index_dir} is a dense index: quantized search is for sparse (impact) indexes")
+    return dense_search(encoder, queries, index_dir, corpus, **options)
 
 
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):

@@ -141,6 +141,17 @@ class TrainConfig:
         return config
 
     @classmethod
+    def from_params(cls, params, **overrides):
+        """The config of a notebook: every option named in `params` (a notebook passes `globals()`, whose
+        parameters carry the options' own names), then `overrides`; checked. Values that are not plain data
+        (a module, a Corpus a rerun cell left behind) are not options; a Path becomes its text."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        plain = (str, int, float, bool, list, dict, type(None))
+        options = {name: str(value) if isinstance(value, Path) else value for name, value in params.items()
+                   if name in names and isinstance(value, (*plain, Path))}
+        return cls.from_dict({**options, **overrides}, source="notebook parameters")
+
+    @classmethod
     def from_yaml(cls, path):
         path = Path(path)
         if not path.is_file():

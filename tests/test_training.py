@@ -122,6 +122,22 @@ def test_config_rejects_unknown_and_missing_options(tmp_path):
         TrainConfig.from_yaml(path)
 
 
+def test_config_from_a_notebooks_parameters(tmp_path):
+    """A notebook builds its config from its parameters (globals()): options by name, nothing else."""
+    import math
+
+    from reprolib.data import Corpus   # noqa: F401  (a class in globals is not an option)
+
+    namespace = {"model": "scratch:micro", "out_dir": tmp_path / "out", "train_data": "d", "batch_size": 8,
+                 "learning_rate": "2e-5", "num_processes": 2, "math": math, "corpus": object(), "plots": None}
+    config = TrainConfig.from_params(namespace, objective="retromae")
+    assert (config.model, config.out_dir, config.batch_size, config.objective) == \
+        ("scratch:micro", str(tmp_path / "out"), 8, "retromae")
+    assert config.learning_rate == 2e-5 and config.corpus is None      # typed; a non-option value is ignored
+    with pytest.raises(ReprolibError, match="notebook parameters: batch_size must be"):
+        TrainConfig.from_params({**namespace, "batch_size": 0})
+
+
 def _config(synthetic_dir, out_dir, **overrides):
     options = dict(model="scratch:micro", out_dir=str(out_dir), train_data=str(synthetic_dir), group_size=4,
                    batch_size=8, max_steps=6, learning_rate=1e-3, pooling="mean", normalize=True,

@@ -90,7 +90,9 @@ def test_search_index_follows_the_index_kind(monkeypatch):
         monkeypatch.setattr(reprolib.index, "load_meta", lambda _, kind=kind: {"kind": kind})
         reprolib.search.search_index(None, {}, "index", None, topk=5, batch_size=2, max_length=9, progress=False)
     expected = {"topk": 5, "batch_size": 2, "max_length": 9, "progress": False}
-    assert calls == [("sparse", expected), ("dense", expected)]
+    assert calls == [("sparse", {**expected, "quantize": False}), ("dense", expected)]
+    with pytest.raises(ReprolibError, match="index is a dense index: quantized search is for sparse"):
+        reprolib.search.search_index(None, {}, "index", None, quantize=True)
 
 
 # ---- evaluating datasets with a hand-made encoder --------------------------------------------
