@@ -405,8 +405,9 @@ def _stage_sections(run_dir, manifest, checks):
 
 
 def stage_plots(run_dir, sid):
-    """The PNG files anywhere under a stage's folder, sorted by path."""
-    return sorted((Path(run_dir) / sid).rglob("*.png"))
+    """The PNG files anywhere under a stage's folder, in the order the notebook drew them (by modification
+    time: "before" comes before "after", the loss before what the model then does)."""
+    return sorted((Path(run_dir) / sid).rglob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.as_posix()))
 
 
 def markdown_table(header, rows):

@@ -1,5 +1,6 @@
 """The papermill pipeline runner: parameters, resume, failures, YAML validation, checks and report."""
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -322,6 +323,18 @@ expected:
   - {stage: eval, metric: MRR, value: 0.35, tolerance: 0.01, source: paper}
   - {stage: eval, metric: nDCG@10, value: 0.5, tolerance: 0.01, source: paper}
 """
+
+
+def test_a_stages_plots_come_in_the_order_the_notebook_drew_them(tmp_path):
+    from reprolib.report import stage_plots
+
+    stage = tmp_path / "finetune"
+    (stage / "train").mkdir(parents=True)
+    for seconds, name in enumerate(["scores_before.png", "train/loss.png", "scores_after.png"]):
+        (stage / name).write_bytes(b"png")
+        os.utime(stage / name, ns=(10**9 * (100 + seconds),) * 2)
+    assert [p.relative_to(stage).as_posix() for p in stage_plots(tmp_path, "finetune")] == \
+        ["scores_before.png", "train/loss.png", "scores_after.png"]
 
 
 def test_checks_and_report(project):
