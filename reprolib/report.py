@@ -351,15 +351,22 @@ def is_retrieval_metric(name):
 
 
 def _metrics_table(manifest):
-    """Stages as rows, the union of their retrieval metric names as columns (in first-seen order)."""
+    """Stages as rows, their retrieval metrics as columns: one table per set of metric names (the evaluation
+    stages, the miners, ...), in the order the stages ran, so that no column is mostly empty."""
     stages = {sid: {n: v for n, v in (entry.get("metrics") or {}).items() if is_retrieval_metric(n)}
               for sid, entry in manifest["stages"].items()}
-    stages = {sid: metrics for sid, metrics in stages.items() if metrics}
-    if not stages:
+    families = {}
+    for sid, metrics in stages.items():
+        if metrics:
+            families.setdefault(frozenset(metrics), []).append(sid)
+    if not families:
         return "No retrieval metrics recorded."
-    names = list(dict.fromkeys(name for metrics in stages.values() for name in metrics))
-    rows = [[sid] + [format_number(m[n]) if n in m else "" for n in names] for sid, m in stages.items()]
-    return markdown_table(["stage"] + names, rows)
+    tables = []
+    for sids in families.values():
+        names = list(stages[sids[0]])
+        tables.append(markdown_table(["stage", *names], [[sid, *(format_number(stages[sid][n]) for n in names)]
+                                                         for sid in sids]))
+    return "\n\n".join(tables)
 
 
 def _checks_table(checks):

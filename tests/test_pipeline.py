@@ -337,6 +337,16 @@ def test_a_stages_plots_come_in_the_order_the_notebook_drew_them(tmp_path):
         ["scores_before.png", "train/loss.png", "scores_after.png"]
 
 
+def test_the_report_has_one_metrics_table_per_stage_family():
+    from reprolib.report import _metrics_table
+
+    stages = {"bm25": {"RR@10": 0.6, "R@100": 0.9}, "mine": {"miner_R@10": 0.95}, "dense": {"R@100": 0.99, "RR@10": 0.7},
+              "finetune": {"train_loss": 0.5}}
+    tables = _metrics_table({"stages": {sid: {"metrics": m} for sid, m in stages.items()}}).split("\n\n")
+    assert [t.splitlines()[0] for t in tables] == ["| stage | RR@10 | R@100 |", "| stage | miner_R@10 |"]
+    assert tables[0].splitlines()[3] == "| dense | 0.7 | 0.99 |" and "| |" not in tables[0]
+
+
 def test_checks_and_report(project):
     make_notebook(project / "notebooks" / "plot.ipynb", PLOT, params='out_dir = ""')
     path = write_pipeline(project, [{"id": "eval", "notebook": "plot"}])
