@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 from reprolib import __version__
+from reprolib.data.templates import TEMPLATES
+from reprolib.objectives import OBJECTIVES
 from reprolib.errors import ReprolibError
 
 
@@ -257,8 +259,25 @@ def cmd_train(args):
     train(TrainConfig.from_yaml(args.config))
 
 
+TEMPLATE_NAMES = ", ".join(TEMPLATES)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows an option's default, unless it has none or its help text already tells it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line, like every other error."""
+    """argparse that reports a bad command line as one line, like every other error, and shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -272,7 +291,8 @@ def build_parser():
     p = verbs.add_parser("run", help="run a pipeline YAML (stages of notebooks) into outputs/")
     p.add_argument("params")
     p.add_argument("--out", default="outputs", help="output root (default: outputs)")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one stage parameter (a YAML value), e.g. --set finetune.epochs=2; repeatable")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     p.add_argument("--only", metavar="STAGE", help="rerun just this stage")
     p.add_argument("--force", action="store_true", help="rerun every stage")
@@ -305,10 +325,10 @@ def build_parser():
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
     p.add_argument("--out", required=True)
-    p.add_argument("--topk", type=positive_int, default=1000)
-    p.add_argument("--k1", type=non_negative_float, default=1.5)
-    p.add_argument("--b", type=unit_float, default=0.75)
-    p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
+    p.add_argument("--topk", type=positive_int, default=1000, help="hits kept per query")
+    p.add_argument("--k1", type=non_negative_float, default=1.5, help="BM25 term-frequency saturation")
+    p.add_argument("--b", type=unit_float, default=0.75, help="BM25 length normalisation")
+    p.add_argument("--template", default="plain", help=f"passage text template: {TEMPLATE_NAMES}")
     p.set_defaults(func=cmd_bm25)
 
     p = verbs.add_parser("encode", help="encode a corpus into a sharded dense or sparse index, as the model is "
@@ -316,11 +336,11 @@ def build_parser():
     p.add_argument("--model", required=True, help="HF name or folder (HF, sentence-transformers or reprolib)")
     p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
     p.add_argument("--out", required=True, help="index directory")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="passages per forward pass")
     p.add_argument("--max-len", type=positive_int, help="passage max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 128; sparse: 144)")
     _precision_arguments(p)
-    p.add_argument("--template", default="plain", help="passage text template (default: title + ' ' + text)")
+    p.add_argument("--template", default="plain", help=f"passage text template: {TEMPLATE_NAMES}")
     p.add_argument("--shard-size", type=positive_int, default=100_000, help="passages per shard file")
     p.add_argument("--dtype", choices=["float16", "float32"],
                    help="stored vector type (default: float16 for dense models; sparse ones store float32 only)")
@@ -333,13 +353,13 @@ def build_parser():
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")
     p.add_argument("--out", required=True)
-    p.add_argument("--topk", type=positive_int, default=1000)
+    p.add_argument("--topk", type=positive_int, default=1000, help="hits kept per query")
     p.add_argument("--index-type", choices=["flat", "hnsw", "ivfpq"], default="flat",
                    help="dense indexes. flat: exact; hnsw / ivfpq: approximate, built on first use and kept in the "
                         "index directory")
     p.add_argument("--quantized", action="store_true",
                    help="sparse indexes: score Anserini's integer impacts round(100 w) instead of the float weights")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="queries per forward pass")
     p.add_argument("--max-len", type=positive_int, help="query max length (default: the model's reprolib or sentence-transformers "
                                                "config, else 32)")
     p.set_defaults(func=cmd_search)
@@ -348,7 +368,8 @@ def build_parser():
     p.add_argument("run")
     p.add_argument("qrels", help="qrels file or dataset directory")
     p.add_argument("--split")
-    p.add_argument("--metrics", default="RR@10 R@1000 nDCG@10")
+    p.add_argument("--metrics", default="RR@10 R@1000 nDCG@10",
+                   help="space-separated: RR@k, R@k, nDCG@k, P@k, AP, Success@k, or trec_eval names (ndcg_cut.10)")
     p.add_argument("--denominator", choices=["judged", "ranked"], default="judged",
                    help="average over every judged query (MS MARCO) or only the ranked ones (trec_eval default)")
     p.add_argument("--ignore-identical-ids", action="store_true", help="drop hits whose doc id equals the query id (BEIR)")
@@ -361,7 +382,7 @@ def build_parser():
     p.add_argument("--qrels", required=True)
     p.add_argument("--split", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--depth", type=positive_int, default=200)
+    p.add_argument("--depth", type=positive_int, default=200, help="top hits of the run considered per query")
     p.add_argument("--num", type=positive_int, default=None, help="keep at most this many per query")
     p.add_argument("--shuffle-seed", type=int, default=None,
                    help="shuffle each query's negatives before --num (Tevatron/OpenMatch build_hn); default: rank order")
@@ -370,7 +391,7 @@ def build_parser():
     p = verbs.add_parser("rerank", help="rescore the top-D hits of a run with a cross-encoder")
     _cross_encoder_arguments(p)
     p.add_argument("--run", required=True, help="TREC run to rerank")
-    p.add_argument("--depth", type=positive_int, default=100)
+    p.add_argument("--depth", type=positive_int, default=100, help="top hits reranked per query")
     p.set_defaults(func=cmd_rerank)
 
     p = verbs.add_parser("score", help="teacher scores (qid pid score) of each judged query's positives and its "
@@ -380,12 +401,12 @@ def build_parser():
     candidates.add_argument("--run", help="TREC run whose top-D hits are scored")
     candidates.add_argument("--negatives", help="qid \\t pid,pid negatives file whose first D are scored")
     p.add_argument("--qrels", required=True, help="qrels file or dataset directory (its positives are scored too)")
-    p.add_argument("--depth", type=positive_int, default=200)
+    p.add_argument("--depth", type=positive_int, default=200, help="candidates scored per query")
     p.set_defaults(func=cmd_score)
 
-    p = verbs.add_parser("train", help="contrastive fine-tuning from a YAML of TrainConfig options "
+    p = verbs.add_parser("train", help="training from a YAML of TrainConfig options: fine-tuning or pretraining "
                                        "(also under `accelerate launch -m reprolib train`)")
-    p.add_argument("config")
+    p.add_argument("config", help=f"YAML of TrainConfig options (reprolib/training.py); objective: {', '.join(OBJECTIVES)}")
     p.set_defaults(func=cmd_train)
     return parser
 
@@ -396,8 +417,8 @@ def _cross_encoder_arguments(p):
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries / --qrels is a directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--template", default="plain", help="passage text template")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--template", default="plain", help=f"passage text template: {TEMPLATE_NAMES}")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per forward pass")
     p.add_argument("--max-len", type=positive_int, help="pair max length (default: the model's, else 200)")
     _precision_arguments(p)
 

@@ -43,7 +43,7 @@ DENOMINATORS = ("ranked", "judged")
 ACCEPTED_FORMS = (
     "RR, RR@k, MRR, MRR@k, AP, AP@k, MAP, MAP@k, nDCG, nDCG@k, R@k, P@k, Success@k "
     "(case-insensitive), or trec_eval names map, map_cut_k, recip_rank, ndcg, ndcg_cut_k, "
-    "recall_k, P_k, success_k"
+    "recall_k, P_k, success_k (also as trec_eval -m spells them: ndcg_cut.10, recall.1000)"
 )
 
 # (pattern, ir_measures measure name, whether a cutoff is required)
@@ -55,11 +55,11 @@ _PATTERNS = [
     (r"p@(\d+)", "P", True),
     (r"success@(\d+)", "Success", True),
     (r"recip_rank", "RR", False),
-    (r"map(?:_cut_(\d+))?", "AP", False),
-    (r"ndcg(?:_cut_(\d+))?", "nDCG", False),
-    (r"recall_(\d+)", "R", True),
-    (r"p_(\d+)", "P", True),
-    (r"success_(\d+)", "Success", True),
+    (r"map(?:_cut[._](\d+))?", "AP", False),
+    (r"ndcg(?:_cut[._](\d+))?", "nDCG", False),
+    (r"recall[._](\d+)", "R", True),
+    (r"p[._](\d+)", "P", True),
+    (r"success[._](\d+)", "Success", True),
 ]
 
 

@@ -119,6 +119,10 @@ def test_parse_metrics_aliases_keep_spelling():
     assert trec["P_10"] == parsed["P@10"]
     assert trec["success_5"] == parsed["Success@5"]
     assert str(trec["recip_rank"]) == "RR"
+    dotted = parse_metrics("ndcg_cut.10 recall.1000 P.10 map_cut.100")     # trec_eval -m ndcg_cut.10
+    assert [dotted[n] for n in ("ndcg_cut.10", "recall.1000", "P.10")] == [parsed["nDCG@10"], parsed["R@1000"],
+                                                                         parsed["P@10"]]
+    assert str(dotted["map_cut.100"]) == "AP@100"
 
 
 @pytest.mark.parametrize("bad", ["Foo@10", "RR@", "R", "P@0", "ndcg_cut_x", ""])
