@@ -12,6 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from urllib.parse import quote
 
+from reprolib import __version__
 from reprolib.fileio import atomic_write
 
 REPORT = "REPORT.md"
@@ -300,22 +301,27 @@ def _provenance(manifest):
     lines = [
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- pipeline: `{manifest['params_file']}`",
-        f"- commit: {_git_commit() or 'unknown (no git commit found)'}",
+        f"- reprolib {__version__}, commit: {_git_commit(Path(manifest['params_file']).parent) or 'unknown (the pipeline is not in a git checkout)'}",
         f"- hardware: {_hardware()}",
         f"- wall time of all stages: {wall:.1f} s",
     ]
     return "\n".join(lines)
 
 
-def _git_commit():
-    """Short commit of the repository the command runs in, or None without git or a repository."""
+def _git_commit(directory):
+    """Short commit of the git checkout holding `directory` (the pipeline's: its notebooks and library), marked
+    when tracked files differ from it; None without git or a checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10)
+
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
+    return head.stdout.strip() + (" with uncommitted changes" if changed else "")
 
 
 def _hardware():

@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -347,6 +349,21 @@ def test_the_report_has_one_metrics_table_per_stage_family():
     assert tables[0].splitlines()[3] == "| dense | 0.7 | 0.99 |" and "| |" not in tables[0]
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_report_names_the_commit_of_the_pipelines_checkout(tmp_path):
+    from reprolib.report import _git_commit
+
+    assert _git_commit(tmp_path) is None                                  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "p.yaml").write_text("run: a\n")
+    for args in (["init", "-q"], ["add", "p.yaml"], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert _git_commit(tmp_path) == head
+    (tmp_path / "p.yaml").write_text("run: b\n")
+    assert _git_commit(tmp_path) == f"{head} with uncommitted changes"
+
+
 def test_checks_and_report(project):
     make_notebook(project / "notebooks" / "plot.ipynb", PLOT, params='out_dir = ""')
     path = write_pipeline(project, [{"id": "eval", "notebook": "plot"}])
@@ -361,7 +378,9 @@ def test_checks_and_report(project):
 
     run_dir = project / "outputs" / "demo"
     text = (run_dir / "REPORT.md").read_text()
-    for part in ["# Reproduction report: demo", "- commit: ", "- hardware: ", "Python",
+    from reprolib import __version__
+
+    for part in ["# Reproduction report: demo", f"- reprolib {__version__}, commit: ", "- hardware: ", "Python",
                  "| stage | status | wall time (s) |", "| eval | done |",
                  "| stage | RR@10 | R@1000 | MRR |", "| eval | 0.3931 | 0.95 | 0.2 |",
                  "| OK | eval | RR@10 | 0.3931 | paper: 0.393 | +0.0001 | ± 0.005 |  | RetroMAE README |",
