@@ -57,6 +57,7 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert 0 < stages["finetune"]["metrics"]["passage_cosine_before"] < 0.9999   # mean pooling: passages differ at init
     assert stages["dense_hn"]["metrics"]["RR@10"] > 0.1      # 1,000 passages, one short epoch: it retrieves, not more
     assert (run_dir / "dense_bm25" / "run.trec").stat().st_size > 0
+    assert " here against " in (run_dir / "dense" / "40_retrieve_evaluate.ipynb").read_text()   # paired test vs BM25
     per_query = json.loads((run_dir / "dense_hn" / "per_query.json").read_text())
     assert len(per_query["RR@10"]) == len(json.loads((run_dir / "bm25" / "per_query.json").read_text())["RR@10"]) > 0
     checks = json.loads((run_dir / "checks.json").read_text())
