@@ -6,8 +6,8 @@ from pathlib import Path
 
 from reprolib import __version__
 from reprolib.data.templates import TEMPLATES
-from reprolib.objectives import OBJECTIVES
 from reprolib.errors import ReprolibError
+from reprolib.objectives import OBJECTIVES
 
 
 def cmd_run(args):

@@ -315,7 +315,7 @@ def test_report_notebook_plots_the_checks_and_walks_every_stage(tmp_path):
     assert "OK     bm25 RR@10 = 0.3931 (0.393, paper)" in text
     assert "bm25 (40_retrieve_evaluate.ipynb): done in 12.5 s" in text and "error: cell 4: KeyError" in text
     assert "report (90_report" not in text  # its own plots are shown above the walk, not again
-    walk = executed["cells"][-1]["outputs"]
+    walk = [c for c in executed["cells"] if c["cell_type"] == "code"][-1]["outputs"]
     assert sum("image/png" in o.get("data", {}) for o in walk) == 2  # the two PNGs of stage bm25
 
 
