@@ -11,8 +11,9 @@ from reprolib.objectives import OBJECTIVES
 
 
 def cmd_run(args):
+    from reprolib.bundle import pipeline_path
     from reprolib.pipeline import run_pipeline
-    run_pipeline(args.params, out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only,
+    run_pipeline(pipeline_path(args.params), out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only,
                  force=args.force, seeds=args.seeds)
 
 
@@ -68,6 +69,13 @@ def _check_outputs(args, inputs=("corpus", "queries", "run", "qrels", "negatives
         value = getattr(args, name, None)
         if value and Path(value).exists() and Path(value).resolve() == target:
             raise ReprolibError(f"--out {out} is also the --{name} input; choose another output path")
+
+
+def cmd_notebooks(args):
+    from reprolib.bundle import copy_course
+    copied = copy_course(args.dest, force=args.force)
+    print(f"copied {len(copied)} files into {args.dest}/notebooks and {args.dest}/params; "
+          f"run one with: cd {args.dest} && reprolib run params/quickstart.yaml")
 
 
 def cmd_status(args):
@@ -289,7 +297,8 @@ def build_parser():
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("run", help="run a pipeline YAML (stages of notebooks) into outputs/")
-    p.add_argument("params")
+    p.add_argument("params", help="a pipeline YAML, or the name of a shipped one: quickstart, miniature/retromae, "
+                                  "retromae_finetune_msmarco, ... (the files under params/)")
     p.add_argument("--out", default="outputs", help="output root (default: outputs)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one stage parameter (a YAML value), e.g. --set finetune.epochs=2; repeatable")
@@ -299,6 +308,11 @@ def build_parser():
     p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
                    help="run the seeded stages once per seed (replaces the YAML's seeds); checks use the mean")
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("notebooks", help="copy the shipped notebooks/ and params/ into a folder (for students)")
+    p.add_argument("dest", help="the folder to create or fill")
+    p.add_argument("--force", action="store_true", help="overwrite files that already exist there")
+    p.set_defaults(func=cmd_notebooks)
 
     p = verbs.add_parser("status", help="show the stages of a run directory")
     p.add_argument("run_dir")
