@@ -142,7 +142,7 @@ def cmd_encode(args):
 def cmd_search(args):
     from reprolib.data import Corpus, write_run
     from reprolib.data.layout import load_queries
-    from reprolib.index import load_meta, process_state
+    from reprolib.index import load_meta, process_state, require_faiss
     from reprolib.search import dense_search, sparse_search
     state = process_state()
     if not state.is_main_process:  # one search is enough; under `accelerate launch` the others stop here
@@ -159,6 +159,8 @@ def cmd_search(args):
                             "(searched exactly)")
     if kind == "dense" and args.quantized:
         raise ReprolibError(f"--quantized is for sparse indexes; {args.index} is dense")
+    if kind == "dense":
+        require_faiss()   # before the queries are encoded: a missing faiss is said at once
     corpus = Corpus(store)
     encoder = _load_encoder(args.model, state.device)
     if encoder.kind != kind:

@@ -274,7 +274,7 @@ def load_meta(index_dir):
     return meta
 
 
-def _faiss():
+def require_faiss():
     """The faiss module, or a one-line error saying how to install it (an extra, so that conda's faiss-gpu is
     not shadowed by pip's CPU build)."""
     try:
@@ -287,7 +287,7 @@ def _faiss():
 
 def _gpu_resources(use_gpu):
     """One faiss StandardGpuResources per visible GPU when wanted and available, else None."""
-    faiss = _faiss()
+    faiss = require_faiss()
 
     available = hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     if use_gpu == "auto":
@@ -301,7 +301,7 @@ def _gpu_resources(use_gpu):
 
 def _flat_index(dim, resources, fp16):
     """An empty exact inner-product index: on the CPU, or split over the GPUs of `resources`."""
-    faiss = _faiss()
+    faiss = require_faiss()
 
     index = faiss.IndexFlatIP(dim)
     if resources is None:
@@ -425,7 +425,7 @@ def ann_index(index_dir, index_type="hnsw", hnsw_m=32, nlist=None, pq_m=None, pr
     build parameters, so other parameters build another file. IVF-PQ defaults: nlist = 4 sqrt(N)
     (at most N / 39, so k-means has data for every list), pq_m = the largest divisor of dim up to dim / 4.
     """
-    faiss = _faiss()
+    faiss = require_faiss()
 
     meta = load_meta(index_dir)
     if meta["num_passages"] == 0:

@@ -138,6 +138,25 @@ def attention_mask(visibility, tokens, path=None, title="Attention mask"):
     return _finish(fig, path)
 
 
+def score_matrix(scores, group_size, path=None, title="In-batch scores"):
+    """`scores`: [B, B*G] query-by-passage scores of one batch, passages grouped [p+, n1 .. n_{G-1}] per query.
+    Each row's target (its own positive, column i*G) is boxed; lines separate the queries' groups."""
+    scores = np.asarray(scores, float)
+    rows, columns = scores.shape
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * columns + 1.5), max(2.8, 0.45 * rows + 1.4)))
+    image = ax.imshow(scores, cmap="viridis", aspect="auto")
+    for i in range(rows):
+        ax.add_patch(plt.Rectangle((i * group_size - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    for boundary in range(group_size, columns, group_size):
+        ax.axvline(boundary - 0.5, color="white", lw=1)
+    ax.set_xticks(range(columns), [f"q{c // group_size}{'+' if c % group_size == 0 else '-'}" for c in range(columns)])
+    ax.set_yticks(range(rows), [f"q{i}" for i in range(rows)])
+    ax.set(xlabel="passage (q0+: query 0's positive, q0-: its negatives)", ylabel="query",
+           title=title)
+    fig.colorbar(image, ax=ax, label="score / τ")
+    return _finish(fig, path)
+
+
 def term_weights(terms, path=None, title="Heaviest vocabulary terms"):
     """`terms`: [(term, weight)] in decreasing weight, e.g. the top of a lexicon (sparse) vector."""
     fig, ax = plt.subplots(figsize=(5.5, max(2.5, 0.22 * len(terms) + 1)))

@@ -272,8 +272,12 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
 
 # ---------------------------------------------------------------------------- the loop
 
-def train(config, log=print):
-    """Train the config's objective; returns the summary dict (also in out_dir/train_summary.json)."""
+def train(config, num_processes=1, log=print):
+    """Train the config's objective; returns the summary dict (also in out_dir/train_summary.json).
+
+    With `num_processes` > 1 the training runs under `accelerate launch` in a subprocess (`launch`)."""
+    if num_processes > 1:
+        return launch(config, num_processes, log=log)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -510,8 +514,8 @@ def final_losses(log, **columns):
 def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
     """Run `accelerate launch -m reprolib train CONFIG` in a subprocess, streaming its output to `log`.
 
-    A notebook calls this for multi-GPU (or multi-process CPU) training, so that CUDA is initialised
-    in the worker processes, never in the kernel. `config` is a TrainConfig or a YAML path.
+    `train(config, num_processes)` calls this for multi-GPU (or multi-process CPU) training, so that a
+    notebook's kernel never initialises CUDA: only the worker processes do. `config` is a TrainConfig or a YAML path.
     """
     if isinstance(config, TrainConfig):
         path = config.to_yaml(Path(config.out_dir) / CONFIG_FILE)

@@ -33,7 +33,7 @@ from reprolib.fileio import atomic_write
 LOTTE_QUERY_SETS = ("search", "forum")
 RESULTS = "results.json"
 AVERAGE = "average"
-ENCODING_KEYS = ("model", "template", "max_len")  # what the saved index depends on
+ENCODING_KEYS = ("model", "template", "passage_max_len")  # what the saved index depends on
 QUERY_SET = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -51,7 +51,7 @@ class Settings:
     metrics: str = "nDCG@10 R@100"
     ignore_identical_ids: bool = True
     template: str = "plain"
-    max_len: int | None = None        # passages; None: the model's own
+    passage_max_len: int | None = None   # None: the model's own
     query_max_len: int | None = None
     topk: int = 1000
 
@@ -151,7 +151,7 @@ def retrieve_and_evaluate(encoder, directory, split, out_dir, settings, batch_si
     queries = load_queries(directory, split)
     qrels = read_qrels(find_qrels_file(directory, split))
     index.encode_corpus(encoder, corpus, out_dir / "index", batch_size=batch_size, template=settings.template,
-                        max_length=settings.max_len, progress=progress)
+                        max_length=settings.passage_max_len, progress=progress)
     run = search_index(encoder, queries, out_dir / "index", corpus, topk=settings.topk, batch_size=batch_size,
                        max_length=settings.query_max_len, progress=progress)
     write_run(out_dir / "run.trec", run, tag="zero-shot")

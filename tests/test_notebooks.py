@@ -29,6 +29,47 @@ def test_papermill_reads_every_parameter(path):
     assert set(papermill.inspect_notebook(str(path))) == _parameter_names(path)
 
 
+def _cells(path, kind, parameters=True):
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == kind
+            and (parameters or "parameters" not in c["metadata"].get("tags", []))]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_teaches_goals_then_a_summary_and_exercises(path):
+    text = "\n".join(_cells(path, "markdown"))
+    goals, summary, exercises = (text.find(mark) for mark in ("**Goals.**", "## Summary", "## Exercises"))
+    assert 0 <= goals < summary < exercises, "goals at the top, then a summary, then exercises"
+    numbered = [line for line in text[exercises:].splitlines() if line[:3] in {f"{n}. " for n in range(1, 10)}]
+    assert 2 <= len(numbered) <= 4, f"{len(numbered)} exercises (2-4 wanted)"
+
+
+def _code_windows(text, size=3):
+    """Runs of `size` consecutive code lines, comments, blank lines and imports left out."""
+    lines = [" ".join(line.split("#")[0].split()) for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("import ", "from ")) and len(line) > 8]
+    return {tuple(lines[i:i + size]) for i in range(len(lines) - size + 1)}
+
+
+def test_no_notebook_repeats_library_code():
+    """The notebooks call the library; they do not copy it. Checked on their code exported as text: no run of
+    three lines also found in reprolib/, and no function defined under a name the library defines."""
+    import ast
+
+    library = ROOT / "reprolib"
+    library_windows, library_names = set(), set()
+    for module in library.rglob("*.py"):
+        source = module.read_text()
+        library_windows |= _code_windows(source)
+        library_names |= {node.name for node in ast.walk(ast.parse(source))
+                          if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for path in NOTEBOOKS:
+        code = "\n".join(_cells(path, "code", parameters=False))
+        copied = _code_windows(code) & library_windows
+        assert not copied, f"{path.name} repeats library code: {sorted(copied)[0]}"
+        defined = {node.name for node in ast.walk(ast.parse(code)) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & library_names, f"{path.name} redefines {sorted(defined & library_names)}"
+
+
 def _tiny_pipeline(tmp_path):
     text = (ROOT / "params" / "quickstart.yaml").read_text().replace("num_passages: 5000", "num_passages: 1000")
     text = text.replace("num_dev_queries: 2000", "num_dev_queries: 200")
@@ -151,7 +192,7 @@ stages:
              corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}", split: dev}
   - id: cross_encoder
     notebook: NB/60_cross_encoder
-    params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", max_len: 64, group_size: 4,
+    params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", passage_max_len: 64, group_size: 4,
              batch_size: 8, max_steps: 6, learning_rate: 1.0e-3, rerank_run: "${stages.dense.out}/run.trec",
              rerank_depth: 10, score_candidates: "${stages.data.out}/train.negatives.tsv", score_depth: 4}
   - id: distill

@@ -200,6 +200,18 @@ def test_csr_encode_matches_the_training_forward(encoder):
     assert encoder.encode_queries([]).shape == (0, encoder.dim)
 
 
+def test_nonzeros_and_top_terms_read_the_encoded_vectors(encoder):
+    texts = TEXTS[:3]
+    dense = brute_force(encoder, texts)
+    np.testing.assert_array_equal(encoder.nonzeros(texts), (dense > 0).sum(axis=1))
+    query = encoder.encode_queries(texts[:1]).toarray()[0]
+    np.testing.assert_array_equal(encoder.nonzeros(texts[:1], "query"), [(query > 0).sum()])
+    top = encoder.top_terms(texts[0], "query", k=4)
+    order = np.argsort(-query, kind="stable")[:4]
+    assert [term for term, _ in top] == encoder.tokenizer.convert_ids_to_tokens(order.tolist())
+    np.testing.assert_allclose([weight for _, weight in top], query[order], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- the index and its search
 
 VOCAB, NUM = 40, 53

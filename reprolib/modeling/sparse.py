@@ -80,6 +80,17 @@ class SparseEncoder(TextEncoder):
         # batches ran in length order: put the rows back in input order
         return scipy.sparse.vstack(parts, format="csr")[np.argsort(np.concatenate(rows))]
 
+    def nonzeros(self, texts, side="passage", batch_size=64):
+        """How many vocabulary terms each text switches on (its non-zero weights): an int array."""
+        encode = self.encode_queries if side == "query" else self.encode_passages
+        return np.diff(encode(texts, batch_size=batch_size).indptr)
+
+    def top_terms(self, text, side="passage", k=15):
+        """The `k` heaviest (term, weight) pairs of one text's vector, heaviest first: what it is matched on."""
+        row = (self.encode_queries if side == "query" else self.encode_passages)([text]).tocoo()
+        order = np.argsort(-row.data, kind="stable")[:k]
+        return list(zip(self.tokenizer.convert_ids_to_tokens(row.col[order].tolist()), row.data[order].tolist()))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path, query_max_len=None, passage_max_len=None, template=None, **model_kwargs):
