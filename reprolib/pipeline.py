@@ -42,9 +42,10 @@ TOP_KEYS = ("run", "notebook_dir", "defaults", "seeds", "stages", "expected")
 STAGE_KEYS = ("id", "notebook", "params", "seeded")
 # A check compares a stage's metric with a paper's `value` (within `tolerance`, either side), or with
 # another stage `than` of the same run: better `by` at least this much, with a paired test p < `alpha`,
-# or (`within`) no further from it than this, either side (two one-sided tests, p < `alpha`).
-EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within", "at_most",
-                 "source")
+# or (`within`) no further from it than this, either side (two one-sided tests, p < `alpha`), or
+# (`loses_at_most`) worse than it by no more than this (one one-sided test, p < `alpha`: "does not hurt").
+EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within",
+                 "loses_at_most", "at_most", "source")
 
 STAGE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no dots: ids appear in ${stages.<id>.out}
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -367,12 +368,13 @@ def _parse_expected(path, raw, value_texts, stage_ids):
                                "'at_most' (a bound, e.g. on non-zeros per passage)")
         check = {"stage": entry["stage"], "metric": entry["metric"], "source": str(entry.get("source", ""))}
         if "at_most" in entry:
-            _no_keys(path, entry, where, ("tolerance", "than_metric", "by", "alpha", "within"), "a bound (at_most)")
+            _no_keys(path, entry, where, ("tolerance", "than_metric", "by", "alpha", "within", "loses_at_most"),
+                     "a bound (at_most)")
             if not _is_number(entry["at_most"]):
                 raise _error(path, f"{where}: 'at_most' must be a number, got {entry['at_most']!r}")
             check["at_most"] = entry["at_most"]
         elif "value" in entry:
-            _no_keys(path, entry, where, ("than_metric", "by", "alpha", "within"), "a paper check")
+            _no_keys(path, entry, where, ("than_metric", "by", "alpha", "within", "loses_at_most"), "a paper check")
             value, tolerance = entry["value"], entry.get("tolerance", 0)
             if not _is_number(value):
                 raise _error(path, f"{where}: 'value' must be a number, got {value!r}")
@@ -390,11 +392,12 @@ def _parse_expected(path, raw, value_texts, stage_ids):
             if not _is_number(alpha) or not 0 < alpha < 1:
                 raise _error(path, f"{where}: 'alpha' must be a number between 0 and 1, got {alpha!r}")
             check.update(than=entry["than"], than_metric=entry.get("than_metric", entry["metric"]), by=by, alpha=alpha)
-            if "within" in entry:   # an equivalence: the same quality as the reference, not better
-                _no_keys(path, entry, where, ("by",), "an equivalence check (within)")
-                if not _is_number(entry["within"]) or entry["within"] < 0:
-                    raise _error(path, f"{where}: 'within' must be a number >= 0, got {entry['within']!r}")
-                check["within"] = entry["within"]
+            for margin, kind in (("within", "an equivalence check"), ("loses_at_most", "a non-inferiority check")):
+                if margin in entry:   # the same quality as the reference / no worse than it, not better
+                    _no_keys(path, entry, where, ("by", *{"within", "loses_at_most"} - {margin}), f"{kind} ({margin})")
+                    if not _is_number(entry[margin]) or entry[margin] < 0:
+                        raise _error(path, f"{where}: '{margin}' must be a number >= 0, got {entry[margin]!r}")
+                    check[margin] = entry[margin]
         expected.append(check)
     return expected
 

@@ -78,6 +78,17 @@ def equivalence_check(difference, p_value, within, alpha):
     return "OK" if p_value < alpha and abs(difference) <= within else "FAIL"
 
 
+def non_inferiority_check(difference, p_value, margin, alpha):
+    """"OK" | "OKISH" | "FAIL" for "no worse than the reference by more than `margin`" (a pretraining that
+    must not hurt). OK: a one-sided paired test rejects a loss of `margin` or more, p < `alpha`. OKISH: untested
+    but the difference is above -margin. FAIL: otherwise, also when the test has too little power to tell."""
+    if difference is None or not math.isfinite(difference):
+        return "FAIL"
+    if p_value is None:
+        return "OKISH" if difference > -margin else "FAIL"
+    return "OK" if p_value < alpha and difference > -margin else "FAIL"
+
+
 def run_checks(expected, manifest, run_dir):
     """One row per `expected` entry (see `pipeline._parse_expected`), with what was measured: the mean over
     the stage's seeds (`measured`, `sd`, `seeds`), the `reference` (the paper's number, or the control stage's
@@ -154,6 +165,15 @@ def _compare(entry, manifest, run_dir, copies, measured):
         result.update(difference=test["diff"], n=test["n"], p_value=test["p_randomization"])
         if "within" in entry:
             result["p_value"] = _tost(control, method, entry["within"])
+        elif "loses_at_most" in entry:
+            result["p_value"] = _one_sided(control, method, entry["loses_at_most"])
+    if "loses_at_most" in entry:
+        status = non_inferiority_check(result["difference"], result["p_value"], entry["loses_at_most"],
+                                       entry.get("alpha", 0.05))
+        if not note and status == "FAIL":
+            note = (f"loses more than {entry['loses_at_most']:g}" if result["difference"] <= -entry["loses_at_most"]
+                    else "too few queries to tell")
+        return {**result, "status": status, "note": note}
     if "within" in entry:
         status = equivalence_check(result["difference"], result["p_value"], entry["within"], entry.get("alpha", 0.05))
         if not note and status == "FAIL":
@@ -169,16 +189,19 @@ def _compare(entry, manifest, run_dir, copies, measured):
 
 def _tost(control, method, within):
     """p of two one-sided paired t-tests that the mean difference lies inside (-within, +within)."""
+    return max(_one_sided(control, method, within), _one_sided(method, control, within))
+
+
+def _one_sided(control, method, margin):
+    """p of the one-sided paired t-test that the mean difference method - control is above -margin."""
     import numpy as np
     from scipy import stats
 
     d = np.array([method[q] - control[q] for q in control if q in method])
     se = d.std(ddof=1) / math.sqrt(len(d))
     if se == 0:
-        return 0.0 if abs(d.mean()) < within else 1.0
-    lower = stats.t.sf((d.mean() + within) / se, len(d) - 1)
-    upper = stats.t.sf((within - d.mean()) / se, len(d) - 1)
-    return float(max(lower, upper))
+        return 0.0 if d.mean() > -margin else 1.0
+    return float(stats.t.sf((d.mean() + margin) / se, len(d) - 1))
 
 
 def _per_query_mean(run_dir, ids, metric):
@@ -230,7 +253,8 @@ def format_reference(row):
     reference = "missing" if row.get("reference") is None else f"{row['reference']:.4f}"
     parts = [f"vs {row['than']}{metric} {reference}"]
     if row.get("difference") is not None:
-        wanted = f"within ±{row['within']:g}" if "within" in row else f">= {row['by']:g}"
+        wanted = (f"within ±{row['within']:g}" if "within" in row else
+                  f"> -{row['loses_at_most']:g}" if "loses_at_most" in row else f">= {row['by']:g}")
         parts[0] += f": {row['difference']:+.4f} ({wanted})"
     if row.get("p_value") is not None:
         parts.append(f"p {row['p_value']:.4f}")
@@ -385,7 +409,8 @@ def _checks_table(checks):
         if "than" in c:
             reference = "missing" if c.get("reference") is None else f"{c['than']}: {c['reference']:.4f}"
             alpha = f", p < {c.get('alpha', 0.05):g}"
-            wanted = f"within ± {c['within']:g}{alpha}" if "within" in c else f"≥ {c['by']:+g}{alpha}"
+            wanted = (f"within ± {c['within']:g}{alpha}" if "within" in c else
+                      f"> −{c['loses_at_most']:g}{alpha}" if "loses_at_most" in c else f"≥ {c['by']:+g}{alpha}")
         elif "at_most" in c:
             reference, wanted = "bound", f"≤ {c['at_most']:g}"
         else:

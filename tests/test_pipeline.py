@@ -14,7 +14,7 @@ import yaml
 
 from reprolib.errors import ReprolibError
 from reprolib.pipeline import format_status, load_manifest, run_pipeline, save_metrics
-from reprolib.report import check, equivalence_check, format_check, relative_check
+from reprolib.report import check, equivalence_check, format_check, non_inferiority_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
 # sees which stages ran), dumps the variables named in `record`, and saves metrics.
@@ -439,6 +439,8 @@ expected:
   - {stage: method, metric: RR@10, value: 0.70, tolerance: 0.15, source: a paper}
   - {stage: same, metric: RR@10, than: control, within: 0.01, source: "the same quality"}
   - {stage: method, metric: RR@10, than: control, within: 0.05, source: "not the same quality"}
+  - {stage: same, metric: RR@10, than: control, loses_at_most: 0.1, source: "does not hurt"}
+  - {stage: control, metric: RR@10, than: method, loses_at_most: 0.1, source: "loses 0.3, so it must fail"}
 """
 
 
@@ -465,8 +467,10 @@ def test_relative_checks_over_seeds(project):
     assert json.loads((run_dir / "same_seed2" / "params.json").read_text())["tag"] == str(run_dir / "data")
     assert manifest["stages"]["method_seed2"]["seed"] == 2 and manifest["stages"]["method_seed2"]["base"] == "method"
     rows = json.loads((run_dir / "checks.json").read_text())
-    assert [r["status"] for r in rows] == ["OK", "FAIL", "FAIL", "OKISH", "OKISH", "OK", "FAIL"]
+    assert [r["status"] for r in rows] == ["OK", "FAIL", "FAIL", "OKISH", "OKISH", "OK", "FAIL", "OK", "FAIL"]
     assert rows[6]["note"] == "differs by more than 0.05" and "(within ±0.01)" in report_lines(lines)[5]
+    assert rows[7]["p_value"] < 0.05 and "(> -0.1)" in report_lines(lines)[7]
+    assert rows[8]["note"] == "loses more than 0.1"
     method, swapped = rows[0], rows[1]
     assert method["seeds"] == 3 and method["sd"] > 0 and method["reference_stage"] == "control"
     assert method["measured"] == pytest.approx(np.mean([manifest["stages"][f"method_seed{s}"]["metrics"]["RR@10"]
@@ -501,6 +505,12 @@ def test_relative_checks_over_seeds(project):
     ({"stage": "a", "metric": "m", "than": "b", "alpha": 2}, "'alpha' must be a number between 0 and 1"),
     ({"stage": "a", "metric": "m", "than": "b", "within": 0.1, "by": 0.1}, "'by' does not belong in an equivalence"),
     ({"stage": "a", "metric": "m", "than": "b", "within": -1}, "'within' must be a number >= 0"),
+    ({"stage": "a", "metric": "m", "than": "b", "loses_at_most": 0.01, "by": 0.1},
+     "'by' does not belong in a non-inferiority check"),
+    ({"stage": "a", "metric": "m", "than": "b", "loses_at_most": 0.01, "within": 0.1},
+     "'loses_at_most' does not belong in an equivalence check"),
+    ({"stage": "a", "metric": "m", "than": "b", "loses_at_most": -1}, "'loses_at_most' must be a number >= 0"),
+    ({"stage": "a", "metric": "m", "value": 1, "loses_at_most": 0.1}, "'loses_at_most' does not belong in a paper check"),
     ({"stage": "a", "metric": "m", "than": "b", "by": -0.01}, "'by' must be a number >= 0"),
 ])
 def test_expected_validation(project, entry, problem):
@@ -531,6 +541,13 @@ def test_equivalence_check(difference, p_value, status):
     assert equivalence_check(difference, p_value, within=0.01, alpha=0.05) == status
 
 
+@pytest.mark.parametrize("difference, p_value, status", [
+    (0.05, 0.001, "OK"), (-0.005, 0.01, "OK"), (-0.02, 0.001, "FAIL"), (-0.005, 0.3, "FAIL"), (-0.005, None, "OKISH"),
+    (-0.02, None, "FAIL")])
+def test_non_inferiority_check(difference, p_value, status):
+    assert non_inferiority_check(difference, p_value, margin=0.01, alpha=0.05) == status
+
+
 PARAMS_DIR = Path(__file__).parent.parent / "params"
 
 
@@ -543,12 +560,17 @@ def test_every_relative_check_fails_when_the_method_is_replaced_by_its_control(y
     from reprolib.report import run_checks
 
     claims = [e for e in load_pipeline(yaml_path).expected if "than" in e and "within" not in e]
+    # a non-inferiority claim ("does not hurt") passes when the method does nothing; it must fail when it hurts
     rng = np.random.default_rng(0)
     for entry in claims:
         control = rng.uniform(0.2, 0.8, size=2000)
-        winner = np.clip(control + entry["by"] + 0.05 + rng.normal(0, 0.02, size=2000), 0, 1.5)
-        for roles, expected_status in (((winner, control), "OK"), ((control, control), "FAIL"),
-                                       ((control, winner), "FAIL")):
+        if "loses_at_most" in entry:
+            loser = np.clip(control - entry["loses_at_most"] - 0.02 + rng.normal(0, 0.02, size=2000), 0, 1.5)
+            cases = (((control + rng.normal(0, 0.02, size=2000), control), "OK"), ((loser, control), "FAIL"))
+        else:
+            winner = np.clip(control + entry["by"] + 0.05 + rng.normal(0, 0.02, size=2000), 0, 1.5)
+            cases = (((winner, control), "OK"), ((control, control), "FAIL"), ((control, winner), "FAIL"))
+        for roles, expected_status in cases:
             method_values, control_values = roles
             run_dir = tmp_path / f"{entry['stage']}-{expected_status}-{id(roles)}"
             stages = {}
