@@ -272,12 +272,13 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
 
 # ---------------------------------------------------------------------------- the loop
 
-def train(config, num_processes=1, log=print):
+def train(config, num_processes=1, log=print, **machines):
     """Train the config's objective; returns the summary dict (also in out_dir/train_summary.json).
 
-    With `num_processes` > 1 the training runs under `accelerate launch` in a subprocess (`launch`)."""
-    if num_processes > 1:
-        return launch(config, num_processes, log=log)
+    With `num_processes` > 1 (all machines together) or `num_machines` > 1 the training runs under `accelerate
+    launch` in a subprocess: see `launch` for `machines` (num_machines, machine_rank, main_process_ip, ...)."""
+    if num_processes > 1 or machines.get("num_machines", 1) > 1:
+        return launch(config, num_processes, log=log, **machines)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -511,12 +512,31 @@ def final_losses(log, **columns):
 
 # ---------------------------------------------------------------------------- many processes from a notebook
 
-def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
+LAUNCH_OPTIONS = ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port")
+
+
+def launch_options(params):
+    """The launch settings among a notebook's parameters (`globals()`): train(config, **launch_options(globals()))."""
+    return {name: params[name] for name in LAUNCH_OPTIONS if name in params}
+
+
+def launch(config, num_processes=2, cpu=None, log=print, extra_args=(), num_machines=1, machine_rank=0,
+           main_process_ip=None, main_process_port=29500):
     """Run `accelerate launch -m reprolib train CONFIG` in a subprocess, streaming its output to `log`.
 
     `train(config, num_processes)` calls this for multi-GPU (or multi-process CPU) training, so that a
     notebook's kernel never initialises CUDA: only the worker processes do. `config` is a TrainConfig or a YAML path.
+
+    Several machines: `num_processes` counts them all (2 machines x 8 GPUs: 16), and each machine runs the same
+    launch with its own `machine_rank` (0 .. num_machines - 1) and machine 0's address and a free port as
+    `main_process_ip` / `main_process_port`. The processes then train as one, and machine 0 writes the model
+    and the summary (on a filesystem the machines share, or on machine 0's); the others return None.
     """
+    if num_machines < 1 or not 0 <= machine_rank < num_machines or num_processes % num_machines:
+        raise ReprolibError(f"launch: {num_processes} processes on {num_machines} machines (machine_rank "
+                            f"{machine_rank}): num_processes must be a multiple of num_machines, 0 <= rank < machines")
+    if num_machines > 1 and not main_process_ip:
+        raise ReprolibError("launch: several machines need main_process_ip, the address of machine 0")
     if isinstance(config, TrainConfig):
         path = config.to_yaml(Path(config.out_dir) / CONFIG_FILE)
     else:
@@ -525,7 +545,10 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
         import torch
         cpu = not torch.cuda.is_available()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+               "--num_machines", str(num_machines), "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if num_machines > 1:
+        command += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip,
+                    "--main_process_port", str(main_process_port)]
     if num_processes > 1:
         command.append("--multi_gpu")   # accelerate's name for its torchrun launcher, CPU or GPU
     elif cpu:
@@ -541,6 +564,8 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=()):
             cause = line.split("]: ", 1)[-1]          # the first error a worker printed, without its rank tag
     if process.wait() != 0:
         raise ReprolibError(f"training failed (exit {process.returncode}): {cause or ' '.join(command)}")
+    if machine_rank > 0:
+        return None
     return json.loads((Path(TrainConfig.from_yaml(path).out_dir) / SUMMARY_FILE).read_text())
 
 
