@@ -532,27 +532,11 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=(), num_mach
     `main_process_ip` / `main_process_port`. The processes then train as one, and machine 0 writes the model
     and the summary (on a filesystem the machines share, or on machine 0's); the others return None.
     """
-    if num_machines < 1 or not 0 <= machine_rank < num_machines or num_processes % num_machines:
-        raise ReprolibError(f"launch: {num_processes} processes on {num_machines} machines (machine_rank "
-                            f"{machine_rank}): num_processes must be a multiple of num_machines, 0 <= rank < machines")
-    if num_machines > 1 and not main_process_ip:
-        raise ReprolibError("launch: several machines need main_process_ip, the address of machine 0")
     if isinstance(config, TrainConfig):
         path = config.to_yaml(Path(config.out_dir) / CONFIG_FILE)
     else:
         path = Path(config)
-    if cpu is None:
-        import torch
-        cpu = not torch.cuda.is_available()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", str(num_machines), "--dynamo_backend", "no", "--mixed_precision", "no"]
-    if num_machines > 1:
-        command += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip,
-                    "--main_process_port", str(main_process_port)]
-    if num_processes > 1:
-        command.append("--multi_gpu")   # accelerate's name for its torchrun launcher, CPU or GPU
-    elif cpu:
-        command.append("--cpu")
+    command = accelerate_command(num_processes, cpu, num_machines, machine_rank, main_process_ip, main_process_port)
     command += [*extra_args, "-m", "reprolib", "train", str(path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -567,6 +551,30 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=(), num_mach
     if machine_rank > 0:
         return None
     return json.loads((Path(TrainConfig.from_yaml(path).out_dir) / SUMMARY_FILE).read_text())
+
+
+def accelerate_command(num_processes=1, cpu=None, num_machines=1, machine_rank=0, main_process_ip=None,
+                       main_process_port=29500):
+    """`python -m accelerate.commands.launch ...` for this machine's share of `num_processes` (all machines
+    together); append `-m reprolib <verb> ...` to it. CPU processes talk over gloo."""
+    if num_machines < 1 or not 0 <= machine_rank < num_machines or num_processes % num_machines:
+        raise ReprolibError(f"launch: {num_processes} processes on {num_machines} machines (machine_rank "
+                            f"{machine_rank}): num_processes must be a multiple of num_machines, 0 <= rank < machines")
+    if num_machines > 1 and not main_process_ip:
+        raise ReprolibError("launch: several machines need main_process_ip, the address of machine 0")
+    if cpu is None:
+        import torch
+        cpu = not torch.cuda.is_available()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", str(num_machines), "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if num_machines > 1:
+        command += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip,
+                    "--main_process_port", str(main_process_port)]
+    if num_processes > 1:
+        command.append("--multi_gpu")   # accelerate's name for its torchrun launcher, CPU or GPU
+    elif cpu:
+        command.append("--cpu")
+    return command
 
 
 def _typed(cls, name, value, source):

@@ -3,6 +3,7 @@ order) and the multi-process launcher, on the synthetic data set with a micro BE
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,107 @@ def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
     assert summary["processes"] == 2 and summary["global_batch"] == 16
     assert any("on 2 process(es)" in line for line in lines)
     assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 3
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _on_two_machines(run_on_machine):
+    """Call run_on_machine(machine_rank) for ranks 0 and 1 at once (two "machines" on localhost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return [future.result(timeout=900) for future in [pool.submit(run_on_machine, rank) for rank in (0, 1)]]
+
+
+def _no_dropout_init(synthetic_dir, out_dir):
+    """A scratch:micro BERT without dropout, so that processes splitting a batch compute the same network."""
+    from reprolib.data import Corpus
+    from reprolib.modeling.specs import resolve_model
+
+    path = Path(resolve_model("scratch:micro", Corpus.open(synthetic_dir, progress=False), out_dir, seed=0))
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_train_like_one_process_with_the_same_global_batch(synthetic_dir, tmp_path):
+    """2 machines x 2 gloo processes (machine ranks 0 and 1 on 127.0.0.1), cross-device negatives and the loss
+    scaled by the world size, against 1 process with the 4x batch: the same global batches and gradients, so
+    the same weights. Machine 0 writes the model and the summary; machine 1's launch returns None."""
+    init = _no_dropout_init(synthetic_dir, tmp_path / "init")
+    options = dict(model=str(init), max_steps=3, cross_device=True, scale_loss_by_world_size=True)
+    train(_config(synthetic_dir, tmp_path / "single", batch_size=8, **options), log=lambda *_: None)
+    spread = _config(synthetic_dir, tmp_path / "machines", batch_size=2, **options)
+    port = _free_port()
+    logs = {0: [], 1: []}
+    summaries = _on_two_machines(lambda rank: launch(
+        spread, num_processes=4, log=logs[rank].append, num_machines=2, machine_rank=rank,
+        main_process_ip="127.0.0.1", main_process_port=port))
+    assert summaries[1] is None, logs[1]
+    assert summaries[0]["processes"] == 4 and summaries[0]["global_batch"] == 8, logs[0]
+    single, machines = _weights(tmp_path / "single" / "model"), _weights(tmp_path / "machines" / "model")
+    for key in single:
+        torch.testing.assert_close(machines[key], single[key], rtol=1e-4, atol=1e-5)
+
+
+SHARD_RANKS = """import json, sys
+from pathlib import Path
+from reprolib.data import Corpus
+from reprolib.index import encode_corpus, process_state
+from reprolib.modeling import DenseEncoder
+
+model, corpus, out = sys.argv[1:4]
+state = process_state()
+shards = list(range(state.process_index, 5, state.num_processes))     # the shards this process will write
+Path(out + ".ranks").mkdir(exist_ok=True)
+(Path(out + ".ranks") / str(state.process_index)).write_text(json.dumps(shards))
+encode_corpus(DenseEncoder.from_pretrained(model), Corpus.open(corpus, progress=False), out, shard_size=400,
+              progress=False, state=state)
+"""
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_encode_each_shard_once(synthetic_dir, tmp_path):
+    """Sharded encoding over 2 machines x 2 processes: the four global ranks split the 5 shards among them, each
+    shard written by one process, and the index equals the one a single process builds."""
+    import subprocess
+    import sys
+
+    from reprolib.data import Corpus
+    from reprolib.index import encode_corpus
+    from reprolib.modeling import DenseEncoder
+    from reprolib.training import accelerate_command
+
+    model = _no_dropout_init(synthetic_dir, tmp_path / "model")
+    single = tmp_path / "single"
+    encode_corpus(DenseEncoder.from_pretrained(model), Corpus.open(synthetic_dir, progress=False), single,
+                  shard_size=400, progress=False)
+    script = tmp_path / "encode.py"
+    script.write_text(SHARD_RANKS)
+    port, spread = _free_port(), tmp_path / "machines"
+
+    def run_on_machine(rank):
+        command = accelerate_command(4, num_machines=2, machine_rank=rank, main_process_ip="127.0.0.1",
+                                     main_process_port=port)
+        done = subprocess.run(command + [str(script), str(model), str(synthetic_dir), str(spread)],
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    _on_two_machines(run_on_machine)
+    assigned = [json.loads((tmp_path / "machines.ranks" / str(rank)).read_text()) for rank in range(4)]
+    assert sorted(shard for shards in assigned for shard in shards) == [0, 1, 2, 3, 4]   # each once, none missing
+    assert json.loads((spread / "index.json").read_text())["complete"]
+    vectors = [np.concatenate([np.load(p) for p in sorted(index.glob("shard_*.npy"))]) for index in (spread, single)]
+    assert len(list(spread.glob("shard_*.npy"))) == 5
+    np.testing.assert_array_equal(*vectors)
 
 
 def test_bf16_grad_accumulation_and_checkpointing_train_on_the_cpu(synthetic_dir, tmp_path):
