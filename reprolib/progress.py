@@ -1,8 +1,10 @@
 """Progress bars that suit where they are seen.
 
 In a notebook someone is watching, tqdm's widget bar; in a pipeline stage (papermill runs the notebook and keeps
-its outputs, `REPROLIB_STAGE` is set) a plain text bar on stdout, redrawn every few seconds: a stored widget
-reopens frozen at 0%, and a bar on stderr is stored as red error text. Elsewhere (a terminal, a log) tqdm's own.
+its outputs, `REPROLIB_STAGE` is set) a plain text line on stdout when the bar finishes, and for a bar that runs
+over a minute one at each quarter: a stored widget reopens frozen at 0%, a bar on stderr is stored as red error
+text, and JupyterLab shows each redraw of a stored text bar as a line of its own. Elsewhere (a terminal, a log)
+tqdm's own. Other libraries' bars (bm25s's, on stderr) are for live sessions only: `library_bars(progress)`.
 """
 import os
 import sys
@@ -18,11 +20,38 @@ STAGE_ENVIRONMENT = {STAGE_ENV: "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class _StageBar(_text_tqdm):
+    LONG = 60.0   # seconds after which a running bar also reports each quarter
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("file", sys.stdout)
-        kwargs.setdefault("mininterval", 10.0)
         kwargs.setdefault("ascii", True)
+        kwargs["delay"] = float("inf")   # tqdm draws nothing by itself; the lines below are the bar's output
+        self._quarter = 0
         super().__init__(*args, **kwargs)
+
+    def update(self, n=1):
+        shown = super().update(n)
+        if not self.disable and self.total:
+            quarter = int(4 * self.n / self.total)
+            elapsed = self._time() - self.start_t
+            if self._quarter < quarter < 4 and elapsed > self.LONG:   # a note, not a bar that looks stuck
+                self._quarter = quarter
+                self._write(f"{self.desc}: {self.n:,} of {self.total:,} after {self.format_interval(elapsed)}")
+        return shown
+
+    def close(self):
+        if not self.disable and self.leave:
+            self._write(self.format_meter(**self.format_dict))
+        super().close()
+
+    def _write(self, line):
+        self.fp.write(line + "\n")
+        self.fp.flush()
+
+
+def library_bars(progress):
+    """Whether a library's own progress bars may show: where someone watches, not in a stored stage notebook."""
+    return bool(progress) and not os.environ.get(STAGE_ENV)
 
 
 if os.environ.get(STAGE_ENV):

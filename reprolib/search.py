@@ -2,7 +2,7 @@
 runs into negatives."""
 import random
 
-from reprolib.progress import tqdm
+from reprolib.progress import library_bars, tqdm
 
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
@@ -27,9 +27,9 @@ def bm25_index(corpus, k1=1.5, b=0.75, method="lucene", stopwords="en", template
     tokenizer = bm25s.tokenization.Tokenizer(stopwords=stopwords, stemmer=None)
     passages = (render(corpus.title(i), corpus.text(i), sep=" ") for i in range(len(corpus)))
     token_ids = tokenizer.tokenize(passages, update_vocab=True, return_as="ids", length=len(corpus),
-                                   show_progress=progress)
+                                   show_progress=library_bars(progress))
     model = bm25s.BM25(k1=k1, b=b, method=method)
-    model.index((token_ids, tokenizer.get_vocab_dict()), show_progress=progress)
+    model.index((token_ids, tokenizer.get_vocab_dict()), show_progress=library_bars(progress))
     return model, tokenizer
 
 

@@ -107,6 +107,7 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert all(c["p_value"] is not None for c in checks[1:])
     report = (run_dir / "REPORT.md").read_text()
     assert "Reproduction checks" in report and "dense_hn/loss.png" not in report and "finetune_hn/loss.png" in report
+    _assert_reads_clean(run_dir)
 
     logs.clear()
     run_pipeline(params, out_root=out, log=logs.append)
@@ -120,6 +121,24 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     run_pipeline(params, out_root=out, log=logs.append)
     ran = [line for line in logs if line.startswith("▶")]
     assert len(ran) == 1 and "bm25" in ran[0]
+
+
+def _assert_reads_clean(run_dir):
+    """What a student opening the executed notebooks must not see: red stderr boxes (a library's transient bar,
+    a warning), widget views that reopen frozen, or a progress bar stored short of 100% (JupyterLab shows each
+    stored redraw of a text bar as a line of its own)."""
+    import re
+
+    executed = sorted(run_dir.glob("*/[0-9][0-9]_*.ipynb"))
+    assert executed
+    for path in executed:
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                where = f"{path.relative_to(run_dir)}: {str(output)[:200]}"
+                assert output.get("name") != "stderr", where
+                assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}), where
+                text = "".join(output.get("text", ""))
+                assert "TqdmWarning" not in text and not re.search(r"(?<!\d)\d{1,2}%\|", text), where
 
 
 def _parameter_names(notebook):
@@ -212,6 +231,7 @@ def run_to_the_end(tmp_path, pipeline_text):
     manifest = run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
     stages = manifest["stages"]
     assert all(e["status"] == "done" for e in stages.values()), {k: e["status"] for k, e in stages.items()}
+    _assert_reads_clean(tmp_path / "out" / manifest["run"])
     return stages, tmp_path / "out" / manifest["run"]
 
 

@@ -588,6 +588,27 @@ def test_every_relative_check_fails_when_the_method_is_replaced_by_its_control(y
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no run lock on Windows")
+def test_a_long_stage_bar_notes_each_quarter_then_its_final_state(monkeypatch, capsys):
+    import importlib
+
+    import reprolib.progress
+
+    monkeypatch.setenv("REPROLIB_STAGE", "1")
+    progress = importlib.reload(reprolib.progress)
+    try:
+        monkeypatch.setattr(progress._StageBar, "LONG", -1.0)   # every bar counts as long
+        bar = progress.tqdm(total=8, desc="encode")
+        for _ in range(8):
+            bar.update(1)
+        bar.close()
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[:3] == ["encode: 2 of 8 after 00:00", "encode: 4 of 8 after 00:00", "encode: 6 of 8 after 00:00"]
+        assert lines[3].startswith("encode: 100%|") and len(lines) == 4
+    finally:
+        monkeypatch.delenv("REPROLIB_STAGE")
+        importlib.reload(reprolib.progress)
+
+
 def test_a_second_run_on_the_same_folder_is_refused(project):
     """Two runs on one run folder would delete each other's stage folders: the second says who holds it."""
     import fcntl
@@ -699,6 +720,10 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
     make_notebook(project / "notebooks" / "bars.ipynb",
                   "from reprolib.progress import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass\n"
                   "from transformers.utils import logging\nfor _ in logging.tqdm(range(3), desc='hf'):\n    pass\n"
+                  "import tempfile\nfrom pathlib import Path\nfrom reprolib.data import Corpus\n"
+                  "from reprolib.search import bm25_search\ncorpus = Path(tempfile.mkdtemp(), 'corpus.tsv')\n"
+                  "corpus.write_text('p1\\tt\\ta cat\\np2\\tt\\ta dog\\n')\n"
+                  "bm25_search(Corpus.open(corpus, progress=False), {'q': 'cat'})\n"
                   + STEP)
     path = write_pipeline(project, [{"id": "a", "notebook": "bars"}])
     run(project, path)
@@ -707,5 +732,8 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
     text = "".join(o.text for o in streams)
     assert "work: 100%" in text and "3/3" in text and "TqdmWarning" not in text
     assert "hf:" not in text   # Hugging Face's own bars are off in stages
-    assert all(o.name == "stdout" for o in streams if "work" in o.text)
+    assert "BM25S" not in text and "Tokenize" not in text   # and bm25s's (transient, on stderr)
+    assert [line for line in text.splitlines() if "work" in line] == [line for line in text.splitlines()
+                                                                      if line.startswith("work: 100%")]   # one line
+    assert all(o.name == "stdout" for o in streams)
     assert not any(o.output_type == "display_data" for cell in executed.cells for o in cell.get("outputs", []))

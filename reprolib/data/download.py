@@ -15,9 +15,8 @@ from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from tqdm import tqdm
-
 from reprolib.errors import ReprolibError
+from reprolib.progress import tqdm
 
 CHUNK = 1 << 20
 USER_AGENT = "reprolib-download/1"

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
+from reprolib.progress import tqdm
 
 GENERATOR_VERSION = "1"
 MIN_PASSAGES, MAX_PASSAGES = 1_000, 10_000_000
