@@ -5,7 +5,10 @@ its outputs, `REPROLIB_STAGE` is set) a plain text line on stdout when the bar f
 over a minute one at each quarter: a stored widget reopens frozen at 0%, a bar on stderr is stored as red error
 text, and JupyterLab shows each redraw of a stored text bar as a line of its own. Elsewhere (a terminal, a log)
 tqdm's own. Other libraries' bars (bm25s's, on stderr) are for live sessions only: `library_bars(progress)`.
+reprolib's own notices (a head added to a checkpoint, an index rebuilt) are `note:` lines on stdout in a stage,
+not red stderr boxes.
 """
+import logging
 import os
 import sys
 import warnings
@@ -54,8 +57,35 @@ def library_bars(progress):
     return bool(progress) and not os.environ.get(STAGE_ENV)
 
 
+class _StdoutNotes(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record comes: a stage kernel forked from a warm process (reprolib.
+    kernels) gets its notebook's stdout only after this module was imported."""
+    reprolib_notes = True
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("note: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _notes_on_stdout():
+    """reprolib's log records as `note: ...` lines on stdout (once per process)."""
+    logger = logging.getLogger("reprolib")
+    if not any(getattr(handler, "reprolib_notes", False) for handler in logger.handlers):
+        logger.addHandler(_StdoutNotes())
+        logger.propagate = False
+
+
 if os.environ.get(STAGE_ENV):
     tqdm = _StageBar
+    _notes_on_stdout()
     # libraries that import tqdm.auto in a kernel without ipywidgets warn, then use text bars anyway
     warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
 else:   # (tqdm.auto warns at import in a kernel without ipywidgets: not imported in a stage)

@@ -1,5 +1,6 @@
 """The papermill pipeline runner: parameters, resume, failures, YAML validation, checks and report."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -607,6 +608,9 @@ def test_a_long_stage_bar_notes_each_quarter_then_its_final_state(monkeypatch, c
     finally:
         monkeypatch.delenv("REPROLIB_STAGE")
         importlib.reload(reprolib.progress)
+        logger = logging.getLogger("reprolib")   # the stage's notes handler: not for the rest of the tests
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "reprolib_notes", False)]
+        logger.propagate = True
 
 
 def test_a_second_run_on_the_same_folder_is_refused(project):
@@ -724,6 +728,7 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
                   "from reprolib.search import bm25_search\ncorpus = Path(tempfile.mkdtemp(), 'corpus.tsv')\n"
                   "corpus.write_text('p1\\tt\\ta cat\\np2\\tt\\ta dog\\n')\n"
                   "bm25_search(Corpus.open(corpus, progress=False), {'q': 'cat'})\n"
+                  "import logging\nlogging.getLogger('reprolib.index').warning('index rebuilt')\n"
                   + STEP)
     path = write_pipeline(project, [{"id": "a", "notebook": "bars"}])
     run(project, path)
@@ -733,6 +738,7 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
     assert "work: 100%" in text and "3/3" in text and "TqdmWarning" not in text
     assert "hf:" not in text   # Hugging Face's own bars are off in stages
     assert "BM25S" not in text and "Tokenize" not in text   # and bm25s's (transient, on stderr)
+    assert "note: index rebuilt" in text                      # reprolib's notices: stdout, not a red box
     assert [line for line in text.splitlines() if "work" in line] == [line for line in text.splitlines()
                                                                       if line.startswith("work: 100%")]   # one line
     assert all(o.name == "stdout" for o in streams)
