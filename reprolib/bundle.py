@@ -1,7 +1,7 @@
 """The notebooks and pipelines that ship with the package.
 
 In a checkout they are the top-level `notebooks/` and `params/`. A wheel carries copies of both under
-`reprolib/bundled/` (setup.py puts them there), so `reprolib run quickstart` works after a plain
+`reprolib/bundled/` (pyproject.toml maps them there), so `reprolib run quickstart` works after a plain
 `pip install`, from any directory, and `reprolib notebooks DEST` hands a student their own copy.
 """
 from pathlib import Path
@@ -50,16 +50,13 @@ def copy_course(dest, force=False):
     """Copy notebooks/ and params/ into `dest`, for a student to open and run; returns the files copied.
 
     Refuses to overwrite a file unless `force`, so a second run never replaces a student's edits."""
-    dest = Path(dest)
-    clashes = [dest / folder / f for folder in FOLDERS for f in files(folder) if (dest / folder / f).exists()]
+    source, dest = root(), Path(dest)
+    pairs = [(source / folder / f, dest / folder / f) for folder in FOLDERS for f in files(folder)]
+    clashes = [target for _, target in pairs if target.exists()]
     if clashes and not force:
         raise ReprolibError(f"{clashes[0]} exists ({len(clashes)} file(s) would be overwritten); "
                             "choose another folder or pass --force")
-    copied = []
-    for folder in FOLDERS:
-        for f in files(folder):
-            target = dest / folder / f
-            with atomic_write(target, "wb") as out:
-                out.write((root() / folder / f).read_bytes())
-            copied.append(target)
-    return copied
+    for shipped, target in pairs:
+        with atomic_write(target, "wb") as out:
+            out.write(shipped.read_bytes())
+    return [target for _, target in pairs]

@@ -265,12 +265,10 @@ def _load_cross_encoder(model, max_len):
 
 
 def cmd_train(args):
-    from reprolib.training import TrainConfig, launch, train
-    if args.num_machines > 1:   # join (or start) a training that spans machines: `accelerate launch` below
-        launch(args.config, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
-    else:
-        train(TrainConfig.from_yaml(args.config))
+    from reprolib.training import TrainConfig, train
+    # several processes or machines: train() runs `accelerate launch`, whose workers run this verb with one each
+    train(TrainConfig.from_yaml(args.config), args.num_processes, num_machines=args.num_machines,
+          machine_rank=args.machine_rank, main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
 
 
 TEMPLATE_NAMES = ", ".join(TEMPLATES)
@@ -428,9 +426,10 @@ def build_parser():
                                        "(also under `accelerate launch -m reprolib train`)")
     p.add_argument("config", help=f"YAML of TrainConfig options (reprolib/training.py); objective: {', '.join(OBJECTIVES)}")
     p.add_argument("--num-machines", type=positive_int, default=1,
-                   help="> 1: run this machine's share of a training over several machines (accelerate launch)")
+                   help="> 1: run this machine's share of a training over several machines")
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 .. num-machines - 1")
-    p.add_argument("--num-processes", type=positive_int, default=1, help="processes on all machines together")
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="processes on all machines together; > 1 runs them under accelerate launch")
     p.add_argument("--main-process-ip", help="the address of machine 0")
     p.add_argument("--main-process-port", type=positive_int, default=29500, help="a free port on machine 0")
     p.set_defaults(func=cmd_train)
