@@ -93,3 +93,40 @@ def test_bad_pretraining_options_are_one_line_errors(synthetic_dir, tmp_path):
     with pytest.raises(ReprolibError, match="encoder_mask_ratio must be between 0 and 1"):
         TrainConfig.from_dict({"model": "m", "out_dir": str(tmp_path), "train_data": "d", "objective": "retromae",
                                "encoder_mask_ratio": 1.5})
+
+
+@pytest.mark.parametrize("method", ["retromae", "lexmae"])
+def test_masked_token_accuracy_counts_every_masked_token_of_every_example(synthetic_corpus, micro_tokenizer, method,
+                                                                         tmp_path):
+    """Against HF's full-sequence logits, and a head that always says one token: the share of masked labels
+    that are that token, pooled over all examples (not averaged per sequence)."""
+    from transformers import BertForMaskedLM
+
+    from reprolib.modeling.autoencoder import masked_token_accuracy
+    from reprolib.modeling.scratch import build_scratch_model
+
+    lm = BertForMaskedLM.from_pretrained(str(build_scratch_model(synthetic_corpus, tmp_path, size="micro"))).eval()
+    examples = PretrainingExamples(build_sequences(synthetic_corpus, micro_tokenizer, method, max_seq_length=40,
+                                                   limit=50), micro_tokenizer, method, seed=1)
+    items = [examples[i] for i in range(len(examples))]
+    hits = total = 0
+    with torch.no_grad():
+        for e in items:
+            predicted = lm(input_ids=torch.as_tensor(e["encoder_input_ids"])[None]).logits[0].argmax(-1).numpy()
+            masked = e["encoder_labels"] != -100
+            hits += int((predicted[masked] == e["encoder_labels"][masked]).sum())
+            total += int(masked.sum())
+    assert masked_token_accuracy(lm, examples, batch_size=7) == pytest.approx(hits / total)
+
+    labels = np.concatenate([e["encoder_labels"][e["encoder_labels"] != -100] for e in items])
+    common = int(np.bincount(labels).argmax())
+
+    class Constant(torch.nn.Module):
+        def forward(self, hidden):
+            logits = torch.zeros(len(hidden), len(micro_tokenizer))
+            logits[:, common] = 1.0
+            return logits
+
+    lm.cls = Constant()
+    assert masked_token_accuracy(lm, examples) == pytest.approx(np.mean(labels == common))
+    assert 0 < np.mean(labels == common) < 1

@@ -29,3 +29,23 @@ class MaskedAutoEncoder(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         return path
+
+
+def masked_token_accuracy(lm, examples, batch_size=32):
+    """Share of the encoder-masked tokens of `examples` (a PretrainingExamples) that `lm`, a BertForMaskedLM,
+    predicts exactly. Averaged over every masked token of every example, so one sequence's luck does not count."""
+    import torch
+
+    lm.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = examples.collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
+            labels = batch["encoder_labels"]
+            masked = labels != IGNORE
+            hidden = lm.bert(input_ids=batch["encoder_input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
+            predicted = lm.cls(hidden[masked]).argmax(-1)
+            hits += int((predicted == labels[masked]).sum())
+            total += int(masked.sum())
+    return hits / max(total, 1)
