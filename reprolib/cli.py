@@ -12,9 +12,16 @@ from reprolib.objectives import OBJECTIVES
 
 def cmd_run(args):
     from reprolib.bundle import pipeline_path
-    from reprolib.pipeline import run_pipeline
-    run_pipeline(pipeline_path(args.params), out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only,
-                 force=args.force, seeds=args.seeds)
+    from reprolib.pipeline import plan_pipeline, run_pipeline
+    options = dict(out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force,
+                   seeds=args.seeds)
+    if not args.plan:
+        run_pipeline(pipeline_path(args.params), **options)
+        return
+    plan = plan_pipeline(pipeline_path(args.params), **options)
+    width = max(len(sid) for sid, _, _ in plan)
+    for sid, action, why in plan:
+        print(f"{action:<6}  {sid:<{width}}  {why}")
 
 
 def seed_list(text):
@@ -309,6 +316,8 @@ def build_parser():
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     p.add_argument("--only", metavar="STAGE", help="rerun just this stage")
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each stage would do (skip, resume, rerun) and why; run nothing")
     p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
                    help="run the seeded stages once per seed (replaces the YAML's seeds); checks use the mean")
     p.set_defaults(func=cmd_run)

@@ -491,6 +491,71 @@ def _run_lock(run_dir):
         yield
 
 
+def plan_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only=None, force=False, seeds=None):
+    """What `run_pipeline` with the same arguments would do, without doing anything: a list of
+    (stage id, action, why), action 'skip', 'resume', 'run' (never run) or 'rerun' (clear the stage folder and
+    run anew)."""
+    pipeline = load_pipeline(params_path, sets, seeds)
+    run_dir = (Path(out_root) / pipeline.run).resolve()
+    params = _resolve_params(pipeline, run_dir)
+    hashes = _stage_hashes(pipeline, params)
+    forced = _forced_stages(pipeline, from_stage, only, force)
+    manifest = _start_manifest(pipeline, run_dir)
+    never_run = {sid for sid, entry in manifest["stages"].items() if entry.get("params_hash") is None}
+    return [(stage.id, action if action != "fresh" else "run" if stage.id in never_run else "rerun", why)
+            for stage, action, why in _plan(pipeline, manifest, params, hashes, forced, only, run_dir)]
+
+
+def _plan(pipeline, manifest, params, hashes, forced, only, run_dir):
+    """(stage, action, why) for each stage due: see `_action`; `why` says what made it so."""
+    plan = []
+    for stage in pipeline.stages:
+        if only and stage.id != only:
+            continue
+        entry = manifest["stages"][stage.id]
+        action = _action(entry, hashes[stage.id], stage.id in forced)
+        plan.append((stage, action, _why(stage, entry, action, stage.id in forced, hashes, params, run_dir)))
+    return plan
+
+
+def _why(stage, entry, action, forced, hashes, params, run_dir):
+    if action == "skip":
+        return "done, parameters and notebook unchanged"
+    if action == "resume":
+        return f"was {entry['status']} with the same inputs: resumes in its folder"
+    if forced:
+        why = "asked for (--from, --only or --force)"
+    elif entry.get("params_hash") in (None, hashes[stage.id]):
+        why = "not run yet" if entry.get("params_hash") is None else f"was {entry['status']}"
+    else:
+        why = "; ".join(_what_changed(stage, entry, hashes, params, run_dir))
+    if entry.get("status") == "done":
+        why += f"; clears a finished stage ({entry.get('wall_s')} s)"
+    return why
+
+
+def _what_changed(stage, entry, hashes, params, run_dir):
+    """Which of a stage's inputs (its parameters, its notebook's code, an upstream stage) differ from the run
+    that made its folder. Manifests before the parts were recorded know the parameters only."""
+    old = _read_json(run_dir / stage.id / PARAMS, None)
+    new = json.loads(json.dumps(params[stage.id], default=str))
+    keys = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k)) if old else []
+    reasons = [f"parameters changed: {', '.join(keys)}"] if keys else []
+    if "code_hash" not in entry:
+        return reasons or ["its notebook's code or an upstream stage changed" if old else
+                           "parameters, notebook or an upstream stage changed"]
+    if entry["code_hash"] != _code_hash(stage):
+        reasons.append(f"its notebook's code changed ({stage.notebook.name})")
+    moved = [u for u in stage.upstream if entry.get("upstream_hashes", {}).get(u) != hashes[u]]
+    if moved:
+        reasons.append(f"upstream stage {moved[0]} changed")
+    return reasons or ["its inputs changed"]
+
+
+def _code_hash(stage):
+    return hashlib.sha256(json.dumps(stage.code).encode()).hexdigest()
+
+
 def _run_locked(pipeline, run_dir, from_stage, only, force, log):
     params = _resolve_params(pipeline, run_dir)
     hashes = _stage_hashes(pipeline, params)
@@ -498,8 +563,11 @@ def _run_locked(pipeline, run_dir, from_stage, only, force, log):
     manifest = _start_manifest(pipeline, run_dir)
     if only:
         _check_upstream_done(pipeline, manifest, only)
-    plan = [(stage, _action(manifest["stages"][stage.id], hashes[stage.id], stage.id in forced))
-            for stage in pipeline.stages if not only or stage.id == only]
+    plan = []
+    for stage, action, why in _plan(pipeline, manifest, params, hashes, forced, only, run_dir):
+        if action == "fresh" and manifest["stages"][stage.id]["status"] == "done":
+            log(f"rerun {stage.id}: {why}")   # finished work is about to be cleared: say why
+        plan.append((stage, action))
     _write_manifest(run_dir, manifest)
     try:
         _execute_plan(plan, params, hashes, manifest, run_dir, log)
@@ -569,7 +637,7 @@ def _execute_plan(plan, params, hashes, manifest, run_dir, log):
                 log(f"skip {stage.id} (done, params unchanged)")
                 continue
             try:
-                _run_stage(stage, params[stage.id], hashes[stage.id], action == "fresh", manifest, run_dir, log,
+                _run_stage(stage, params[stage.id], hashes, action == "fresh", manifest, run_dir, log,
                            zygote)
             except BaseException:
                 _mark_not_run(manifest, plan[position + 1:], stage.id)
@@ -589,7 +657,8 @@ def _mark_not_run(manifest, rest, failed_id):
             entry.update(status="skipped", error=f"not run: stage '{failed_id}' failed")
 
 
-def _run_stage(stage, params, digest, clear, manifest, run_dir, log, zygote=None):
+def _run_stage(stage, params, hashes, clear, manifest, run_dir, log, zygote=None):
+    digest, upstream = hashes[stage.id], {u: hashes[u] for u in stage.upstream}
     stage_dir = run_dir / stage.id
     if clear and stage_dir.exists():
         shutil.rmtree(stage_dir)
@@ -597,8 +666,8 @@ def _run_stage(stage, params, digest, clear, manifest, run_dir, log, zygote=None
     with atomic_write(stage_dir / PARAMS) as f:
         json.dump(params, f, indent=2, default=str)
     entry = manifest["stages"][stage.id]
-    entry.update(status="running", params_hash=digest, started=_now(), finished=None, wall_s=None,
-                 metrics={}, error=None)
+    entry.update(status="running", params_hash=digest, code_hash=_code_hash(stage), upstream_hashes=upstream,
+                 started=_now(), finished=None, wall_s=None, metrics={}, error=None)
     _write_manifest(run_dir, manifest)
     log(f"▶ stage {stage.id} ({stage.notebook.name})")
     executed = stage_dir / stage.notebook.name

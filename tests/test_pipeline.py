@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from reprolib.errors import ReprolibError
-from reprolib.pipeline import format_status, load_manifest, run_pipeline, save_metrics
+from reprolib.pipeline import format_status, load_manifest, plan_pipeline, run_pipeline, save_metrics
 from reprolib.report import check, equivalence_check, format_check, non_inferiority_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
@@ -146,6 +146,40 @@ def test_resume_rerun_force_from_only(project):
     manifest, _ = run(project, path, sets=changed, only="a")
     assert ran(project) == ["a"]
     assert all(e["status"] == "done" for e in manifest["stages"].values())
+
+
+def test_plan_says_what_each_stage_would_do_and_why_and_runs_nothing(project, capsys):
+    path = write_pipeline(project, [
+        {"id": "a", "notebook": "step"},
+        {"id": "b", "notebook": "step", "params": {"src": "${stages.a.out}"}},
+        {"id": "c", "notebook": "other"},
+    ])
+    shutil.copy(project / "notebooks" / "step.ipynb", project / "notebooks" / "other.ipynb")
+    plan = lambda **kw: [(sid, action, why) for sid, action, why in plan_pipeline(path, out_root=project / "outputs", **kw)]
+    assert [action for _, action, _ in plan()] == ["run"] * 3 and not (project / "outputs" / "demo").exists()
+    run(project, path)
+    ran(project)
+    manifest = (project / "outputs" / "demo" / "manifest.json").read_text()
+
+    assert {why for _, _, why in plan()} == {"done, parameters and notebook unchanged"}
+    a, b, c = plan(sets=["a.value=5"])
+    assert a[:2] == ("a", "rerun") and a[2].startswith("parameters changed: value; clears a finished stage (")
+    assert b[1:] == ("rerun", b[2]) and b[2].startswith("upstream stage a changed")
+    assert c[1] == "skip"
+    nb = nbformat.read(project / "notebooks" / "other.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("x = 1"))
+    nbformat.write(nb, project / "notebooks" / "other.ipynb")
+    assert plan()[2][2].startswith("its notebook's code changed (other.ipynb)")
+    assert [action for _, action, _ in plan(from_stage="b")] == ["skip", "rerun", "rerun"]
+    assert ran(project) == [] and (project / "outputs" / "demo" / "manifest.json").read_text() == manifest
+    from reprolib.cli import main
+
+    assert main(["run", str(path), "--out", str(project / "outputs"), "--plan"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["rerun", "c"]
+
+    _, lines = run(project, path)     # the run itself says why it clears finished work
+    assert ran(project) == ["c"]
+    assert any(line.startswith("rerun c: its notebook's code changed") for line in lines)
 
 
 def test_a_stage_given_the_run_dir_reruns_after_any_earlier_stage(project):
