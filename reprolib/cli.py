@@ -152,10 +152,12 @@ def cmd_search(args):
     from reprolib.index import load_meta, process_state, require_faiss
     from reprolib.search import dense_search, sparse_search
     state = process_state()
-    if not state.is_main_process:  # one search is enough; under `accelerate launch` the others stop here
+    meta = load_meta(args.index)
+    # under `accelerate launch` an exact dense search splits the shards over the processes; other searches run
+    # on the main process alone
+    if not state.is_main_process and (meta["kind"] != "dense" or args.index_type != "flat"):
         return
     queries = load_queries(args.queries, args.split)
-    meta = load_meta(args.index)
     store = meta.get("corpus_store")
     if not store or not Path(store, "ids.npy").exists():
         raise ReprolibError(f"the corpus store {store} that the index {args.index} was built from is gone "
@@ -172,15 +174,19 @@ def cmd_search(args):
     encoder = _load_encoder(args.model, state.device)
     if encoder.kind != kind:
         raise ReprolibError(f"{args.index} is a {kind} index, but {args.model} is a {encoder.kind} encoder")
-    options = dict(topk=args.topk, batch_size=args.batch_size, max_length=args.max_len)
+    options = dict(topk=args.topk, batch_size=args.batch_size, max_length=args.max_len, progress=state.is_main_process)
     if kind == "sparse":
         run = sparse_search(encoder, queries, args.index, corpus, quantize=args.quantized, **options)
         tag = "sparse-quantized" if args.quantized else "sparse"
     else:
-        run = dense_search(encoder, queries, args.index, corpus, index_type=args.index_type, **options)
+        run = dense_search(encoder, queries, args.index, corpus, index_type=args.index_type, state=state, **options)
         tag = f"dense-{args.index_type}"
+    if not state.is_main_process:
+        return
     write_run(args.out, run, tag=tag)
-    print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}")
+    split = f" ({meta['num_shards']} shards split over {state.num_processes} processes)" \
+        if kind == "dense" and args.index_type == "flat" and state.num_processes > 1 else ""
+    print(f"wrote {sum(len(h) for h in run.values())} hits for {len(run)} queries to {args.out}{split}")
 
 
 def _load_encoder(model, device, load=None):

@@ -285,8 +285,9 @@ def require_faiss():
     return faiss
 
 
-def _gpu_resources(use_gpu):
-    """One faiss StandardGpuResources per visible GPU when wanted and available, else None."""
+def _gpu_resources(use_gpu, device=None):
+    """{GPU number: faiss StandardGpuResources} for every visible GPU (only `device` when given: one process
+    per GPU) when wanted and available, else None."""
     faiss = require_faiss()
 
     available = hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
@@ -296,7 +297,8 @@ def _gpu_resources(use_gpu):
         return None
     if not available:
         raise ReprolibError("use_gpu=True but this faiss has no GPU support (or sees no GPU)")
-    return [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
+    gpus = range(faiss.get_num_gpus()) if device is None else [device]
+    return {gpu: faiss.StandardGpuResources() for gpu in gpus}
 
 
 def _flat_index(dim, resources, fp16):
@@ -309,7 +311,7 @@ def _flat_index(dim, resources, fp16):
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True       # each GPU holds a slice of the vectors (a single GPU: a plain GpuIndexFlatIP)
     options.useFloat16 = fp16  # RetroMAE's setting: vectors stored in fp16, half the GPU memory
-    return faiss.index_cpu_to_gpu_multiple_py(resources, index, options)
+    return faiss.index_cpu_to_gpu_multiple_py(list(resources.values()), index, options, gpus=list(resources))
 
 
 def top_k(scores, k, positions=None):
@@ -347,11 +349,15 @@ def _merge_topk(scores, positions, new_scores, new_positions, k):
 
 
 def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="auto", gpu_fp16=False, progress=False,
-           hnsw_m=32, ef_search=128, nlist=None, pq_m=None, nprobe=32):
+           hnsw_m=32, ef_search=128, nlist=None, pq_m=None, nprobe=32, state=None):
     """Inner-product top-k of every query over the index.
 
     index_type "flat" is exact: shard by shard, on the GPUs when faiss has them (`use_gpu` "auto", True
-    or False), storing the vectors there in fp16 when `gpu_fp16`. "hnsw" (`hnsw_m` links per node,
+    or False), storing the vectors there in fp16 when `gpu_fp16`. Only one shard is in memory at a time, so
+    an index may be larger than the GPUs' (or the host's) memory. Under `accelerate launch` (`state`: see
+    `process_state`; every process calls this with the same queries), process r searches the shards
+    number % num_processes == r on its own GPU, and every process returns the merged result, the same as one
+    process's. "hnsw" (`hnsw_m` links per node,
     `ef_search` beam width) and "ivfpq" (`nlist` lists, `pq_m` sub-vectors, `nprobe` lists visited)
     are approximate CPU indexes, built and saved on first use (`ann_index`).
     Returns (scores float32 [Q, k], positions int64 [Q, k]) sorted by descending score, where
@@ -373,7 +379,11 @@ def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="a
     if queries.shape[1] != dim:
         raise ReprolibError(f"queries have dim {queries.shape[1]}, the index has dim {dim}")
     if index_type == "flat":
-        return _flat_search(queries, index_dir, meta, k, _gpu_resources(use_gpu), gpu_fp16, progress)
+        if state is None or state.num_processes == 1:
+            return _flat_search(queries, index_dir, meta, k, _gpu_resources(use_gpu), gpu_fp16, progress)
+        mine = range(state.process_index, meta["num_shards"], state.num_processes)
+        resources = _gpu_resources(use_gpu, device=state.local_process_index)
+        return _merge_processes(_flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress, mine), k)
     if use_gpu is True:
         raise ReprolibError(f"{index_type} indexes run on the CPU here; use index_type='flat' for a GPU search")
 
@@ -386,19 +396,33 @@ def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="a
     return scores, positions.astype(np.int64)
 
 
-def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress):
-    """Exact search shard by shard, merging each shard's top-k into a running top-k."""
+def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress, shards=None):
+    """Exact search shard by shard (every shard, or the numbers in `shards`), merging each shard's top-k into a
+    running top-k; (None, None) for no shards."""
     if resources is not None and k > GPU_MAX_K:
         raise ReprolibError(f"a faiss GPU search returns at most {GPU_MAX_K} hits per query, not {k}; "
                             "lower topk or use use_gpu=False")
     index = _flat_index(meta["dim"], resources, gpu_fp16)
     scores = positions = None
-    for number in tqdm(range(meta["num_shards"]), desc="searching shards", unit=" shard", disable=not progress):
+    shards = range(meta["num_shards"]) if shards is None else shards
+    for number in tqdm(shards, desc="searching shards", unit=" shard", disable=not progress):
         index.add(_load_shard(index_dir, meta, number))
         shard_scores, shard_positions = index.search(queries, min(k, index.ntotal))
         shard_positions = shard_positions.astype(np.int64) + number * meta["shard_size"]
         index.reset()
         scores, positions = _merge_topk(scores, positions, shard_scores, shard_positions, k)
+    return scores, positions
+
+
+def _merge_processes(hits, k):
+    """Every process's (scores, positions) merged into one top-k, on every process. The ties rule of `top_k`
+    makes the result independent of how the shards were split."""
+    from accelerate.utils import gather_object
+
+    scores = positions = None
+    for part_scores, part_positions in gather_object([hits]):   # in rank order
+        if part_scores is not None:
+            scores, positions = _merge_topk(scores, positions, part_scores, part_positions, k)
     return scores, positions
 
 

@@ -444,3 +444,24 @@ def test_encode_under_accelerate_launch_two_processes(tmp_path, synthetic_dir, t
     assert main(["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(single),
                  "--shard-size", "300", "--dtype", "float32"]) == 0
     np.testing.assert_allclose(load_shards(index), load_shards(single), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_search_under_accelerate_launch_two_processes_splits_the_shards(tmp_path, synthetic_dir, tiny_model):
+    """`accelerate launch -m reprolib search` with 2 CPU processes: each searches half of the 7 shards, the main
+    process writes the merged run, the same as one process's."""
+    index = tmp_path / "index"
+    assert main(["encode", "--model", str(tiny_model), "--corpus", str(synthetic_dir), "--out", str(index),
+                 "--shard-size", "300", "--dtype", "float32"]) == 0
+    search = ["search", "--model", str(tiny_model), "--index", str(index), "--queries", str(synthetic_dir),
+              "--split", "dev", "--topk", "50"]
+    assert main(search + ["--out", str(tmp_path / "single.run")]) == 0
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reprolib", *search,
+         "--out", str(tmp_path / "two.run")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and "(7 shards split over 2 processes)" in result.stdout
+    assert "searching shards: 100%|██████████| 4/4" in result.stderr      # the main process's half: 0, 2, 4, 6
+    assert (tmp_path / "two.run").read_text() == (tmp_path / "single.run").read_text()

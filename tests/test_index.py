@@ -141,6 +141,7 @@ class FakeState:
 
     def __init__(self, rank, world):
         self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+        self.local_process_index = rank
 
     def wait_for_everyone(self):
         pass
@@ -160,6 +161,32 @@ def test_processes_split_shards_round_robin(corpus, tmp_path):
     assert meta["complete"] and meta["dim"] == DIM and meta["num_shards"] == 6
     assert [e.calls for e in encoders] == [[10, 10], [10, 10], [10, 3]]
     np.testing.assert_array_equal(np.concatenate([np.load(shard_path(out, s)) for s in range(6)]), full_matrix(corpus))
+
+
+def test_processes_split_an_exact_search_by_shards_and_all_get_the_one_process_result(tmp_path, monkeypatch):
+    """Process r of 3 searches shards r and r + 3; the gathered parts merge to one process's hits, ties included
+    (each text appears in three shards, so equal scores cross every split)."""
+    import accelerate.utils
+
+    source = tmp_path / "corpus.tsv"
+    source.write_text("".join(f"p{i}\tt\ttopic {i % 9}\n" for i in range(53)))
+    out = tmp_path / "index"
+    encode_corpus(FakeEncoder(), Corpus.open(source, progress=False), out, shard_size=10, dtype="float32",
+                  progress=False)
+    queries = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
+    single = search(queries, out, topk=12, use_gpu=False)
+
+    parts = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine)      # each process alone
+    for rank in range(3):
+        parts.append(search(queries, out, topk=12, use_gpu=False, state=FakeState(rank, 3)))
+    assert parts[0][0].shape == (5, 12) and not np.array_equal(parts[0][1], single[1])  # a part is not the whole
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: parts)     # all gathered, in rank order
+    for rank in range(3):
+        scores, positions = search(queries, out, topk=12, use_gpu=False, state=FakeState(rank, 3))
+        np.testing.assert_array_equal(positions, single[1])
+        np.testing.assert_array_equal(scores, single[0])
+    assert (np.diff(single[0], axis=1) == 0).any()    # the ties are there
 
 
 # ---------------------------------------------------------------- approximate indexes
