@@ -47,6 +47,17 @@ def positive_int(text):
     return value
 
 
+def scale_fraction(text):
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 def non_negative_float(text):
     """A finite float >= 0 (BM25's k1)."""
     try:
@@ -94,6 +105,8 @@ def cmd_prepare(args):
     from reprolib.data.prepare import prepare
     if args.name == "synthetic":
         options = dict(num_passages=args.num_passages, seed=args.seed)
+    elif args.name == "synthetic-msmarco":
+        options = dict(scale=args.scale, seed=args.seed)
     else:
         options = dict(_key_value(item) for item in args.url)
     prepare(args.name, args.out, **options)
@@ -338,11 +351,14 @@ def build_parser():
     p.set_defaults(func=cmd_status)
 
     data = verbs.add_parser("data", help="prepare or validate datasets").add_subparsers(dest="data_verb", required=True)
-    p = data.add_parser("prepare", help="synthetic | msmarco-passage | msmarco-hard-negatives | beir/<name> | lotte/<domain>/<split>")
+    p = data.add_parser("prepare", help="synthetic | synthetic-msmarco | msmarco-passage | msmarco-hard-negatives | "
+                                        "beir/<name> | lotte/<domain>/<split>")
     p.add_argument("name")
     p.add_argument("--out", required=True)
     p.add_argument("--num-passages", type=positive_int, default=5000, help="synthetic only")
-    p.add_argument("--seed", type=int, default=42, help="synthetic only")
+    p.add_argument("--scale", type=scale_fraction, default=1.0,
+                   help="synthetic-msmarco only: the share of MS MARCO's sizes (default 1: 8.8M passages)")
+    p.add_argument("--seed", type=int, default=42, help="synthetic and synthetic-msmarco")
     p.add_argument("--url", action="append", default=[], metavar="KEY=URL",
                    help="override a download URL: url= for beir/lotte; rocketqa_url=, qrels_train_url=, triples_url= for msmarco-passage; "
                         "negatives_url=, scores_url= for msmarco-hard-negatives")

@@ -1,7 +1,7 @@
 """`reprolib data prepare NAME`: the synthetic dataset here, real datasets via downloads."""
 from pathlib import Path
 
-from reprolib.data import synthetic
+from reprolib.data import msmarco_scale, synthetic
 from reprolib.data.corpus import Corpus
 from reprolib.data.formats import read_qrels, read_queries, write_negatives
 from reprolib.data.prepare_remote import REMOTE_NAMES, UnknownDataset
@@ -14,12 +14,15 @@ def prepare(name, out_dir, progress=True, **options):
     """`name`: "synthetic", a dataset to download (see prepare_remote), or a local dataset directory."""
     if name == "synthetic":
         return prepare_synthetic(out_dir, progress=progress, **options)
+    if name == "synthetic-msmarco":   # MS MARCO's sizes, for rehearsing the recipes' data paths
+        return msmarco_scale.generate(out_dir, progress=progress, **options)
     if Path(name).is_dir():
         return link_local(name, out_dir)
     try:
         return prepare_remote(name, out_dir, progress=progress, **options)
     except UnknownDataset:
-        raise UnknownDataset(f"unknown dataset {name!r}: expected synthetic, a dataset directory, {REMOTE_NAMES}") from None
+        raise UnknownDataset(f"unknown dataset {name!r}: expected synthetic, synthetic-msmarco, a dataset directory, "
+                             f"{REMOTE_NAMES}") from None
 
 
 def link_local(source, out_dir):
