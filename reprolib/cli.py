@@ -240,13 +240,25 @@ def cmd_evaluate(args):
 
 
 def cmd_mine(args):
-    from reprolib.data import read_qrels, read_run, write_negatives
+    from reprolib.data import read_qrels, write_negatives
+    from reprolib.data.formats import iter_run
     from reprolib.data.layout import find_qrels_file
-    from reprolib.search import mine_negatives
-    negatives = mine_negatives(read_run(args.run), read_qrels(find_qrels_file(args.qrels, args.split)),
-                               depth=args.depth, num=args.num, shuffle_seed=args.shuffle_seed)
-    write_negatives(args.out, negatives)
-    print(f"wrote negatives for {len(negatives)} queries to {args.out}")
+    from reprolib.search import iter_negatives
+    import itertools
+    run = iter_run(args.run)
+    first = next(run)   # a missing or empty run is said before the qrels are read
+    qrels = read_qrels(find_qrels_file(args.qrels, args.split))
+    written = [0]
+
+    def counted(rows):
+        for row in rows:
+            written[0] += 1
+            yield row
+
+    # query by query: a mined top-200 of MS MARCO's train queries is 100M lines
+    write_negatives(args.out, counted(iter_negatives(itertools.chain([first], run), qrels, depth=args.depth,
+                                                     num=args.num, shuffle_seed=args.shuffle_seed)))
+    print(f"wrote negatives for {written[0]} queries to {args.out}")
 
 
 def cmd_rerank(args):

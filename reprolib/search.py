@@ -97,12 +97,18 @@ def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
     RetroMAE keeps that order (its trainer samples from the top of the list); Tevatron/OpenMatch's
     build_hn shuffles the kept hits and stores `num` (30) of them: give `shuffle_seed` for that.
     """
-    negatives = {}
-    for qid, hits in run.items():
+    return dict(iter_negatives(run.items(), qrels, depth=depth, num=num, shuffle_seed=shuffle_seed))
+
+
+def iter_negatives(hits_by_query, qrels, depth=200, num=None, shuffle_seed=None):
+    """`mine_negatives` one query at a time: (qid, negatives) for each (qid, {pid: score}) of `hits_by_query`
+    (e.g. `iter_run`) that has any, so that a run of any size streams through."""
+    for qid, hits in hits_by_query:
         positives = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
         ranked = sorted(hits, key=lambda pid: -hits[pid])[:depth]
         kept = [pid for pid in ranked if pid not in positives]
         if shuffle_seed is not None:
             random.Random(f"{shuffle_seed}/{qid}").shuffle(kept)
-        negatives[qid] = kept[:num] if num else kept
-    return {qid: pids for qid, pids in negatives.items() if pids}
+        kept = kept[:num] if num else kept
+        if kept:
+            yield qid, kept

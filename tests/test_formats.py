@@ -3,7 +3,7 @@ import gzip
 
 import pytest
 
-from reprolib.data.formats import (read_negatives, read_qrels, read_queries, read_run, write_negatives, write_qrels,
+from reprolib.data.formats import (iter_run, read_negatives, read_qrels, read_queries, read_run, write_negatives, write_qrels,
                                    write_queries, write_run)
 from reprolib.errors import DataError, ReprolibError
 
@@ -198,6 +198,17 @@ def test_negatives_duplicate_query(tmp_path):
 def test_run_read(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 bm25\n1 Q0 11 2 1.0 bm25\n2\tQ0\t10\t1\t-0.5\tx\n")
     assert read_run(path) == {"1": {"10": 2.5, "11": 1.0}, "2": {"10": -0.5}}
+
+
+def test_run_read_query_by_query(tmp_path):
+    path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 bm25\n1 Q0 11 2 1.0 bm25\n2\tQ0\t10\t1\t-0.5\tx\n")
+    assert list(iter_run(path)) == list(read_run(path).items())
+    regrouped = write_bytes(tmp_path / "mixed.trec", "1 Q0 10 1 2.5 t\n2 Q0 10 1 2.0 t\n1 Q0 11 2 1.0 t\n")
+    raises_exactly(lambda p: list(iter_run(p)), regrouped,
+                   "3: query '1' appears again after other queries; a run read query by query must list each query's "
+                   "hits together (sort -s -k1,1 groups them)")
+    with pytest.raises(DataError, match="no hits: the run file is empty"):
+        list(iter_run(write_bytes(tmp_path / "empty.trec", "# nothing\n")))
 
 
 def test_run_round_trip_sorted(tmp_path):

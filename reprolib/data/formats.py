@@ -194,6 +194,35 @@ def read_run(path):
     """qid -> {pid: score} from a TREC run (the rank column is ignored, as trec_eval does)."""
     path = Path(path)
     run = {}
+    for number, qid, pid, value in _run_lines(path):
+        _put_unique(run.setdefault(qid, {}), pid, value, path, number, f"hit for query {qid!r}, doc")
+    if not run:
+        raise DataError(path, None, "no hits: the run file is empty")
+    return run
+
+
+def iter_run(path):
+    """(qid, {pid: score}) one query at a time, for runs too large to hold (a mined top-200 of MS MARCO's 500k
+    train queries is 100M lines). The file must list each query's hits together, as TREC runs do."""
+    path = Path(path)
+    qid, hits, seen, number = None, {}, set(), 0
+    for number, q, pid, value in _run_lines(path):
+        if q != qid:
+            if qid is not None:
+                yield qid, hits
+            if q in seen:
+                raise DataError(path, number, f"query {q!r} appears again after other queries; a run read query by "
+                                              "query must list each query's hits together (sort -s -k1,1 groups them)")
+            seen.add(q)
+            qid, hits = q, {}
+        _put_unique(hits, pid, value, path, number, f"hit for query {qid!r}, doc")
+    if qid is None:
+        raise DataError(path, None, "no hits: the run file is empty")
+    yield qid, hits
+
+
+def _run_lines(path):
+    """(line number, qid, pid, score) of each hit line of a TREC run."""
     for number, line in iter_lines(path):
         if line.lstrip().startswith("#"):
             continue
@@ -207,10 +236,7 @@ def read_run(path):
             raise DataError(path, number, f"score {score!r} is not a number") from None
         if not math.isfinite(value):
             raise DataError(path, number, f"score {score!r} is not a finite number")
-        _put_unique(run.setdefault(qid, {}), pid, value, path, number, f"hit for query {qid!r}, doc")
-    if not run:
-        raise DataError(path, None, "no hits: the run file is empty")
-    return run
+        yield number, qid, pid, value
 
 
 def write_run(path, run, tag="reprolib"):
