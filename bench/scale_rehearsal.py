@@ -64,8 +64,8 @@ def steps(data, work):
                      REPROLIB + ["mine-negatives", "--run", str(data / "train.mined.trec"), "--qrels",
                                  str(data / "qrels.train.tsv"), "--out", str(work / "mined.negatives.tsv"),
                                  "--depth", "200"]),
-        "teacher_pairs": ("the teacher's scoring input: every train query's positives + first 200 mined "
-                          "negatives, with their texts looked up", child + ["teacher_pairs"]),
+        "teacher_pairs": ("the teacher's scoring input (reprolib score --run): every train query's positives + "
+                          "first 200 mined passages, one pass, then the texts of 1,000 queries", child + ["teacher_pairs"]),
     }
 
 
@@ -146,23 +146,33 @@ def child_mine_sample(data, work):
 
 
 def child_teacher_pairs(data, work):
+    """What `reprolib score --run train.mined.trec` does before its first batch: the qrels, then one pass over
+    the pairs (the request digest), then the texts of the first chunks (here 1,000 queries)."""
+    import hashlib
+
     from reprolib.data import Corpus
     from reprolib.data.formats import read_qrels, read_queries
-    from reprolib.rerank import read_candidates, teacher_pairs
+    from reprolib.data.templates import get_template
+    from reprolib.rerank import TeacherPairs
 
     timings = {}
     t = time.perf_counter()
-    qrels = read_qrels(data / "qrels.train.tsv")
-    candidates = read_candidates(data / "train.mined.trec")
-    timings["read_s"] = time.perf_counter() - t
+    pairs = TeacherPairs(read_qrels(data / "qrels.train.tsv"), data / "train.mined.trec", depth=200)
+    digest, count = hashlib.sha256(), 0
+    for qid, pids in pairs:
+        digest.update(f"{qid}\t{','.join(pids)}\n".encode())
+        count += len(pids)
+    timings["one_pass_s"], timings["pairs"] = time.perf_counter() - t, count
     t = time.perf_counter()
-    pairs = teacher_pairs(qrels, candidates, depth=200)
-    del candidates
-    queries, corpus = read_queries(data / "train.query.txt"), Corpus.open(data, progress=False)
-    looked_up = sum(len(corpus.text(int(i))) for qid in list(pairs)[:1000] for i in corpus.positions(pairs[qid]))
-    timings["pairs_s"] = time.perf_counter() - t
-    timings["pairs"] = sum(len(p) for p in pairs.values())
-    timings["characters_looked_up_first_1000_queries"] = looked_up
+    queries, corpus, render = read_queries(data / "train.query.txt"), Corpus.open(data, progress=False), \
+        get_template("plain").render
+    texts = 0
+    for number, (qid, pids) in enumerate(pairs):
+        if number == 1000:
+            break
+        texts += sum(len(queries[qid]) + len(render(corpus.title(int(p)), corpus.text(int(p)), sep="[SEP]"))
+                     for p in corpus.positions(pids))
+    timings["texts_of_1000_queries_s"], timings["characters"] = time.perf_counter() - t, texts
     return timings
 
 

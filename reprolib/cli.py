@@ -243,7 +243,7 @@ def cmd_mine(args):
     from reprolib.data import read_qrels, write_negatives
     from reprolib.data.formats import iter_run
     from reprolib.data.layout import find_qrels_file
-    from reprolib.search import iter_negatives
+    from reprolib.search import iter_mined_negatives
     import itertools
     run = iter_run(args.run)
     first = next(run)   # a missing or empty run is said before the qrels are read
@@ -256,7 +256,7 @@ def cmd_mine(args):
             yield row
 
     # query by query: a mined top-200 of MS MARCO's train queries is 100M lines
-    write_negatives(args.out, counted(iter_negatives(itertools.chain([first], run), qrels, depth=args.depth,
+    write_negatives(args.out, counted(iter_mined_negatives(itertools.chain([first], run), qrels, depth=args.depth,
                                                      num=args.num, shuffle_seed=args.shuffle_seed)))
     print(f"wrote negatives for {written[0]} queries to {args.out}")
 
@@ -281,19 +281,19 @@ def cmd_rerank(args):
 
 
 def cmd_score(args):
-    from reprolib.data import Corpus, read_negatives, read_qrels, read_run
+    from reprolib.data import Corpus, read_qrels
     from reprolib.data.layout import find_qrels_file, load_queries
     from reprolib.modeling.encoder import autocast
-    from reprolib.rerank import score_pairs, teacher_pairs
+    from reprolib.rerank import TeacherPairs, iter_candidates, write_teacher_scores
     queries = load_queries(args.queries, args.split)
-    candidates = read_run(args.run) if args.run else read_negatives(args.negatives)
-    qrels = read_qrels(find_qrels_file(args.qrels, args.split))
-    pairs = teacher_pairs(qrels, candidates, depth=args.depth)
+    candidates = args.run or args.negatives
+    next(iter_candidates(candidates))   # a missing or malformed file is said before the model loads
+    pairs = TeacherPairs(read_qrels(find_qrels_file(args.qrels, args.split)), candidates, depth=args.depth)
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
     with autocast(args.precision, cross_encoder.device):
-        scores = score_pairs(cross_encoder, pairs, Corpus.open(args.corpus), queries, template=args.template,
-                             batch_size=args.batch_size, out_path=args.out)
-    print(f"wrote {sum(len(s) for s in scores.values())} teacher scores for {len(scores)} queries to {args.out}")
+        written = write_teacher_scores(cross_encoder, pairs, Corpus.open(args.corpus), queries, args.out,
+                                       template=args.template, batch_size=args.batch_size)
+    print(f"wrote {written['pairs']} teacher scores for {written['queries']} queries to {args.out}")
 
 
 def _load_cross_encoder(model, max_len):

@@ -1,16 +1,17 @@
 """Cross-encoder scoring: rerank a run, and score (qid, pid) pairs into a teacher-scores file for distillation.
 
-RetroMAE's teacher scores the training qrels pairs plus the retriever's ranked lists (docs/recipes.md §1.5);
-`teacher_pairs` builds that list and `score_pairs` scores it. On MS MARCO that is ~100M pairs, so scoring
-writes the finished queries to `<out>.partial` as it goes and a rerun continues from there; the file is
-renamed to `out` when complete.
+RetroMAE's teacher scores the training qrels pairs plus the retriever's ranked lists (docs/recipes.md §1.5):
+`TeacherPairs` lists them and `write_teacher_scores` scores them into a file. On MS MARCO that is ~100M pairs, so
+both go query by query: the candidates are read from their file as the scoring goes, the finished queries are
+appended to `<out>.partial`, a rerun continues from there, and the file is renamed to `out` when complete.
+`score_pairs` scores in memory (reranking).
 """
 import hashlib
 import logging
 import os
 from pathlib import Path
 
-from reprolib.data.formats import read_negatives, read_run, read_scores, write_scores
+from reprolib.data.formats import iter_negatives, iter_run
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write, iter_lines
@@ -18,78 +19,130 @@ from reprolib.fileio import atomic_write, iter_lines
 logger = logging.getLogger(__name__)
 
 
-def read_candidates(path):
-    """The passages to score per query: a TREC run ({qid: {pid: score}}) or a negatives file ({qid: [pid, ...]}),
-    told apart by the first line (6 fields or 2)."""
+def iter_candidates(path):
+    """(qid, [pid, ...]) one query at a time: a TREC run's hits ranked by score, or a negatives file's in file
+    order (told apart by the first line: 6 fields or 2)."""
     first = next(iter_lines(path), (0, ""))[1].split()
-    return read_run(path) if len(first) >= 6 else read_negatives(path)
+    if len(first) < 6:
+        yield from iter_negatives(path)
+        return
+    for qid, hits in iter_run(path):
+        yield qid, sorted(hits, key=lambda pid: -hits[pid])
 
 
-def teacher_pairs(qrels, candidates, depth=None):
-    """{qid: [pid, ...]}: each judged query's positives, then its first `depth` candidates (a run, ranked by
-    score, or negatives in file order), without duplicates."""
-    pairs = {}
-    for qid, judged in qrels.items():
-        ranked = candidates.get(qid, [])
-        if isinstance(ranked, dict):
-            ranked = sorted(ranked, key=lambda pid: -ranked[pid])
-        pids = [pid for pid, rel in judged.items() if rel > 0] + list(ranked[:depth])
-        pairs[qid] = list(dict.fromkeys(pids))
-    return pairs
+class TeacherPairs:
+    """The (query, passages) pairs a teacher scores: each judged query's positives, then its first `depth`
+    candidates, without duplicates. Iterating yields (qid, [pid, ...]): the judged queries of `candidates` in
+    its order, then the judged queries it lacks (positives only).
+
+    `candidates`: a TREC run or negatives file, read query by query on every iteration, so MS MARCO's 100M
+    pairs are never held at once; or {qid: [pid, ...]} / {qid: {pid: score}} in memory.
+    """
+
+    def __init__(self, qrels, candidates, depth=None):
+        self.qrels, self.candidates, self.depth = qrels, candidates, depth
+
+    def __iter__(self):
+        seen = set()
+        for qid, ranked in self._ranked():
+            judged = self.qrels.get(qid)
+            if judged is not None:
+                seen.add(qid)
+                yield qid, list(dict.fromkeys(_positives(judged) + list(ranked[:self.depth])))
+        for qid, judged in self.qrels.items():
+            if qid not in seen and _positives(judged):
+                yield qid, _positives(judged)
+
+    def _ranked(self):
+        if not isinstance(self.candidates, dict):
+            yield from iter_candidates(self.candidates)
+            return
+        for qid, ranked in self.candidates.items():
+            yield qid, sorted(ranked, key=lambda pid: -ranked[pid]) if isinstance(ranked, dict) else ranked
 
 
-def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_size=64, out_path=None,
-                queries_per_chunk=256, progress=True):
-    """{qid: {pid: logit}} of `pairs` ({qid: [pid, ...]}); `queries` is {qid: text}, `corpus` a Corpus.
+def _positives(judged):
+    return [pid for pid, rel in judged.items() if rel > 0]
 
-    With `out_path`, the scores are also written there (`qid \\t pid \\t score`), resumably: chunks of
-    `queries_per_chunk` queries are appended to `<out_path>.partial`, and a rerun skips the queries found there.
-    `<out_path>.request` records what the scores are of (the model's weights, the pairs, the template): an
-    output or partial file of another request is scored afresh, never returned as this one.
+
+def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_size=64, queries_per_chunk=256,
+                progress=True):
+    """{qid: {pid: logit}} of `pairs` ({qid: [pid, ...]} or (qid, [pid, ...]) items); `queries` is {qid: text},
+    `corpus` a Corpus. In memory: for a teacher's scores of a training set, `write_teacher_scores`."""
+    from reprolib.progress import tqdm
+
+    items = list(pairs.items() if isinstance(pairs, dict) else pairs)
+    scores = {}
+    with tqdm(total=sum(len(pids) for _, pids in items), desc="cross-encoder", unit="pair",
+              disable=not progress) as bar:
+        for chunk in _chunks(items, queries_per_chunk):
+            scores.update(_score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size))
+            bar.update(sum(len(pids) for _, pids in chunk))
+    return scores
+
+
+def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, template="plain", batch_size=64,
+                         queries_per_chunk=256, progress=True):
+    """Score `pairs` (a TeacherPairs, or anything iterable twice over (qid, [pid, ...])) into `out_path`
+    (`qid \t pid \t score`), resumably and in bounded memory; returns {"queries": Q, "pairs": P} written.
+
+    Chunks of `queries_per_chunk` queries are appended to `<out_path>.partial` as they are scored; a rerun skips
+    the queries found there (less the last, which a crash may have cut short), and the finished file replaces
+    `out_path` at the end. `<out_path>.request` records what the scores are of (the model's weights, the pairs,
+    the template): an output or partial file of another request is scored afresh, never returned as this one.
     """
     from reprolib.progress import tqdm
 
-    render = get_template(template).render
-    sep = cross_encoder.sep_token
-    scores, partial = {}, None
-    if out_path is not None:
-        out_path = Path(out_path)
-        partial = out_path.with_name(out_path.name + ".partial")
-        request_path = out_path.with_name(out_path.name + ".request")
-        request = _request_digest(cross_encoder, pairs, template)
-        recorded = request_path.read_text().strip() if request_path.exists() else None
-        if recorded == request and out_path.exists():
-            return read_scores(out_path)
-        if recorded != request:
-            if out_path.exists() or partial.exists():
-                logger.warning("%s was scored for another model, candidates or template: scoring afresh", out_path)
-            partial.unlink(missing_ok=True)
-            with atomic_write(request_path) as f:
-                f.write(request + "\n")
-        scores = _finished_queries(partial)
-    todo = [qid for qid in pairs if qid not in scores and pairs[qid]]
-    bar = tqdm(total=sum(len(pairs[q]) for q in todo), desc="cross-encoder", unit="pair", disable=not progress)
-    for start in range(0, len(todo), queries_per_chunk):
-        chunk = todo[start:start + queries_per_chunk]
-        keys = [(qid, pid) for qid in chunk for pid in pairs[qid]]
-        positions = corpus.positions([pid for _, pid in keys])
-        unknown = [pid for (_, pid), position in zip(keys, positions) if position < 0]
-        if unknown:
-            raise ReprolibError(f"doc id {unknown[0]!r} to score is not in the corpus ({len(unknown)} unknown)")
-        texts = [(queries[qid], render(corpus.title(p), corpus.text(p), sep=sep))
-                 for (qid, _), p in zip(keys, positions)]
-        logits = cross_encoder.score(texts, batch_size=batch_size)
-        chunk_scores = {}
-        for (qid, pid), logit in zip(keys, logits):
-            chunk_scores.setdefault(qid, {})[pid] = float(logit)
-        if partial is not None:
-            _append(partial, chunk_scores)
-        scores.update(chunk_scores)
-        bar.update(len(keys))
-    bar.close()
-    if out_path is not None:
-        write_scores(out_path, scores)
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    request_path = out_path.with_name(out_path.name + ".request")
+    request, total = _request_digest(cross_encoder, pairs, template)
+    recorded = request_path.read_text().strip() if request_path.exists() else None
+    if recorded == request and out_path.exists():
+        return _count_scores(out_path)
+    if recorded != request:
+        if out_path.exists() or partial.exists():
+            logger.warning("%s was scored for another model, candidates or template: scoring afresh", out_path)
         partial.unlink(missing_ok=True)
+        with atomic_write(request_path) as f:
+            f.write(request + "\n")
+    finished, done = _finished_queries(partial)
+    todo = ((qid, pids) for qid, pids in pairs if pids and qid not in finished)
+    with tqdm(total=total - done, desc="cross-encoder", unit="pair", disable=not progress) as bar:
+        for chunk in _chunks(todo, queries_per_chunk):
+            chunk_scores = _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size)
+            _append(partial, chunk_scores)
+            bar.update(sum(len(hits) for hits in chunk_scores.values()))
+    partial.touch()
+    os.replace(partial, out_path)
+    return _count_scores(out_path)
+
+
+def _chunks(items, size):
+    chunk = []
+    for qid, pids in items:
+        if pids:
+            chunk.append((qid, pids))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size):
+    """{qid: {pid: logit}} of one chunk of (qid, [pid, ...])."""
+    render = get_template(template).render
+    keys = [(qid, pid) for qid, pids in chunk for pid in pids]
+    positions = corpus.positions([pid for _, pid in keys])
+    unknown = [pid for (_, pid), position in zip(keys, positions) if position < 0]
+    if unknown:
+        raise ReprolibError(f"doc id {unknown[0]!r} to score is not in the corpus ({len(unknown)} unknown)")
+    texts = [(queries[qid], render(corpus.title(p), corpus.text(p), sep=cross_encoder.sep_token))
+             for (qid, _), p in zip(keys, positions)]
+    scores = {}
+    for (qid, pid), logit in zip(keys, cross_encoder.score(texts, batch_size=batch_size)):
+        scores.setdefault(qid, {})[pid] = float(logit)
     return scores
 
 
@@ -101,12 +154,15 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
 
 
 def _request_digest(cross_encoder, pairs, template):
+    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`."""
     from reprolib.index import model_fingerprint
 
     digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}\n".encode())
-    for qid, pids in pairs.items():
+    total = 0
+    for qid, pids in pairs:
         digest.update(f"{qid}\t{','.join(pids)}\n".encode())
-    return digest.hexdigest()[:16]
+        total += len(pids)
+    return digest.hexdigest()[:16], total
 
 
 def _append(path, chunk_scores):
@@ -119,23 +175,39 @@ def _append(path, chunk_scores):
 
 
 def _finished_queries(partial):
-    """The scores of a `.partial` file, less its last query (which a crash may have cut short)."""
+    """(the queries of a `.partial` file, their pairs), less its last query, which a crash may have cut short,
+    and anything after a damaged line; the file is cut back to what is kept, so appending goes on from there."""
     if not partial.exists():
-        return {}
-    text = partial.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    scores, kept = {}, 0
-    for line in lines:   # up to the first damaged line: what follows it is scored again
-        try:
-            qid, pid, score = line.rstrip("\n").split("\t")
-            scores.setdefault(qid, {})[pid] = float(score)
-        except ValueError:
-            break
-        kept += 1
-    lines = lines[:kept]
-    if scores:
-        scores.pop(next(reversed(scores)))
-    partial.write_text("".join(line for line in lines if line.split("\t", 1)[0] in scores), encoding="utf-8")
-    return scores
+        return set(), 0
+    finished, pairs, current, current_pairs, keep_bytes, offset = set(), 0, None, 0, 0, 0
+    with open(partial, "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\n").split(b"\t")
+            try:
+                if not line.endswith(b"\n") or len(fields) != 3:
+                    break
+                float(fields[2])
+            except ValueError:
+                break
+            qid = fields[0].decode("utf-8")
+            if qid != current:
+                if current is not None:
+                    finished.add(current)
+                    pairs += current_pairs
+                current, current_pairs, keep_bytes = qid, 0, offset
+            current_pairs += 1
+            offset += len(line)
+    os.truncate(partial, keep_bytes)
+    return finished, pairs
+
+
+def _count_scores(path):
+    """{"queries": Q, "pairs": P} of a scores file written query by query."""
+    queries, pairs, current = 0, 0, None
+    with open(path, "rb") as f:
+        for line in f:
+            qid = line.split(b"\t", 1)[0]
+            queries += qid != current
+            current = qid
+            pairs += 1
+    return {"queries": queries, "pairs": pairs}

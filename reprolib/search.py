@@ -97,10 +97,10 @@ def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
     RetroMAE keeps that order (its trainer samples from the top of the list); Tevatron/OpenMatch's
     build_hn shuffles the kept hits and stores `num` (30) of them: give `shuffle_seed` for that.
     """
-    return dict(iter_negatives(run.items(), qrels, depth=depth, num=num, shuffle_seed=shuffle_seed))
+    return dict(iter_mined_negatives(run.items(), qrels, depth=depth, num=num, shuffle_seed=shuffle_seed))
 
 
-def iter_negatives(hits_by_query, qrels, depth=200, num=None, shuffle_seed=None):
+def iter_mined_negatives(hits_by_query, qrels, depth=200, num=None, shuffle_seed=None):
     """`mine_negatives` one query at a time: (qid, negatives) for each (qid, {pid: score}) of `hits_by_query`
     (e.g. `iter_run`) that has any, so that a run of any size streams through."""
     for qid, hits in hits_by_query:

@@ -197,15 +197,16 @@ def test_cross_encoder_head_stays_float32_under_bf16_autocast(cross_encoder_dir)
     assert any(float(torch.tensor(s).bfloat16().float()) != s for s in half)
 
 
-def test_score_pairs_resumes_from_a_partial_file(cross_encoder_dir, synthetic_corpus, synthetic_dir, tmp_path):
+def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_corpus, synthetic_dir, tmp_path):
     from reprolib.data.layout import load_queries
     from reprolib.modeling import CrossEncoder
-    from reprolib.rerank import score_pairs
+    from reprolib.rerank import score_pairs, write_teacher_scores
 
     model = CrossEncoder.from_pretrained(cross_encoder_dir / "model")
     queries = load_queries(synthetic_dir, "dev")
     qids = list(queries)[:6]
     pairs = {qid: [synthetic_corpus.id(i) for i in range(3 * n, 3 * n + 3)] for n, qid in enumerate(qids)}
+    items = list(pairs.items())
     full = score_pairs(model, pairs, synthetic_corpus, queries, progress=False)
 
     out = tmp_path / "scores.tsv"
@@ -220,43 +221,57 @@ def test_score_pairs_resumes_from_a_partial_file(cross_encoder_dir, synthetic_co
 
     model.score = crash_on_third_chunk
     with pytest.raises(KeyboardInterrupt):    # queries 0-3 are in the partial file, 4-5 are not
-        score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, queries_per_chunk=2, progress=False)
+        write_teacher_scores(model, items, synthetic_corpus, queries, out, queries_per_chunk=2, progress=False)
     assert not out.exists() and len(partial.read_text().splitlines()) == 12
     partial.write_text(partial.read_text()[:-3])      # a torn last line, as a crash mid-write leaves it
     calls = []
     model.score = lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw)
-    resumed = score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, queries_per_chunk=2, progress=False)
+    written = write_teacher_scores(model, items, synthetic_corpus, queries, out, queries_per_chunk=2, progress=False)
     # queries 0-2 are kept; query 3, the file's last (which a crash may have cut short), is redone: 3-4, 5
-    assert calls == [6, 3]
+    assert calls == [6, 3] and written == {"queries": 6, "pairs": 18}
     assert not partial.exists()
+    assert [line.split("\t")[0] for line in out.read_text().splitlines()] == [q for q in qids for _ in range(3)]
     for qid in qids:
-        assert resumed[qid] == pytest.approx(full[qid], rel=1e-4, abs=1e-5)
         assert read_scores(out)[qid] == pytest.approx(full[qid], rel=1e-4, abs=1e-5)
     # the same request returns the file; another one (fewer pairs, another model) is scored afresh
     calls.clear()
-    assert score_pairs(model, pairs, synthetic_corpus, queries, out_path=out, progress=False) == read_scores(out)
+    assert write_teacher_scores(model, items, synthetic_corpus, queries, out, progress=False) == written
     assert calls == []
-    fewer = {qid: pids[:1] for qid, pids in pairs.items()}
-    scored = score_pairs(model, fewer, synthetic_corpus, queries, out_path=out, progress=False)
+    fewer = [(qid, pids[:1]) for qid, pids in items]
+    assert write_teacher_scores(model, fewer, synthetic_corpus, queries, out, progress=False)["pairs"] == 6
     assert calls == [6] and all(len(hits) == 1 for hits in read_scores(out).values())
-    for qid in qids:
-        assert scored[qid] == pytest.approx(read_scores(out)[qid], abs=1e-6)
     before = read_scores(out)
     with torch.no_grad():   # another model: its logits are the old ones + 1
         model.model.classifier.bias += 1.0
-    rescored = score_pairs(model, fewer, synthetic_corpus, queries, out_path=out, progress=False)
+    write_teacher_scores(model, fewer, synthetic_corpus, queries, out, progress=False)
     assert calls == [6, 6]
     for qid in qids:
-        assert rescored[qid] == pytest.approx({pid: s + 1 for pid, s in before[qid].items()}, abs=1e-4)
+        assert read_scores(out)[qid] == pytest.approx({pid: s + 1 for pid, s in before[qid].items()}, abs=1e-4)
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
+
+
+def test_teacher_pairs_read_their_candidates_query_by_query(tmp_path):
+    from reprolib.rerank import TeacherPairs
+
+    qrels = {"q1": {"p9": 1, "p8": 0}, "q2": {"p7": 1}, "q3": {"p1": 1}}
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 p1 1 0.5 t\nq1 Q0 p9 2 0.9 t\nq1 Q0 p2 3 0.7 t\nq4 Q0 p3 1 1.0 t\nq3 Q0 p5 1 2.0 t\n")
+    negatives = tmp_path / "negatives.tsv"
+    negatives.write_text("q3\tp5,p1,p6\nq1\tp2,p3\n")
+    # judged queries in the file's order (q4 is not judged), then the judged ones it lacks, positives only
+    assert list(TeacherPairs(qrels, run, depth=2)) == [("q1", ["p9", "p2"]), ("q3", ["p1", "p5"]), ("q2", ["p7"])]
+    assert list(TeacherPairs(qrels, negatives, depth=2)) == [("q3", ["p1", "p5"]), ("q1", ["p9", "p2", "p3"]),
+                                                            ("q2", ["p7"])]
+    pairs = TeacherPairs(qrels, negatives)
+    assert list(pairs) == list(pairs)          # read afresh each time: a scorer may go over it twice
 
 
 def test_rerank_rescores_the_top_depth_and_teacher_pairs_put_positives_first(cross_encoder_dir, synthetic_corpus,
                                                                               synthetic_dir):
     from reprolib.data.layout import load_queries
     from reprolib.modeling import CrossEncoder
-    from reprolib.rerank import rerank, teacher_pairs
+    from reprolib.rerank import TeacherPairs, rerank
 
     model = CrossEncoder.from_pretrained(cross_encoder_dir / "model")
     queries = load_queries(synthetic_dir, "dev")
@@ -265,9 +280,9 @@ def test_rerank_rescores_the_top_depth_and_teacher_pairs_put_positives_first(cro
     reranked = rerank(model, run, synthetic_corpus, queries, depth=4, progress=False)
     assert list(reranked) == [qid] and set(reranked[qid]) == {synthetic_corpus.id(i) for i in range(4)}
 
-    pairs = teacher_pairs({"q": {"p9": 1, "p8": 0}}, {"q": {"p1": 0.5, "p9": 0.9, "p2": 0.7}}, depth=2)
-    assert pairs == {"q": ["p9", "p2"]}
-    assert teacher_pairs({"q": {"p9": 1}}, {"q": ["p3", "p4", "p5"]}, depth=2) == {"q": ["p9", "p3", "p4"]}
+    pairs = TeacherPairs({"q": {"p9": 1, "p8": 0}}, {"q": {"p1": 0.5, "p9": 0.9, "p2": 0.7}}, depth=2)
+    assert dict(pairs) == {"q": ["p9", "p2"]}
+    assert dict(TeacherPairs({"q": {"p9": 1}}, {"q": ["p3", "p4", "p5"]}, depth=2)) == {"q": ["p9", "p3", "p4"]}
 
 
 @pytest.mark.parametrize("kind", ["kl", "margin_mse"])
@@ -276,14 +291,14 @@ def test_distillation_training_logs_distill_plus_weighted_ranking_loss(kind, cro
     from reprolib.data import read_negatives, read_qrels
     from reprolib.modeling import CrossEncoder
     from reprolib.data.layout import load_queries
-    from reprolib.rerank import score_pairs, teacher_pairs
+    from reprolib.rerank import TeacherPairs, write_teacher_scores
 
     qrels = read_qrels(synthetic_dir / "qrels.train.tsv")
     qrels = dict(list(qrels.items())[:64])
-    pairs = teacher_pairs(qrels, read_negatives(synthetic_dir / "train.negatives.tsv"), depth=6)
+    pairs = TeacherPairs(qrels, read_negatives(synthetic_dir / "train.negatives.tsv"), depth=6)
     teacher = tmp_path / "teacher.tsv"
-    score_pairs(CrossEncoder.from_pretrained(cross_encoder_dir / "model"), pairs, synthetic_corpus,
-                load_queries(synthetic_dir, "train"), out_path=teacher, progress=False)
+    write_teacher_scores(CrossEncoder.from_pretrained(cross_encoder_dir / "model"), pairs, synthetic_corpus,
+                         load_queries(synthetic_dir, "train"), teacher, progress=False)
     config = _config(synthetic_dir, tmp_path / "student", teacher_scores=str(teacher), distillation=kind,
                      contrastive_weight=0.5, max_steps=4)
     summary = train(config, log=lambda *_: None)

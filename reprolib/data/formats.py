@@ -169,13 +169,30 @@ def read_negatives(path):
     """qid -> [pid, ...] in file order (rank order for mined negatives)."""
     path = Path(path)
     negatives = {}
+    for number, qid, ranked in _negatives_lines(path):
+        _put_unique(negatives, qid, ranked, path, number, "query id")
+    return negatives
+
+
+def iter_negatives(path):
+    """(qid, [pid, ...]) one line at a time, for files too large to hold (MS MARCO's mined negatives: 500k
+    queries x 200 passages); a query listed twice is an error, as in `read_negatives`."""
+    path = Path(path)
+    seen = set()
+    for number, qid, ranked in _negatives_lines(path):
+        if qid in seen:
+            raise DataError(path, number, f"duplicate query id {qid!r}")
+        seen.add(qid)
+        yield qid, ranked
+
+
+def _negatives_lines(path):
     for number, line in iter_lines(path):
         qid, pids = split_fields(path, number, line, (2,))
         ranked = [p for p in pids.split(",") if p]
         if not ranked:
             raise DataError(path, number, f"no negatives listed for query {qid!r}")
-        _put_unique(negatives, qid, ranked, path, number, "query id")
-    return negatives
+        yield number, qid, ranked
 
 
 def write_negatives(path, negatives):
@@ -260,6 +277,31 @@ def read_scores(path):
     if path.name.endswith((".pkl", ".pkl.gz")):
         return _read_scores_pickle(path)
     scores = {}
+    for number, qid, pid, value in _score_lines(path):
+        _put_unique(scores.setdefault(qid, {}), pid, value, path, number, f"score for query {qid!r}, doc")
+    return scores
+
+
+def iter_scores(path):
+    """(qid, {pid: score}) of a `qid pid score` text file one query at a time, for files too large to hold;
+    each query's lines must be together, as `reprolib score` writes them."""
+    path = Path(path)
+    qid, hits, seen = None, {}, set()
+    for number, q, pid, value in _score_lines(path):
+        if q != qid:
+            if qid is not None:
+                yield qid, hits
+            if q in seen:
+                raise DataError(path, number, f"query {q!r} appears again after other queries; its scores must be "
+                                              "listed together")
+            seen.add(q)
+            qid, hits = q, {}
+        _put_unique(hits, pid, value, path, number, f"score for query {qid!r}, doc")
+    if qid is not None:
+        yield qid, hits
+
+
+def _score_lines(path):
     for number, line in iter_lines(path):
         fields = line.split()
         if len(fields) != 3:
@@ -271,8 +313,7 @@ def read_scores(path):
             raise DataError(path, number, f"score {score!r} is not a number") from None
         if not math.isfinite(value):
             raise DataError(path, number, f"score {score!r} is not a finite number")
-        _put_unique(scores.setdefault(qid, {}), pid, value, path, number, f"score for query {qid!r}, doc")
-    return scores
+        yield number, qid, pid, value
 
 
 def write_scores(path, scores):
