@@ -21,8 +21,8 @@ from reprolib.errors import ReprolibError
 
 def load_groups(config, sep):
     """The TrainGroups of a config: corpus, split queries, qrels and negatives (and teacher scores)."""
-    from reprolib.data import Corpus, read_negatives, read_qrels, read_scores
-    from reprolib.data.groups import TrainGroups
+    from reprolib.data import Corpus, read_qrels, read_scores
+    from reprolib.data.groups import TrainGroups, negative_positions
     from reprolib.data.layout import find_qrels_file, load_queries
 
     corpus = Corpus.open(config.corpus or config.train_data, progress=False)
@@ -33,19 +33,22 @@ def load_groups(config, sep):
     if negatives_file is None and teacher is None:
         default = Path(config.train_data) / f"{config.split}.negatives.tsv"
         negatives_file = default if default.is_file() else None
-    negatives = read_negatives(negatives_file) if negatives_file else {}
+    negatives = negative_positions(negatives_file, corpus, qids=qrels) if negatives_file else {}
     if teacher is not None:
-        qrels, negatives = _scored_only(qrels, negatives if negatives_file else None, teacher)
+        qrels, negatives = _scored_only(qrels, negatives if negatives_file else None, teacher, corpus)
     return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,
                        sample_neg_from_topk=config.sample_neg_from_topk, per_query=config.per_query,
                        template=config.template, sep=sep, seed=config.seed, teacher=teacher,
                        without_negatives=config.without_negatives)
 
 
-def _scored_only(qrels, negatives, teacher):
+def _scored_only(qrels, negatives, teacher, corpus):
     """Qrels and negatives restricted to the pairs the teacher scored. Without a negatives file the
     negatives are the teacher's scored passages that are not positives, in the scores file's order
-    (Disentangled samples them from the cross-encoder scores; RetroMAE's teacher scored its negatives)."""
+    (Disentangled samples them from the cross-encoder scores; RetroMAE's teacher scored its negatives).
+    `negatives`: {qid: corpus positions} (`negative_positions`)."""
+    import numpy as np
+
     scored_qrels, scored_negatives = {}, {}
     for qid, judged in qrels.items():
         scored = teacher.get(qid, {})
@@ -53,7 +56,8 @@ def _scored_only(qrels, negatives, teacher):
         if negatives is None:
             scored_negatives[qid] = [pid for pid in scored if judged.get(pid, 0) <= 0]
         else:
-            scored_negatives[qid] = [pid for pid in negatives.get(qid, []) if pid in scored]
+            ranked = negatives.get(qid, np.zeros(0, np.int32))
+            scored_negatives[qid] = ranked[np.isin(ranked, corpus.positions(list(scored)))]
     return scored_qrels, scored_negatives
 
 

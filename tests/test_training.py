@@ -106,6 +106,24 @@ def test_samples_and_epoch_order_are_deterministic():
     assert not (epoch_order(50, 1, 42) == epoch_order(50, 2, 42)).all()
 
 
+@pytest.mark.parametrize("sampler", ["retromae", "tevatron"])
+def test_negatives_read_as_positions_give_the_same_groups_as_ids(sampler, tmp_path):
+    """negative_positions: the compact table a large negatives file is read into (ids the corpus lacks and
+    queries not asked for are dropped) samples the same groups as the ids themselves."""
+    from reprolib.data.groups import negative_positions
+
+    path = tmp_path / "negatives.tsv"
+    path.write_text("q1\t" + ",".join(f"p{i}" for i in range(10, 40)) + ",p999\nq2\tp50,p51,p52\nq9\tp60\n")
+    table = negative_positions(path, ListCorpus(100), qids={"q1", "q2"})
+    assert sorted(table) == ["q1", "q2"] and table["q1"].dtype == np.int32 and len(table["q1"]) == 30
+    by_id = _groups(sampler, {"q1": [f"p{i}" for i in range(10, 40)], "q2": ["p50", "p51", "p52"]}, group_size=6)
+    by_position = _groups(sampler, table, group_size=6)
+    for epoch in range(3):
+        by_id.set_epoch(epoch)
+        by_position.set_epoch(epoch)
+        assert [by_id[i] for i in range(len(by_id))] == [by_position[i] for i in range(len(by_position))]
+
+
 def test_groups_reject_bad_options_and_data():
     with pytest.raises(ReprolibError, match="unknown negative sampler"):
         _groups("random", {})

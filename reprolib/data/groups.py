@@ -50,7 +50,8 @@ class TrainGroups:
     """`groups[i]` -> a Group of G passages (with the teacher's scores when `teacher` is given).
 
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
-    negatives: {qid: [pid, ...]} in rank order (a query without any: see `without_negatives`);
+    negatives: {qid: [pid, ...]} in rank order, or {qid: array of corpus positions} (`negative_positions`, for
+    files too large to hold as ids); a query without any: see `without_negatives`;
     teacher: {qid: {pid: score}} covering every positive and negative (queries without a scored
     negative are skipped).
     """
@@ -87,9 +88,11 @@ class TrainGroups:
             if not positives:
                 skipped.append(qid)
                 continue
-            negative_positions = corpus.positions(negatives.get(qid, []))
-            negative_positions = [int(p) for p in negative_positions if p >= 0 and p not in positives]
-            if not negative_positions and (teacher is not None or without_negatives == "skip"):
+            ranked = negatives.get(qid, [])
+            ranked = ranked if isinstance(ranked, np.ndarray) else corpus.positions(ranked)
+            # int32 arrays: MS MARCO's 80M negatives take 320 MB, against ~3 GB as lists of ints
+            negative_positions = ranked[(ranked >= 0) & ~np.isin(ranked, positives)].astype(np.int32)
+            if not len(negative_positions) and (teacher is not None or without_negatives == "skip"):
                 skipped.append(qid)
                 continue
             index = len(self.queries)
@@ -115,6 +118,7 @@ class TrainGroups:
     def __getitem__(self, i):
         query_index, positives = self.examples[i]
         qid, query, all_positives, negatives = self.queries[query_index]
+        negatives = negatives.tolist()
         if self.sampler == "retromae":
             positive, chosen = self._retromae(i, positives, negatives, all_positives)
         else:
@@ -159,6 +163,20 @@ class TrainGroups:
             if p not in exclude:
                 out.append(p)
         return out
+
+
+def negative_positions(path, corpus, qids=None):
+    """{qid: int32 array of corpus positions} of a negatives file (`qid \\t pid,pid,...`), read line by line and
+    kept compact: MS MARCO's 400k lines of 200 ids would take ~5 GB as id strings. Ids the corpus lacks are
+    dropped; with `qids`, only those queries are kept."""
+    from reprolib.data.formats import iter_negatives
+
+    table = {}
+    for qid, pids in iter_negatives(path):
+        if qids is None or qid in qids:
+            positions = corpus.positions(pids)
+            table[qid] = positions[positions >= 0].astype(np.int32)
+    return table
 
 
 def epoch_order(num_examples, epoch, seed):

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from reprolib.data.corpus import Corpus
-from reprolib.data.formats import (check_doc_ids, check_query_ids, drop_unknown_docs, read_negatives, read_qrels,
+from reprolib.data.formats import (check_doc_ids, check_query_ids, drop_unknown_docs, iter_negatives, read_qrels,
                                    rewrite_qrels)
 from reprolib.data.layout import available_splits, find_qrels_file, load_queries
 
@@ -27,10 +27,24 @@ def validate_dataset(dataset_dir, drop_missing_qrels=False):
         yield f"{split}: {len(queries)} queries, {sum(len(j) for j in qrels.values())} qrels rows"
         negatives_path = dataset_dir / f"{split}.negatives.tsv"
         if negatives_path.is_file():
-            negatives = read_negatives(negatives_path)
-            check_query_ids(negatives_path, negatives, queries)
-            check_doc_ids(negatives_path, negatives, corpus)
-            yield f"{split}: negatives for {len(negatives)} queries"
+            count = 0
+            for chunk in _chunks(iter_negatives(negatives_path), 10_000):   # MS MARCO's: 80M ids in all
+                check_query_ids(negatives_path, chunk, queries)
+                check_doc_ids(negatives_path, chunk, corpus)
+                count += len(chunk)
+            yield f"{split}: negatives for {count} queries"
+
+
+def _chunks(pairs, size):
+    """Dicts of up to `size` (key, value) pairs of `pairs`, in order."""
+    chunk = {}
+    for key, value in pairs:
+        chunk[key] = value
+        if len(chunk) == size:
+            yield chunk
+            chunk = {}
+    if chunk:
+        yield chunk
 
 
 def _unlinked(dataset_dir, path):
