@@ -21,14 +21,14 @@ from reprolib.errors import ReprolibError
 
 def load_groups(config, sep):
     """The TrainGroups of a config: corpus, split queries, qrels and negatives (and teacher scores)."""
-    from reprolib.data import Corpus, read_qrels, read_scores
-    from reprolib.data.groups import TrainGroups, negative_positions
+    from reprolib.data import Corpus, read_qrels
+    from reprolib.data.groups import TrainGroups, negative_positions, teacher_table
     from reprolib.data.layout import find_qrels_file, load_queries
 
     corpus = Corpus.open(config.corpus or config.train_data, progress=False)
     queries = load_queries(config.train_data, config.split)
     qrels = read_qrels(find_qrels_file(config.train_data, config.split))
-    teacher = read_scores(config.teacher_scores) if config.teacher_scores else None
+    teacher = teacher_table(config.teacher_scores, corpus, qids=qrels) if config.teacher_scores else None
     negatives_file = config.negatives
     if negatives_file is None and teacher is None:
         default = Path(config.train_data) / f"{config.split}.negatives.tsv"
@@ -46,18 +46,21 @@ def _scored_only(qrels, negatives, teacher, corpus):
     """Qrels and negatives restricted to the pairs the teacher scored. Without a negatives file the
     negatives are the teacher's scored passages that are not positives, in the scores file's order
     (Disentangled samples them from the cross-encoder scores; RetroMAE's teacher scored its negatives).
-    `negatives`: {qid: corpus positions} (`negative_positions`)."""
+    `negatives`: {qid: corpus positions} (`negative_positions`); `teacher`: a `teacher_table`."""
     import numpy as np
 
+    nothing = np.zeros(0, np.int32)
     scored_qrels, scored_negatives = {}, {}
     for qid, judged in qrels.items():
-        scored = teacher.get(qid, {})
-        scored_qrels[qid] = {pid: rel for pid, rel in judged.items() if pid in scored}
+        scored = teacher.get(qid, (nothing, None))[0]
+        judged_positions = corpus.positions(list(judged))
+        scored_qrels[qid] = {pid: rel for (pid, rel), p in zip(judged.items(), judged_positions) if p in scored}
         if negatives is None:
-            scored_negatives[qid] = [pid for pid in scored if judged.get(pid, 0) <= 0]
+            positives = [p for (pid, rel), p in zip(judged.items(), judged_positions) if rel > 0]
+            scored_negatives[qid] = scored[~np.isin(scored, positives)]
         else:
-            ranked = negatives.get(qid, np.zeros(0, np.int32))
-            scored_negatives[qid] = ranked[np.isin(ranked, corpus.positions(list(scored)))]
+            ranked = negatives.get(qid, nothing)
+            scored_negatives[qid] = ranked[np.isin(ranked, scored)]
     return scored_qrels, scored_negatives
 
 

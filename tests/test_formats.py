@@ -255,3 +255,21 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_run_comments_and_extra_fields_ignored(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 t extra\n")
     assert read_run(path) == {"1": {"10": 2.5}}
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protocol):
+    import pickle
+
+    from reprolib.data.formats import iter_scores_pickle
+
+    table = {q: {(q * 7919 + i * 104729) % 9_000_000: (i - 150) / 7 for i in range(300)} for q in range(1200)}
+    table["text"] = {"x" * 300: 1.5, 300: -2.0, 70_000: 1e300, -5: 0.0, 2**40: 1.0, "é": 2.0}
+    path = tmp_path / "scores.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(table, f, protocol=protocol)
+    assert list(iter_scores_pickle(path)) == list(table.items())
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(pickle.dumps(table, protocol=protocol)[:-20])
+    with pytest.raises(DataError, match="not a complete scores pickle"):
+        list(iter_scores_pickle(cut))

@@ -350,6 +350,116 @@ def load_scores_pickle(path):
     return table
 
 
+def iter_scores_pickle(path):
+    """(qid, {pid: score}) of sentence-transformers' `{qid: {pid: score}}` pickle, one query at a time, ids as
+    stored (int). The file is parsed opcode by opcode, so MS MARCO's 160M scores are never all in memory
+    (`pickle.load` builds ~15 GB of Python objects). Plain ints, strings and floats only: a pickle holding
+    anything else (numpy scalars) raises `_Unsupported`, and the caller loads it whole instead."""
+    import struct
+
+    opener = gzip.open if Path(path).name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield from _PickledScores(f).items()
+    except (OSError, EOFError, struct.error, IndexError, KeyError, UnicodeDecodeError, AttributeError) as e:
+        raise DataError(path, None, f"not a complete scores pickle ({type(e).__name__}: {e})") from None
+
+
+class _Unsupported(Exception):
+    """An opcode `iter_scores_pickle` does not read."""
+
+
+class _PickledScores:
+    """A stack machine for the opcodes of a pickled dict of dicts of numbers (protocols 2-5), reading the file
+    through a 1 MB buffer (one read call per opcode would cost more than the parsing)."""
+
+    _MARK = object()
+    _CHUNK = 1 << 20
+
+    def __init__(self, f):
+        self.f, self.buffer, self.at, self.stack, self.memo, self.outer = f, b"", 0, [], {}, None
+
+    def _refill(self, n):
+        """Read more, so that at least `n` bytes are available from `self.at` (fewer only at the end)."""
+        self.buffer = self.buffer[self.at:] + self.f.read(max(n, self._CHUNK))
+        self.at = 0
+        if not self.buffer:
+            raise EOFError("the pickle ends early")
+
+    def _to_mark(self):
+        i = len(self.stack) - 1
+        while self.stack[i] is not self._MARK:
+            i -= 1
+        items = self.stack[i + 1:]
+        del self.stack[i:]
+        return items
+
+    def items(self):
+        import struct
+
+        stack, memo = self.stack, self.memo
+        double, int4, uint2, uint4 = (struct.Struct(f).unpack_from for f in (">d", "<i", "<H", "<I"))
+        while True:
+            if self.at + 9 > len(self.buffer):   # an opcode and its fixed-size argument
+                self._refill(9)
+            buffer, at = self.buffer, self.at
+            op = buffer[at]
+            at += 1
+            if op == 0x47:                      # G: BINFLOAT
+                stack.append(double(buffer, at)[0])
+                at += 8
+            elif op == 0x4A:                    # J: BININT
+                stack.append(int4(buffer, at)[0])
+                at += 4
+            elif op == 0x4B:                    # K: BININT1
+                stack.append(buffer[at])
+                at += 1
+            elif op == 0x4D:                    # M: BININT2
+                stack.append(uint2(buffer, at)[0])
+                at += 2
+            elif op in (0x8A, 0x8C, 0x58):      # LONG1, SHORT_BINUNICODE, BINUNICODE: a length, then bytes
+                size, at = (buffer[at], at + 1) if op != 0x58 else (uint4(buffer, at)[0], at + 4)
+                if at + size > len(buffer):
+                    self.at = at
+                    self._refill(size)
+                    buffer, at = self.buffer, 0
+                    if size > len(buffer):
+                        raise EOFError("the pickle ends early")
+                data = buffer[at:at + size]
+                at += size
+                stack.append(int.from_bytes(data, "little", signed=True) if op == 0x8A else data.decode("utf-8"))
+            elif op == 0x28:                    # (: MARK
+                stack.append(self._MARK)
+            elif op == 0x7D:                    # }: EMPTY_DICT
+                stack.append({})
+                if self.outer is None:
+                    self.outer = stack[-1]
+            elif op in (0x75, 0x73):            # u: SETITEMS, s: SETITEM
+                items = self._to_mark() if op == 0x75 else [stack.pop(-2), stack.pop()]
+                if stack[-1] is self.outer:     # the queries: hand them out instead of keeping them
+                    self.at = at
+                    yield from zip(items[0::2], items[1::2])
+                    continue
+                stack[-1].update(zip(items[0::2], items[1::2]))
+            elif op == 0x94:                    # MEMOIZE
+                memo[len(memo)] = stack[-1]
+            elif op in (0x71, 0x72):            # BINPUT, LONG_BINPUT
+                key, at = (buffer[at], at + 1) if op == 0x71 else (uint4(buffer, at)[0], at + 4)
+                memo[key] = stack[-1]
+            elif op in (0x68, 0x6A):            # BINGET, LONG_BINGET
+                key, at = (buffer[at], at + 1) if op == 0x68 else (uint4(buffer, at)[0], at + 4)
+                stack.append(memo[key])
+            elif op == 0x95:                    # FRAME: its length; its opcodes follow as usual
+                at += 8
+            elif op == 0x80:                    # PROTO
+                at += 1
+            elif op == 0x2E:                    # .: STOP
+                return
+            else:
+                raise _Unsupported(f"opcode {bytes([op])!r}")
+            self.at = at
+
+
 def _read_scores_pickle(path):
     table = load_scores_pickle(path)
     return {str(qid): {str(pid): float(score) for pid, score in hits.items()} for qid, hits in table.items()}
