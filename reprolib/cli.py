@@ -240,14 +240,16 @@ def cmd_evaluate(args):
 
 
 def cmd_mine(args):
-    from reprolib.data import read_qrels, write_negatives
-    from reprolib.data.formats import iter_run
-    from reprolib.data.layout import find_qrels_file
-    from reprolib.search import iter_mined_negatives
     import itertools
+
+    from reprolib.data import read_qrels, read_run, write_negatives
+    from reprolib.data.formats import NotGrouped, iter_run
+    from reprolib.data.layout import find_qrels_file
+    from reprolib.search import iter_mined_negatives, mine_negatives
     run = iter_run(args.run)
     first = next(run)   # a missing or empty run is said before the qrels are read
     qrels = read_qrels(find_qrels_file(args.qrels, args.split))
+    options = dict(depth=args.depth, num=args.num, shuffle_seed=args.shuffle_seed)
     written = [0]
 
     def counted(rows):
@@ -255,9 +257,12 @@ def cmd_mine(args):
             written[0] += 1
             yield row
 
-    # query by query: a mined top-200 of MS MARCO's train queries is 100M lines
-    write_negatives(args.out, counted(iter_mined_negatives(itertools.chain([first], run), qrels, depth=args.depth,
-                                                     num=args.num, shuffle_seed=args.shuffle_seed)))
+    try:   # query by query: a mined top-200 of MS MARCO's train queries is 100M lines
+        write_negatives(args.out, counted(iter_mined_negatives(itertools.chain([first], run), qrels, **options)))
+    except NotGrouped:   # a run that lists a query's hits apart: read it whole (nothing was written)
+        negatives = mine_negatives(read_run(args.run), qrels, **options)
+        write_negatives(args.out, negatives)
+        written[0] = len(negatives)
     print(f"wrote negatives for {written[0]} queries to {args.out}")
 
 
@@ -287,7 +292,7 @@ def cmd_score(args):
     from reprolib.rerank import TeacherPairs, iter_candidates, write_teacher_scores
     queries = load_queries(args.queries, args.split)
     candidates = args.run or args.negatives
-    next(iter_candidates(candidates))   # a missing or malformed file is said before the model loads
+    next(iter_candidates(candidates), None)   # a missing or malformed file is said before the model loads
     pairs = TeacherPairs(read_qrels(find_qrels_file(args.qrels, args.split)), candidates, depth=args.depth)
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
     with autocast(args.precision, cross_encoder.device):

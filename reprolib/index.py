@@ -356,8 +356,8 @@ def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="a
     or False), storing the vectors there in fp16 when `gpu_fp16`. Only one shard is in memory at a time, so
     an index may be larger than the GPUs' (or the host's) memory. Under `accelerate launch` (`state`: see
     `process_state`; every process calls this with the same queries), process r searches the shards
-    number % num_processes == r on its own GPU, and every process returns the merged result, the same as one
-    process's. "hnsw" (`hnsw_m` links per node,
+    number % num_processes == r on its own GPU, and the main process returns the merged result, the same as
+    one process's; the others return (None, None). "hnsw" (`hnsw_m` links per node,
     `ef_search` beam width) and "ivfpq" (`nlist` lists, `pq_m` sub-vectors, `nprobe` lists visited)
     are approximate CPU indexes, built and saved on first use (`ann_index`).
     Returns (scores float32 [Q, k], positions int64 [Q, k]) sorted by descending score, where
@@ -383,7 +383,8 @@ def search(query_embeddings, index_dir, topk=1000, index_type="flat", use_gpu="a
             return _flat_search(queries, index_dir, meta, k, _gpu_resources(use_gpu), gpu_fp16, progress)
         mine = range(state.process_index, meta["num_shards"], state.num_processes)
         resources = _gpu_resources(use_gpu, device=state.local_process_index)
-        return _merge_processes(_flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress, mine), k)
+        hits = _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress, mine)
+        return _merge_processes(hits, len(queries), k, state)
     if use_gpu is True:
         raise ReprolibError(f"{index_type} indexes run on the CPU here; use index_type='flat' for a GPU search")
 
@@ -414,16 +415,34 @@ def _flat_search(queries, index_dir, meta, k, resources, gpu_fp16, progress, sha
     return scores, positions
 
 
-def _merge_processes(hits, k):
-    """Every process's (scores, positions) merged into one top-k, on every process. The ties rule of `top_k`
-    makes the result independent of how the shards were split."""
-    from accelerate.utils import gather_object
+def _merge_processes(hits, num_queries, k, state, block=20_000):
+    """Every process's (scores, positions) merged into one top-k on the main process, block by block of queries,
+    so that the main process holds one block of every process's hits at a time, not all of them (mining: 500k
+    queries x 200 hits per process). The other processes get (None, None). The ties rule of `top_k` makes the
+    result independent of how the shards were split."""
+    scores, positions = hits
+    merged = []
+    for start in range(0, num_queries, block):
+        part = None if scores is None else (scores[start:start + block], positions[start:start + block])
+        parts = _gather_to_main(part, state)
+        if state.is_main_process:
+            block_scores = block_positions = None
+            for part in parts:     # in rank order
+                if part is not None:
+                    block_scores, block_positions = _merge_topk(block_scores, block_positions, *part, k)
+            merged.append((block_scores, block_positions))
+    if not state.is_main_process:
+        return None, None
+    return np.concatenate([s for s, _ in merged]), np.concatenate([p for _, p in merged])
 
-    scores = positions = None
-    for part_scores, part_positions in gather_object([hits]):   # in rank order
-        if part_scores is not None:
-            scores, positions = _merge_topk(scores, positions, part_scores, part_positions, k)
-    return scores, positions
+
+def _gather_to_main(obj, state):
+    """[each process's `obj`] on the main process (None elsewhere): torch.distributed's gather of objects."""
+    import torch.distributed as dist
+
+    parts = [None] * state.num_processes if state.is_main_process else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def _load_shard(index_dir, meta, number, rows=None):

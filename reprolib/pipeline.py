@@ -501,6 +501,8 @@ def plan_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, onl
     hashes = _stage_hashes(pipeline, params)
     forced = _forced_stages(pipeline, from_stage, only, force)
     manifest = _start_manifest(pipeline, run_dir)
+    if only:
+        _check_upstream_done(pipeline, manifest, only)   # as the run would refuse
     never_run = {sid for sid, entry in manifest["stages"].items() if entry.get("params_hash") is None}
     return [(stage.id, action if action != "fresh" else "run" if stage.id in never_run else "rerun", why)
             for stage, action, why in _plan(pipeline, manifest, params, hashes, forced, only, run_dir)]

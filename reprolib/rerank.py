@@ -75,7 +75,7 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
     scores = {}
     with tqdm(total=sum(len(pids) for _, pids in items), desc="cross-encoder", unit="pair",
               disable=not progress) as bar:
-        for chunk in _chunks(items, queries_per_chunk):
+        for chunk in _query_chunks(items, queries_per_chunk):
             scores.update(_score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size))
             bar.update(sum(len(pids) for _, pids in chunk))
     return scores
@@ -93,6 +93,9 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
     """
     from reprolib.progress import tqdm
 
+    if iter(pairs) is pairs:
+        raise ReprolibError("write_teacher_scores goes over its pairs twice (a digest, then the scoring): give a "
+                            "TeacherPairs or a list, not an iterator")
     out_path = Path(out_path)
     partial = out_path.with_name(out_path.name + ".partial")
     request_path = out_path.with_name(out_path.name + ".request")
@@ -104,12 +107,13 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
         if out_path.exists() or partial.exists():
             logger.warning("%s was scored for another model, candidates or template: scoring afresh", out_path)
         partial.unlink(missing_ok=True)
+        out_path.unlink(missing_ok=True)   # never returned as this request's, should this run stop early
         with atomic_write(request_path) as f:
             f.write(request + "\n")
     finished, done = _finished_queries(partial)
     todo = ((qid, pids) for qid, pids in pairs if pids and qid not in finished)
     with tqdm(total=total - done, desc="cross-encoder", unit="pair", disable=not progress) as bar:
-        for chunk in _chunks(todo, queries_per_chunk):
+        for chunk in _query_chunks(todo, queries_per_chunk):
             chunk_scores = _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size)
             _append(partial, chunk_scores)
             bar.update(sum(len(hits) for hits in chunk_scores.values()))
@@ -118,7 +122,7 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
     return _count_scores(out_path)
 
 
-def _chunks(items, size):
+def _query_chunks(items, size):
     chunk = []
     for qid, pids in items:
         if pids:

@@ -53,7 +53,8 @@ def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
                  **search_options):
     """Encode `queries` ({qid: text}) with the encoder's query tower and search the index built from `corpus`.
 
-    `search_options` go to `reprolib.index.search` (index type, GPU use, ...).
+    `search_options` go to `reprolib.index.search` (index type, GPU use, `state` for a search split over
+    processes, where the processes other than the main one get None).
     """
     from reprolib import index
 
@@ -61,6 +62,8 @@ def dense_search(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
     embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=batch_size, max_length=max_length,
                                         progress=progress)
     scores, positions = index.search(embeddings, index_dir, topk=topk, progress=progress, **search_options)
+    if scores is None:   # a process other than the main one of a split search
+        return None
     return index.run_from_hits(qids, scores, positions, corpus)
 
 

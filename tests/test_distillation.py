@@ -249,6 +249,8 @@ def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_
         assert read_scores(out)[qid] == pytest.approx({pid: s + 1 for pid, s in before[qid].items()}, abs=1e-4)
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
+    with pytest.raises(ReprolibError, match="goes over its pairs twice"):   # an iterator would score nothing
+        write_teacher_scores(model, iter(items), synthetic_corpus, queries, out, progress=False)
 
 
 def test_teacher_pairs_read_their_candidates_query_by_query(tmp_path):

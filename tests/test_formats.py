@@ -269,7 +269,25 @@ def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protoc
     with gzip.open(path, "wb") as f:
         pickle.dump(table, f, protocol=protocol)
     assert list(iter_scores_pickle(path)) == list(table.items())
+    from reprolib.data.formats import _PickledScores
+
+    with gzip.open(path, "rb") as f:    # pickle memoizes every query's dict: none may be kept
+        reader = _PickledScores(f)
+        assert sum(1 for _ in reader.items()) == len(table)
+        assert not any(isinstance(value, dict) and value for value in reader.memo.values())
     cut = tmp_path / "cut.pkl"
     cut.write_bytes(pickle.dumps(table, protocol=protocol)[:-20])
     with pytest.raises(DataError, match="not a complete scores pickle"):
         list(iter_scores_pickle(cut))
+
+
+def test_mine_negatives_reads_a_run_whose_queries_are_apart_whole(tmp_path, capsys):
+    from reprolib.cli import main
+    from reprolib.search import mine_negatives
+
+    run = write_bytes(tmp_path / "run.trec", "1 Q0 a 1 3.0 t\n2 Q0 b 1 2.0 t\n1 Q0 c 2 1.0 t\n1 Q0 d 3 0.5 t\n")
+    qrels = write_bytes(tmp_path / "qrels.tsv", "1 0 c 1\n2 0 x 1\n")
+    assert main(["mine-negatives", "--run", str(run), "--qrels", str(qrels), "--out", str(tmp_path / "n.tsv")]) == 0
+    assert read_negatives(tmp_path / "n.tsv") == mine_negatives(read_run(run), read_qrels(qrels)) == \
+        {"1": ["a", "d"], "2": ["b"]}
+    assert capsys.readouterr().out.strip().startswith("wrote negatives for 2 queries")

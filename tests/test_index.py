@@ -163,10 +163,12 @@ def test_processes_split_shards_round_robin(corpus, tmp_path):
     np.testing.assert_array_equal(np.concatenate([np.load(shard_path(out, s)) for s in range(6)]), full_matrix(corpus))
 
 
-def test_processes_split_an_exact_search_by_shards_and_all_get_the_one_process_result(tmp_path, monkeypatch):
-    """Process r of 3 searches shards r and r + 3; the gathered parts merge to one process's hits, ties included
-    (each text appears in three shards, so equal scores cross every split)."""
-    import accelerate.utils
+def test_processes_split_an_exact_search_by_shards_and_the_main_one_gets_the_one_process_result(tmp_path,
+                                                                                              monkeypatch):
+    """Process r of 3 searches shards r and r + 3; gathered block by block of queries, the parts merge on the main
+    process to one process's hits, ties included (each text appears in three shards, so equal scores cross
+    every split); the other processes get nothing."""
+    from reprolib import index
 
     source = tmp_path / "corpus.tsv"
     source.write_text("".join(f"p{i}\tt\ttopic {i % 9}\n" for i in range(53)))
@@ -176,16 +178,26 @@ def test_processes_split_an_exact_search_by_shards_and_all_get_the_one_process_r
     queries = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
     single = search(queries, out, topk=12, use_gpu=False)
 
-    parts = []
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine)      # each process alone
+    parts, blocks = {}, []
+    monkeypatch.setattr(index, "_merge_processes", lambda hits, n, k, state: parts.setdefault(state.process_index, hits))
     for rank in range(3):
-        parts.append(search(queries, out, topk=12, use_gpu=False, state=FakeState(rank, 3)))
+        search(queries, out, topk=12, use_gpu=False, state=FakeState(rank, 3))
     assert parts[0][0].shape == (5, 12) and not np.array_equal(parts[0][1], single[1])  # a part is not the whole
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: parts)     # all gathered, in rank order
-    for rank in range(3):
-        scores, positions = search(queries, out, topk=12, use_gpu=False, state=FakeState(rank, 3))
-        np.testing.assert_array_equal(positions, single[1])
-        np.testing.assert_array_equal(scores, single[0])
+    monkeypatch.undo()
+
+    def gather(part, state):   # the main process receives every process's block, in rank order
+        blocks.append(part[0].shape[0])
+        start = sum(blocks[:-1]) if state.is_main_process else 0
+        return [(s[start:start + len(part[0])], p[start:start + len(part[0])]) for s, p in parts.values()] \
+            if state.is_main_process else None
+
+    monkeypatch.setattr(index, "_gather_to_main", gather)
+    assert index._merge_processes(parts[1], 5, 12, FakeState(1, 3)) == (None, None)
+    blocks.clear()
+    scores, positions = index._merge_processes(parts[0], 5, 12, FakeState(0, 3), block=2)
+    assert blocks == [2, 2, 1]
+    np.testing.assert_array_equal(positions, single[1])
+    np.testing.assert_array_equal(scores, single[0])
     assert (np.diff(single[0], axis=1) == 0).any()    # the ties are there
 
 

@@ -157,6 +157,8 @@ def test_plan_says_what_each_stage_would_do_and_why_and_runs_nothing(project, ca
     shutil.copy(project / "notebooks" / "step.ipynb", project / "notebooks" / "other.ipynb")
     plan = lambda **kw: [(sid, action, why) for sid, action, why in plan_pipeline(path, out_root=project / "outputs", **kw)]
     assert [action for _, action, _ in plan()] == ["run"] * 3 and not (project / "outputs" / "demo").exists()
+    with pytest.raises(ReprolibError, match="--only b: it reads the output of a"):   # as the run would refuse
+        plan(only="b")
     run(project, path)
     ran(project)
     manifest = (project / "outputs" / "demo" / "manifest.json").read_text()

@@ -124,25 +124,33 @@ def test_negatives_read_as_positions_give_the_same_groups_as_ids(sampler, tmp_pa
         assert [by_id[i] for i in range(len(by_id))] == [by_position[i] for i in range(len(by_position))]
 
 
-def test_teacher_table_reads_text_and_pickles_alike(tmp_path):
-    """teacher_table: the compact form training groups hold teacher scores in, from either file format; a
-    pickle of numpy scalars (which the streaming reader does not parse) is loaded whole."""
+def test_teacher_table_reads_text_and_pickles_alike(tmp_path, monkeypatch):
+    """teacher_table: the compact form training groups hold teacher scores in, from either file format, text
+    listed query by query or not; a plain pickle is streamed, one of numpy scalars (which the streaming reader
+    does not parse) is loaded whole."""
     import gzip
     import pickle
 
+    from reprolib.data import formats
     from reprolib.data.groups import teacher_table
 
     scores = {"1": {"p3": 2.5, "p4": -1.0, "p999": 0.5}, "2": {"p7": 0.25}, "3": {"p1": 1.0}}
-    text = tmp_path / "scores.tsv"
-    text.write_text("".join(f"{q}\t{p}\t{v}\n" for q, hits in scores.items() for p, v in hits.items()))
-    tables = [teacher_table(text, ListCorpus(100), qids={"1", "2"})]
+    text, apart = tmp_path / "scores.tsv", tmp_path / "apart.tsv"
+    lines = [f"{q}\t{p}\t{v}\n" for q, hits in scores.items() for p, v in hits.items()]
+    text.write_text("".join(lines))
+    apart.write_text("".join(lines[1:] + lines[:1]))          # query 1's lines apart
+    tables = [teacher_table(path, ListCorpus(100), qids={"1", "2"}) for path in (text, apart)]
+    whole = formats.load_scores_pickle
     for name, value in (("plain.pkl.gz", float), ("numpy.pkl.gz", np.float32)):
         with gzip.open(tmp_path / name, "wb") as f:
             pickle.dump({int(q): {p: value(v) for p, v in hits.items()} for q, hits in scores.items()}, f)
+        if name.startswith("plain"):   # streamed: loading it whole is not allowed here
+            monkeypatch.setattr(formats, "load_scores_pickle", lambda path: pytest.fail("loaded whole"))
         tables.append(teacher_table(tmp_path / name, ListCorpus(100), qids={"1", "2"}))
+        monkeypatch.setattr(formats, "load_scores_pickle", whole)
     for table in tables:
         assert sorted(table) == ["1", "2"]                       # q3 not asked for; p999 not in the corpus
-        assert table["1"][0].tolist() == [3, 4] and table["1"][1].tolist() == [2.5, -1.0]
+        assert sorted(zip(*[column.tolist() for column in table["1"]])) == [(3, 2.5), (4, -1.0)]
         assert table["1"][0].dtype == np.int32 and table["1"][1].dtype == np.float32
 
 

@@ -218,6 +218,10 @@ def read_run(path):
     return run
 
 
+class NotGrouped(DataError):
+    """A file read query by query lists some query's lines apart; read it whole instead."""
+
+
 def iter_run(path):
     """(qid, {pid: score}) one query at a time, for runs too large to hold (a mined top-200 of MS MARCO's 500k
     train queries is 100M lines). The file must list each query's hits together, as TREC runs do."""
@@ -228,8 +232,8 @@ def iter_run(path):
             if qid is not None:
                 yield qid, hits
             if q in seen:
-                raise DataError(path, number, f"query {q!r} appears again after other queries; a run read query by "
-                                              "query must list each query's hits together (sort -s -k1,1 groups them)")
+                raise NotGrouped(path, number, f"query {q!r} appears again after other queries; a run read query by "
+                                               "query must list each query's hits together (sort -s -k1,1 groups them)")
             seen.add(q)
             qid, hits = q, {}
         _put_unique(hits, pid, value, path, number, f"hit for query {qid!r}, doc")
@@ -292,8 +296,8 @@ def iter_scores(path):
             if qid is not None:
                 yield qid, hits
             if q in seen:
-                raise DataError(path, number, f"query {q!r} appears again after other queries; its scores must be "
-                                              "listed together")
+                raise NotGrouped(path, number, f"query {q!r} appears again after other queries; its scores must be "
+                                               "listed together")
             seen.add(q)
             qid, hits = q, {}
         _put_unique(hits, pid, value, path, number, f"score for query {qid!r}, doc")
@@ -373,7 +377,7 @@ class _PickledScores:
     """A stack machine for the opcodes of a pickled dict of dicts of numbers (protocols 2-5), reading the file
     through a 1 MB buffer (one read call per opcode would cost more than the parsing)."""
 
-    _MARK = object()
+    _MARK, _DROPPED = object(), object()
     _CHUNK = 1 << 20
 
     def __init__(self, f):
@@ -441,13 +445,17 @@ class _PickledScores:
                     yield from zip(items[0::2], items[1::2])
                     continue
                 stack[-1].update(zip(items[0::2], items[1::2]))
-            elif op == 0x94:                    # MEMOIZE
-                memo[len(memo)] = stack[-1]
-            elif op in (0x71, 0x72):            # BINPUT, LONG_BINPUT
-                key, at = (buffer[at], at + 1) if op == 0x71 else (uint4(buffer, at)[0], at + 4)
-                memo[key] = stack[-1]
+            elif op in (0x94, 0x71, 0x72):      # MEMOIZE, BINPUT, LONG_BINPUT
+                if op == 0x94:
+                    key = len(memo)
+                else:
+                    key, at = (buffer[at], at + 1) if op == 0x71 else (uint4(buffer, at)[0], at + 4)
+                # pickle memoizes every query's dict: keeping them would hold the whole table
+                memo[key] = self._DROPPED if isinstance(stack[-1], dict) else stack[-1]
             elif op in (0x68, 0x6A):            # BINGET, LONG_BINGET
                 key, at = (buffer[at], at + 1) if op == 0x68 else (uint4(buffer, at)[0], at + 4)
+                if memo[key] is self._DROPPED:
+                    raise _Unsupported("a dict referenced twice")
                 stack.append(memo[key])
             elif op == 0x95:                    # FRAME: its length; its opcodes follow as usual
                 at += 8

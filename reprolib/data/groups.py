@@ -93,12 +93,12 @@ class TrainGroups:
             ranked = negatives.get(qid, [])
             ranked = ranked if isinstance(ranked, np.ndarray) else corpus.positions(ranked)
             # int32 arrays: MS MARCO's 80M negatives take 320 MB, against ~3 GB as lists of ints
-            negative_positions = ranked[(ranked >= 0) & ~np.isin(ranked, positives)].astype(np.int32)
-            if not len(negative_positions) and (teacher is not None or without_negatives == "skip"):
+            ranked = ranked[(ranked >= 0) & ~np.isin(ranked, positives)].astype(np.int32)
+            if not len(ranked) and (teacher is not None or without_negatives == "skip"):
                 skipped.append(qid)
                 continue
             index = len(self.queries)
-            self.queries.append((qid, queries[qid], positives, negative_positions))
+            self.queries.append((qid, queries[qid], positives, ranked))
             if per_query:
                 self.examples.append((index, positives))
             else:
@@ -190,7 +190,8 @@ def teacher_table(path, corpus, qids=None):
     text or sentence-transformers' pickle, read query by query and kept compact (MS MARCO's 160M scores: 1.3 GB,
     against ~15 GB as a dict of dicts). Passages the corpus lacks are dropped; with `qids`, only those queries.
     A pickle holding other objects than ints, strings and floats (numpy scalars) is loaded whole."""
-    from reprolib.data.formats import _Unsupported, iter_scores, iter_scores_pickle, load_scores_pickle
+    from reprolib.data.formats import (NotGrouped, _Unsupported, iter_scores, iter_scores_pickle, load_scores_pickle,
+                                       read_scores)
 
     table = {}
 
@@ -201,7 +202,11 @@ def teacher_table(path, corpus, qids=None):
                 table[qid] = _compact_scores(hits, corpus)
 
     if not str(path).endswith((".pkl", ".pkl.gz")):
-        add(iter_scores(path))
+        try:
+            add(iter_scores(path))
+        except NotGrouped:   # a query's lines listed apart: read the file whole
+            table.clear()
+            add(read_scores(path).items())
         return table
     try:
         add(iter_scores_pickle(path))

@@ -8,7 +8,7 @@
     hard-negatives/train.ce_scores.pkl.gz   teacher scores as sentence-transformers publish them:
                                a pickled {qid int: {pid int: float}}, 318 passages per train query (~160M scores)
     hard-negatives/train.ce_scores.tsv      the same scores as `qid pid score` lines (reprolib's own format)
-    hard-negatives/train.negatives.union.tsv  the scored passages minus the positives
+    hard-negatives/train.negatives.union.tsv  the teacher's scored passages minus the positives
     msmarco_scale.json         the counts and each file's writing time
 
 It exists to rehearse the recipes' data paths at full size (bench/scale_rehearsal.py): memory and time, not
@@ -44,7 +44,7 @@ TEACHER_PER_QUERY = 318          # sentence-transformers' cross-encoder scores: 
 
 FAMILY = synthetic.ENTITIES_PER_FAMILY * synthetic.PASSAGES_PER_ENTITY   # passages of one entity family
 BLOCK = 2048                     # queries per vectorized block
-_STREAM_EXTRA, _STREAM_NEGATIVES = 11, 12
+_STREAM_EXTRA, _STREAM_NEGATIVES, _STREAM_MINED = 11, 12, 13
 
 
 def counts(scale=1.0):
@@ -86,8 +86,8 @@ def generate(out_dir, scale=1.0, seed=42, progress=True):
                                                                              "pickle", progress),
         "hard-negatives/train.ce_scores.tsv": lambda path: _write_teacher(path, qids, pids, size["passages"], seed,
                                                                           "text", progress),
-        "hard-negatives/train.negatives.union.tsv": lambda path: _write_negatives(
-            path, qids, pids, extra, size["passages"], seed, np.arange(len(qids)), TEACHER_PER_QUERY, progress),
+        "hard-negatives/train.negatives.union.tsv": lambda path: _write_union(path, qids, pids, extra,
+                                                                              size["passages"], seed, progress),
     }
     for name, write in writers.items():
         t = time.perf_counter()
@@ -174,6 +174,16 @@ def _write_negatives(path, qids, pids, extra, num_passages, seed, rows, depth, p
                             if keep))
 
 
+def _write_union(path, qids, pids, extra, num_passages, seed, progress):
+    """The passages the teacher scored, minus every positive (as sentence-transformers' union negatives are)."""
+    with atomic_write(path) as f:
+        for start, end in _blocks(qids, progress, path.name):
+            scored, _ = _teacher_block(pids, num_passages, seed, start, end)
+            f.write("".join(f"{qid}\t{','.join(str(p) for p in row if p != extra.get(row_number, -1))}\n"
+                            for row_number, qid, row in zip(range(start, end), qids[start:end].tolist(),
+                                                            scored[:, 1:].tolist())))
+
+
 def _teacher_block(pids, num_passages, seed, start, end):
     """(pids [B, TEACHER_PER_QUERY], scores) of one block: the positive first, scored high; the entity's and
     family's passages next, in between; random passages low."""
@@ -212,7 +222,7 @@ def _write_mined_run(path, qids, pids, num_passages, seed, progress):
     with atomic_write(path) as f:
         for start, end in _blocks(qids, progress, path.name):
             scored, scores = _teacher_block(pids, num_passages, seed, start, end)
-            student = scores + _block_rng(seed, MINED_DEPTH, start).normal(0, 4.0, scores.shape)
+            student = scores + np.random.default_rng([seed, _STREAM_MINED, start]).normal(0, 4.0, scores.shape)
             order = np.argsort(-student, axis=1, kind="stable")[:, :MINED_DEPTH]
             ranked, values = np.take_along_axis(scored, order, 1), np.take_along_axis(student, order, 1)
             f.write("".join(f"{qid} Q0 {pid} {rank} {score:.4f} mined\n" for qid, row, row_scores in

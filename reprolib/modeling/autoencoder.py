@@ -36,11 +36,13 @@ def masked_token_accuracy(lm, examples, batch_size=32):
     predicts exactly. Averaged over every masked token of every example, so one sequence's luck does not count."""
     import torch
 
+    was_training, device = lm.training, next(lm.parameters()).device
     lm.eval()
     hits = total = 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = examples.collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
+            batch = {key: value.to(device) for key, value in batch.items()}
             labels = batch["encoder_labels"]
             masked = labels != IGNORE
             hidden = lm.bert(input_ids=batch["encoder_input_ids"],
@@ -48,4 +50,5 @@ def masked_token_accuracy(lm, examples, batch_size=32):
             predicted = lm.cls(hidden[masked]).argmax(-1)
             hits += int((predicted == labels[masked]).sum())
             total += int(masked.sum())
+    lm.train(was_training)
     return hits / max(total, 1)
