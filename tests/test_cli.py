@@ -67,7 +67,7 @@ def test_version(capsys):
 
 def test_an_unknown_dataset_lists_every_kind_prepare_knows(capsys, tmp_path):
     assert error_line(capsys, ["data", "prepare", "msmacro", "--out", str(tmp_path / "d")]) == (
-        "error: unknown dataset 'msmacro': expected synthetic, a dataset directory, msmarco-passage, "
+        "error: unknown dataset 'msmacro': expected synthetic, synthetic-msmarco, a dataset directory, msmarco-passage, "
         "msmarco-hard-negatives, msmarco-passage+hard-negatives, beir/<name> or lotte/<domain>/<split>")
 
 
