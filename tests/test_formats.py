@@ -205,8 +205,8 @@ def test_run_read_query_by_query(tmp_path):
     assert list(iter_run(path)) == list(read_run(path).items())
     regrouped = write_bytes(tmp_path / "mixed.trec", "1 Q0 10 1 2.5 t\n2 Q0 10 1 2.0 t\n1 Q0 11 2 1.0 t\n")
     raises_exactly(lambda p: list(iter_run(p)), regrouped,
-                   "3: query '1' appears again after other queries; a run read query by query must list each query's "
-                   "hits together (sort -s -k1,1 groups them)")
+                   "3: query '1' appears again after other queries; a file read query by query must list each "
+                   "query's lines together (sort -s -k1,1 groups them)")
     with pytest.raises(DataError, match="no hits: the run file is empty"):
         list(iter_run(write_bytes(tmp_path / "empty.trec", "# nothing\n")))
 

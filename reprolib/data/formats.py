@@ -226,20 +226,29 @@ def iter_run(path):
     """(qid, {pid: score}) one query at a time, for runs too large to hold (a mined top-200 of MS MARCO's 500k
     train queries is 100M lines). The file must list each query's hits together, as TREC runs do."""
     path = Path(path)
-    qid, hits, seen, number = None, {}, set(), 0
-    for number, q, pid, value in _run_lines(path):
+    empty = True
+    for qid, hits in _by_query(path, _run_lines(path), "hit", "(sort -s -k1,1 groups them)"):
+        empty = False
+        yield qid, hits
+    if empty:
+        raise DataError(path, None, "no hits: the run file is empty")
+
+
+def _by_query(path, lines, what, hint):
+    """(qid, {pid: value}) of (number, qid, pid, value) lines that list each query's lines together."""
+    qid, hits, seen = None, {}, set()
+    for number, q, pid, value in lines:
         if q != qid:
             if qid is not None:
                 yield qid, hits
             if q in seen:
-                raise NotGrouped(path, number, f"query {q!r} appears again after other queries; a run read query by "
-                                               "query must list each query's hits together (sort -s -k1,1 groups them)")
+                raise NotGrouped(path, number, f"query {q!r} appears again after other queries; a file read query "
+                                               f"by query must list each query's lines together {hint}")
             seen.add(q)
             qid, hits = q, {}
-        _put_unique(hits, pid, value, path, number, f"hit for query {qid!r}, doc")
-    if qid is None:
-        raise DataError(path, None, "no hits: the run file is empty")
-    yield qid, hits
+        _put_unique(hits, pid, value, path, number, f"{what} for query {qid!r}, doc")
+    if qid is not None:
+        yield qid, hits
 
 
 def _run_lines(path):
@@ -290,19 +299,7 @@ def iter_scores(path):
     """(qid, {pid: score}) of a `qid pid score` text file one query at a time, for files too large to hold;
     each query's lines must be together, as `reprolib score` writes them."""
     path = Path(path)
-    qid, hits, seen = None, {}, set()
-    for number, q, pid, value in _score_lines(path):
-        if q != qid:
-            if qid is not None:
-                yield qid, hits
-            if q in seen:
-                raise NotGrouped(path, number, f"query {q!r} appears again after other queries; its scores must be "
-                                               "listed together")
-            seen.add(q)
-            qid, hits = q, {}
-        _put_unique(hits, pid, value, path, number, f"score for query {qid!r}, doc")
-    if qid is not None:
-        yield qid, hits
+    yield from _by_query(path, _score_lines(path), "score", "(as reprolib score writes them)")
 
 
 def _score_lines(path):
