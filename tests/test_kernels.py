@@ -47,17 +47,29 @@ def write_pipeline(tmp_path, stages):
     return path
 
 
-def kernel_processes(name="reprolib.kernels"):
+def kernel_processes(name="reprolib.kernels", token=None):
     """Proxies, zygotes and forked kernels alive now (their command line names reprolib.kernels and, for
-    one run's, its zygote's socket)."""
+    one run's, its zygote's socket); with `token`, only those whose environment holds it: the processes a
+    test started, even orphaned, and not those of another run on the machine."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and name.encode() in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and name.encode() in (proc / "cmdline").read_bytes() and \
+                    (token is None or token.encode() in (proc / "environ").read_bytes()):
                 found.append(int(proc.name))
         except OSError:
             pass
     return found
+
+
+@pytest.fixture
+def token(monkeypatch):
+    """An environment entry that this test's pipeline processes inherit."""
+    import uuid
+
+    value = uuid.uuid4().hex
+    monkeypatch.setenv("REPROLIB_TEST_TOKEN", value)
+    return f"REPROLIB_TEST_TOKEN={value}"
 
 
 def socket_of(zygote_parent):
@@ -71,10 +83,9 @@ def socket_of(zygote_parent):
     return None
 
 
-def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypatch):
+def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypatch, token):
     monkeypatch.setenv("REPROLIB_TEST_ENV", "from the pipeline")
     path = write_pipeline(tmp_path, [{"id": "a", "notebook": "probe"}, {"id": "b", "notebook": "probe"}])
-    before = kernel_processes()
 
     run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
 
@@ -85,17 +96,16 @@ def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypa
     assert not any(s["library_preloaded"] for s in seen.values())     # reprolib as it is now, not at fork time
     assert [Path(seen[sid]["cwd"]).name for sid in "ab"] == ["a", "b"]
     assert {s["env"] for s in seen.values()} == {"from the pipeline"}
-    assert kernel_processes() == before                               # zygote, proxies and kernels are gone
+    assert kernel_processes(token=token) == []                        # zygote, proxies and kernels are gone
 
 
-def test_a_kernel_that_dies_fails_its_stage_and_leaves_nothing(tmp_path):
+def test_a_kernel_that_dies_fails_its_stage_and_leaves_nothing(tmp_path, token):
     path = write_pipeline(tmp_path, [{"id": "dies", "notebook": "die"}])
-    before = kernel_processes()
 
     with pytest.raises(ReprolibError, match="stage 'dies' failed"):
         run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
 
-    assert kernel_processes() == before
+    assert kernel_processes(token=token) == []
 
 
 def test_a_killed_pipeline_leaves_no_kernel_behind(tmp_path):
