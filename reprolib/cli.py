@@ -250,20 +250,11 @@ def cmd_mine(args):
     first = next(run)   # a missing or empty run is said before the qrels are read
     qrels = read_qrels(find_qrels_file(args.qrels, args.split))
     options = dict(depth=args.depth, num=args.num, shuffle_seed=args.shuffle_seed)
-    written = [0]
-
-    def counted(rows):
-        for row in rows:
-            written[0] += 1
-            yield row
-
     try:   # query by query: a mined top-200 of MS MARCO's train queries is 100M lines
-        write_negatives(args.out, counted(iter_mined_negatives(itertools.chain([first], run), qrels, **options)))
+        written = write_negatives(args.out, iter_mined_negatives(itertools.chain([first], run), qrels, **options))
     except NotGrouped:   # a run that lists a query's hits apart: read it whole (nothing was written)
-        negatives = mine_negatives(read_run(args.run), qrels, **options)
-        write_negatives(args.out, negatives)
-        written[0] = len(negatives)
-    print(f"wrote negatives for {written[0]} queries to {args.out}")
+        written = write_negatives(args.out, mine_negatives(read_run(args.run), qrels, **options))
+    print(f"wrote negatives for {written} queries to {args.out}")
 
 
 def cmd_rerank(args):

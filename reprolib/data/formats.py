@@ -197,12 +197,15 @@ def _negatives_lines(path):
 
 def write_negatives(path, negatives):
     """`negatives`: qid -> [pid, ...], or an iterable of (qid, pids) pairs so that a large table streams
-    through; a query without negatives gets no line."""
+    through; a query without negatives gets no line. Returns the number of lines written."""
     rows = negatives.items() if isinstance(negatives, dict) else negatives
+    written = 0
     with atomic_write(path) as f:
         for qid, pids in rows:
             if pids:
                 f.write(f"{qid}\t{','.join(pids)}\n")
+                written += 1
+    return written
 
 
 # ---------------------------------------------------------------- runs
