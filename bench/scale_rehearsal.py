@@ -148,20 +148,15 @@ def child_mine_sample(data, work):
 def child_teacher_pairs(data, work):
     """What `reprolib score --run train.mined.trec` does before its first batch: the qrels, then one pass over
     the pairs (the request digest), then the texts of the first chunks (here 1,000 queries)."""
-    import hashlib
-
     from reprolib.data import Corpus
     from reprolib.data.formats import read_qrels, read_queries
     from reprolib.data.templates import get_template
-    from reprolib.rerank import TeacherPairs
+    from reprolib.rerank import TeacherPairs, _request_digest
 
     timings = {}
     t = time.perf_counter()
     pairs = TeacherPairs(read_qrels(data / "qrels.train.tsv"), data / "train.mined.trec", depth=200)
-    digest, count = hashlib.sha256(), 0
-    for qid, pids in pairs:
-        digest.update(f"{qid}\t{','.join(pids)}\n".encode())
-        count += len(pids)
+    _, count = _request_digest(None, pairs, "plain")         # the score command's pass (no model: no weights digest)
     timings["one_pass_s"], timings["pairs"] = time.perf_counter() - t, count
     t = time.perf_counter()
     queries, corpus, render = read_queries(data / "train.query.txt"), Corpus.open(data, progress=False), \

@@ -245,8 +245,7 @@ class Pretraining:
         model.save_pretrained(path, tokenizer=self.tokenizer)
 
     def summary(self):
-        lengths = [len(s) for s in self.examples.sequences]
-        return {"examples": len(lengths), "tokens": int(sum(lengths))}
+        return {"examples": len(self.examples)}        # sequences are tokenized lazily: no token count
 
 
 OBJECTIVES = {"contrastive": Contrastive, "sparse": Sparse, "cross_encoder": CrossEncoderObjective,

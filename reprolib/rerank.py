@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from reprolib.data.formats import iter_negatives, iter_run
+from reprolib.data.formats import chunked, iter_negatives, iter_run
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write, iter_lines
@@ -75,7 +75,7 @@ def score_pairs(cross_encoder, pairs, corpus, queries, template="plain", batch_s
     scores = {}
     with tqdm(total=sum(len(pids) for _, pids in items), desc="cross-encoder", unit="pair",
               disable=not progress) as bar:
-        for chunk in _query_chunks(items, queries_per_chunk):
+        for chunk in chunked([(qid, pids) for qid, pids in items if pids], queries_per_chunk):
             scores.update(_score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size))
             bar.update(sum(len(pids) for _, pids in chunk))
     return scores
@@ -113,25 +113,13 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
     finished, done = _finished_queries(partial)
     todo = ((qid, pids) for qid, pids in pairs if pids and qid not in finished)
     with tqdm(total=total - done, desc="cross-encoder", unit="pair", disable=not progress) as bar:
-        for chunk in _query_chunks(todo, queries_per_chunk):
+        for chunk in chunked(todo, queries_per_chunk):
             chunk_scores = _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size)
             _append(partial, chunk_scores)
             bar.update(sum(len(hits) for hits in chunk_scores.values()))
     partial.touch()
     os.replace(partial, out_path)
     return _count_scores(out_path)
-
-
-def _query_chunks(items, size):
-    chunk = []
-    for qid, pids in items:
-        if pids:
-            chunk.append((qid, pids))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size):

@@ -68,6 +68,20 @@ def test_over_long_id_is_not_found(tmp_path):
         corpus.get("abcz")
 
 
+def test_ids_that_are_row_numbers_are_found_without_a_search_and_the_rest_are_still_searched(tmp_path):
+    """MS MARCO's ids are "0".."N-1": an id is tried as its own row first. Rows holding another id, leading
+    zeros, truncated ids and non-numbers must still give exactly what a dictionary gives."""
+    ids = ["0", "1", "x", "3", "03", "10", "2", "7"]
+    corpus = Corpus.open(write(tmp_path / "corpus.tsv", "".join(f"{i}\tt\n" for i in ids)), progress=False)
+    truth = {pid: position for position, pid in enumerate(ids)}
+    keys = ["0", "1", "2", "3", "03", "003", "10", "100", "4", "6", "7", "x", "-1", "", "1e1", " 3", "99"]
+    assert corpus.positions(keys).tolist() == [truth.get(k, -1) for k in keys]
+    numeric = [k for k in keys if k.isdigit()]
+    assert corpus.positions(numeric).tolist() == [truth.get(k, -1) for k in numeric]
+    rows = Corpus.open(write(tmp_path / "rows.tsv", "".join(f"{i}\tt\n" for i in range(12))), progress=False)
+    assert rows.positions(["11", "110", "1", "12", "011"]).tolist() == [11, -1, 1, -1, -1]   # 110 is not row 11
+
+
 def test_non_ascii_round_trip(tmp_path):
     text = "Zürich — naïve café ☕ 東京 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"
     source = write(tmp_path / "corpus.tsv", f"é1\tTïtle ✓\t{text}\nplain\t\tascii\n")

@@ -55,6 +55,47 @@ def test_lexmae_sequences_are_title_sep_passage_cut_at_the_end(synthetic_corpus,
 
 
 @pytest.mark.parametrize("method", ["retromae", "lexmae"])
+def test_sequences_are_tokenized_when_asked_for_so_a_huge_corpus_costs_nothing_up_front(synthetic_corpus,
+                                                                                       micro_tokenizer, method):
+    """Issue 17: MS MARCO's 8.8M passages took ~16 min and GBs to tokenize before the first step. Now building
+    the sequences of a 100M-passage corpus tokenizes nothing, and each sequence equals the batch tokenizer's."""
+    class Huge:                                              # passage i is the synthetic corpus's i mod 1000
+        def __len__(self):
+            return 100_000_000
+
+        def title(self, i):
+            return synthetic_corpus.title(i % 1000)
+
+        def text(self, i):
+            return synthetic_corpus.text(i % 1000)
+
+    calls = []
+
+    class Counting:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            calls.append(1 if isinstance(texts, str) else len(texts))
+            return self.tokenizer(texts, **kwargs)
+
+    sequences = build_sequences(Huge(), Counting(micro_tokenizer), method, max_seq_length=20)
+    assert len(sequences) == 100_000_000 and calls == []
+    template = "retromae_pretrain" if method == "retromae" else "lexmae"
+    from reprolib.data.pretraining import passage_texts
+    texts = list(passage_texts(synthetic_corpus, template, limit=30, sep=micro_tokenizer.sep_token))
+    expected = micro_tokenizer(texts, truncation=True, max_length=20)["input_ids"]   # the tokenizer's own cut
+    for i in range(30):
+        assert sequences[99_000_000 + i].tolist() == expected[i]
+    assert sum(calls) == 30 and sequences[-1].tolist() == sequences[99_999_999].tolist()
+    with pytest.raises(IndexError):
+        sequences[100_000_000]
+
+
+@pytest.mark.parametrize("method", ["retromae", "lexmae"])
 def test_masks_depend_on_seed_epoch_and_index_only(synthetic_corpus, micro_tokenizer, method):
     sequences = build_sequences(synthetic_corpus, micro_tokenizer, method, max_seq_length=48)
     a = PretrainingExamples(sequences, micro_tokenizer, method, seed=3)

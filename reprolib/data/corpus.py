@@ -203,10 +203,25 @@ class Corpus:
         """Positions of `pids` in the corpus; -1 where an id is absent."""
         encoded = [p.encode("utf-8") for p in pids]
         keys = np.asarray(encoded, dtype=self.ids.dtype) if encoded else np.zeros(0, self.ids.dtype)
-        slot = np.searchsorted(self._sorted_ids, keys).clip(0, len(self) - 1)
-        found = self._sorted_ids[slot] == keys
-        found &= np.array([len(e) <= self.ids.dtype.itemsize for e in encoded], dtype=bool)  # longer ids were truncated
-        return np.where(found, self._order[slot], -1)
+        fits = np.array([len(e) <= self.ids.dtype.itemsize for e in encoded], dtype=bool)  # longer ids were truncated
+        positions = np.full(len(keys), -1, np.int64)
+        positions[fits] = self._ids_as_rows(keys[fits])
+        search = np.flatnonzero((positions < 0) & fits)
+        slot = np.searchsorted(self._sorted_ids, keys[search]).clip(0, len(self) - 1)
+        found = self._sorted_ids[slot] == keys[search]
+        positions[search[found]] = self._order[slot[found]]
+        return positions
+
+    def _ids_as_rows(self, keys):
+        """Each id read as its own row number, where the corpus has it there (MS MARCO's ids are "0".."8841822"),
+        else -1. One lookup per id: a binary search of 8.8M ids costs ~8x more, mostly cache misses."""
+        try:
+            rows = keys.astype(np.int64)
+        except (ValueError, OverflowError):            # an id that is not a number: search them all
+            return np.full(len(keys), -1, np.int64)
+        inside = (rows >= 0) & (rows < len(self))
+        rows = np.where(inside, rows, 0)
+        return np.where(inside & (self.ids[rows] == keys), rows, -1)
 
     def get(self, pid):
         position = int(self.positions([pid])[0])

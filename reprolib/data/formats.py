@@ -237,6 +237,18 @@ def iter_run(path):
         raise DataError(path, None, "no hits: the run file is empty")
 
 
+def chunked(items, size):
+    """Lists of up to `size` consecutive items (itertools.batched, which needs Python 3.12)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _by_query(path, lines, what, hint):
     """(qid, {pid: value}) of (number, qid, pid, value) lines that list each query's lines together."""
     qid, hits, seen = None, {}, set()

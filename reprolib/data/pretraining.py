@@ -47,39 +47,63 @@ def to_sequence(block, cls_id, sep_id, max_seq_length):
 
 
 def _tokenized(tokenizer, texts, batch_size=1000, **kwargs):
-    """input_ids of each text (or pair), tokenized in batches for the fast tokenizer's parallelism."""
+    """input_ids of each text, tokenized in batches for the fast tokenizer's parallelism."""
     batch = []
     for text in texts:
         batch.append(text)
         if len(batch) == batch_size:
-            yield from _encode_batch(tokenizer, batch, **kwargs)
+            yield from tokenizer(batch, **kwargs)["input_ids"]
             batch = []
     if batch:
-        yield from _encode_batch(tokenizer, batch, **kwargs)
+        yield from tokenizer(batch, **kwargs)["input_ids"]
 
 
-def _encode_batch(tokenizer, batch, **kwargs):
-    return tokenizer(batch, **kwargs)["input_ids"]
+class PassageSequences:
+    """`sequences[i]`: passage i as an int32 id array with specials, tokenized when asked for.
+
+    Nothing is tokenized up front, so start-up time and memory stay flat in the corpus size: MS MARCO's 8.8M
+    passages would take about 16 minutes of one core and some 3 GB of small arrays, in every process, before
+    the first step (bench/README.md, "Paper scale"). A training step tokenizes only its own batch (~0.1-0.2 ms
+    a passage). Both methods cut at the end: [CLS] + the first max_seq_length - 2 ids + [SEP], which is what the
+    tokenizer's own truncation does to LexMAE's single segment `title[SEP]passage`."""
+
+    def __init__(self, corpus, tokenizer, template, max_seq_length, limit=None):
+        self.corpus, self.tokenizer, self.max_seq_length = corpus, tokenizer, max_seq_length
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.size = min(len(corpus), limit or len(corpus))
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not -self.size <= index < self.size:
+            raise IndexError(f"sequence {index} of {self.size}")
+        index %= self.size
+        text = self.template.render(self.corpus.title(index), self.corpus.text(index), sep=self.tokenizer.sep_token)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return np.asarray(to_sequence(ids, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id,
+                                      self.max_seq_length), dtype=np.int32)
 
 
 def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, limit=None, progress=False,
                     pack=False):
-    """The corpus (its first `limit` passages) as a list of int32 id arrays with specials, ready to mask
-    (see the module docstring; `pack` applies to RetroMAE only)."""
+    """The corpus (its first `limit` passages) as id arrays with specials, ready to mask (see the module
+    docstring): a `PassageSequences`, or with `pack` (RetroMAE only) a list of blocks built up front, since
+    packing reads the corpus in order."""
     from reprolib.progress import tqdm
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    texts = passage_texts(corpus, template or ("retromae_pretrain" if method == "retromae" else "lexmae"), limit,
-                          sep=tokenizer.sep_token)
-    texts = tqdm(texts, total=min(len(corpus), limit or len(corpus)), desc="tokenize", unit="passage", disable=not progress, mininterval=1.0)
-    if method == "lexmae":
-        ids = _tokenized(tokenizer, texts, truncation=True, max_length=max_seq_length)
-        return [np.asarray(seq, dtype=np.int32) for seq in ids]
+    template = template or ("retromae_pretrain" if method == "retromae" else "lexmae")
+    if not (pack and method == "retromae"):
+        return PassageSequences(corpus, tokenizer, template, max_seq_length, limit)
+    texts = passage_texts(corpus, template, limit, sep=tokenizer.sep_token)
+    texts = tqdm(texts, total=min(len(corpus), limit or len(corpus)), desc="tokenize", unit="passage",
+                 disable=not progress, mininterval=1.0)
     pieces = _tokenized(tokenizer, texts, add_special_tokens=False)
     return [np.asarray(to_sequence(block, tokenizer.cls_token_id, tokenizer.sep_token_id, max_seq_length),
                        dtype=np.int32)
-            for block in (pack_blocks(pieces, max_seq_length) if pack else pieces)]
+            for block in pack_blocks(pieces, max_seq_length)]
 
 
 class PretrainingExamples:

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from reprolib.data.corpus import Corpus
-from reprolib.data.formats import (check_doc_ids, check_query_ids, drop_unknown_docs, iter_negatives, read_qrels,
-                                   rewrite_qrels)
+from reprolib.data.formats import (check_doc_ids, check_query_ids, chunked, drop_unknown_docs, iter_negatives,
+                                   read_qrels, rewrite_qrels)
 from reprolib.data.layout import available_splits, find_qrels_file, load_queries
 
 
@@ -28,23 +28,11 @@ def validate_dataset(dataset_dir, drop_missing_qrels=False):
         negatives_path = dataset_dir / f"{split}.negatives.tsv"
         if negatives_path.is_file():
             count = 0
-            for chunk in _chunks(iter_negatives(negatives_path), 10_000):   # MS MARCO's: 80M ids in all
+            for chunk in map(dict, chunked(iter_negatives(negatives_path), 10_000)):   # MS MARCO's: 80M ids in all
                 check_query_ids(negatives_path, chunk, queries)
                 check_doc_ids(negatives_path, chunk, corpus)
                 count += len(chunk)
             yield f"{split}: negatives for {count} queries"
-
-
-def _chunks(pairs, size):
-    """Dicts of up to `size` (key, value) pairs of `pairs`, in order."""
-    chunk = {}
-    for key, value in pairs:
-        chunk[key] = value
-        if len(chunk) == size:
-            yield chunk
-            chunk = {}
-    if chunk:
-        yield chunk
 
 
 def _unlinked(dataset_dir, path):
