@@ -222,6 +222,11 @@ def run_step(argv, cap_bytes, log_path):
             "exit_code": process.returncode, "rss_samples_every_10s_gib": samples, "output_tail": tail}
 
 
+def _identity(stats):
+    """What the data is (sizes, seed), without how long it took to write (regenerating a file changes that)."""
+    return {k: v for k, v in (stats or {}).items() if k not in ("seconds", "total_seconds")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="from `reprolib data prepare synthetic-msmarco`")
@@ -245,8 +250,9 @@ def main():
         (work / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     stats = json.loads((data / "msmarco_scale.json").read_text())
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if results.get("data") != stats:
-        results = {"data": stats, "steps": {}}
+    if _identity(results.get("data")) != _identity(stats):      # other data: start afresh
+        results = {"steps": {}}
+    results["data"] = stats
     results.update({k: v for k, v in header("scale_rehearsal").items() if k != "load_average_at_start"})
     results.update(target_gib=TARGET_GIB, cap_gib=args.cap_gib, sample_queries=SAMPLE_QUERIES)
     table = steps(data, work)

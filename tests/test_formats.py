@@ -265,6 +265,8 @@ def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protoc
 
     table = {q: {(q * 7919 + i * 104729) % 9_000_000: (i - 150) / 7 for i in range(300)} for q in range(1200)}
     table["text"] = {"x" * 300: 1.5, 300: -2.0, 70_000: 1e300, -5: 0.0, 2**40: 1.0, "é": 2.0}
+    table["long"] = {i * 65_537 % 2**31: i / 3 for i in range(2_500)}     # SETITEMS batches of 1000, frames between
+    table["mixed"] = {i if i % 7 else -i: float(i) for i in range(1, 400)}
     path = tmp_path / "scores.pkl.gz"
     with gzip.open(path, "wb") as f:
         pickle.dump(table, f, protocol=protocol)

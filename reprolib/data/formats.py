@@ -12,11 +12,14 @@ and live in `reprolib.data.corpus`.
 | scores    | `qid pid score` (teacher scores; RetroMAE's `[score]` too); sentence-transformers'  |
 |           | cross-encoder scores pickle (`{qid: {pid: logit}}`, `.pkl` or `.pkl.gz`)          |
 """
+import contextlib
 import gzip
 import json
 import math
 import pickle
 from pathlib import Path
+
+import numpy as np
 
 from reprolib.errors import DataError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
@@ -410,6 +413,24 @@ class _PickledScores:
         del self.stack[i:]
         return items
 
+    # A (pid, score) pair as pickle writes most of MS MARCO's: BININT (4-byte pid) then BINFLOAT (8-byte score)
+    _PAIR = np.dtype([("int_op", "u1"), ("pid", "<i4"), ("float_op", "u1"), ("score", ">f8")])
+    _BATCH = 1000                           # pickle's SETITEMS batch: a MARK is followed by at most 1000 pairs
+
+    def _int_float_pairs(self, target):
+        """Decode the run of BININT/BINFLOAT pairs after an inner dict's MARK with numpy, straight into the
+        dict (SETITEMS would add them first anyway), and return where the run ends: a parse ~10x faster than
+        one opcode at a time. Any other opcode ends the run; the stack machine reads on from there."""
+        if len(self.buffer) - self.at < self._BATCH * self._PAIR.itemsize:
+            with contextlib.suppress(EOFError):
+                self._refill(self._BATCH * self._PAIR.itemsize)
+        count = min(self._BATCH, (len(self.buffer) - self.at) // self._PAIR.itemsize)
+        pairs = np.frombuffer(self.buffer, self._PAIR, count, self.at)
+        ends = np.flatnonzero((pairs["int_op"] != 0x4A) | (pairs["float_op"] != 0x47))
+        pairs = pairs[:ends[0] if len(ends) else count]
+        target.update(zip(pairs["pid"].tolist(), pairs["score"].tolist()))
+        return self.at + len(pairs) * self._PAIR.itemsize
+
     def items(self):
         import struct
 
@@ -446,6 +467,9 @@ class _PickledScores:
                 stack.append(int.from_bytes(data, "little", signed=True) if op == 0x8A else data.decode("utf-8"))
             elif op == 0x28:                    # (: MARK
                 stack.append(self._MARK)
+                if isinstance(stack[-2], dict) and stack[-2] is not self.outer:
+                    self.at = at
+                    at = self._int_float_pairs(stack[-2])
             elif op == 0x7D:                    # }: EMPTY_DICT
                 stack.append({})
                 if self.outer is None:
