@@ -283,6 +283,23 @@ def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protoc
         list(iter_scores_pickle(cut))
 
 
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_an_old_protocol_scores_pickle_is_loaded_whole(tmp_path, protocol):
+    """Protocols 0 and 1 (Python 2's) use opcodes the streaming reader does not read: the teacher table falls
+    back to `pickle.load` instead of failing."""
+    import pickle
+
+    from reprolib.data import Corpus
+    from reprolib.data.groups import teacher_table
+
+    corpus = Corpus.open(write_bytes(tmp_path / "c.tsv", "".join(f"{i}\tt\tx\n" for i in range(10))), progress=False)
+    path = tmp_path / "s.pkl"
+    path.write_bytes(pickle.dumps({"q1": {3: 1.5, 7: 0.5}, "q2": {9: -1.0}}, protocol=protocol))
+    table = teacher_table(path, corpus)
+    assert {q: (p.tolist(), s.tolist()) for q, (p, s) in table.items()} == {"q1": ([3, 7], [1.5, 0.5]),
+                                                                           "q2": ([9], [-1.0])}
+
+
 def test_mine_negatives_reads_a_run_whose_queries_are_apart_whole(tmp_path, capsys):
     from reprolib.cli import main
     from reprolib.search import mine_negatives

@@ -467,7 +467,7 @@ class _PickledScores:
                 stack.append(int.from_bytes(data, "little", signed=True) if op == 0x8A else data.decode("utf-8"))
             elif op == 0x28:                    # (: MARK
                 stack.append(self._MARK)
-                if isinstance(stack[-2], dict) and stack[-2] is not self.outer:
+                if len(stack) > 1 and isinstance(stack[-2], dict) and stack[-2] is not self.outer:
                     self.at = at
                     at = self._int_float_pairs(stack[-2])
             elif op == 0x7D:                    # }: EMPTY_DICT
