@@ -155,9 +155,28 @@ class Contrastive:
 
 
 class Sparse(Contrastive):
+    CALIBRATION_PASSAGES = 64
+
     def __init__(self, config, encoder, groups=None):
         super().__init__(config, encoder, groups)
         self.loss_parts = ("ranking_loss", *self.loss_parts[1:], "flops_query", "flops_passage")
+
+    @classmethod
+    def build(cls, config, corpus):
+        """As the contrastive objective; a head new to the checkpoint first gets its bias set so that passages
+        start sparse (`SparseEncoder.calibrate_bias`, on 64 passages spread over the corpus)."""
+        import logging
+
+        import numpy as np
+
+        objective = super().build(config, corpus)
+        if getattr(objective.model, "new_head", False):
+            groups = objective.examples
+            spread = np.linspace(0, len(groups.corpus) - 1, cls.CALIBRATION_PASSAGES).astype(int)
+            before, after = objective.model.calibrate_bias([groups.passage_text(int(p)) for p in spread])
+            logging.getLogger(__name__).warning("new MLM head: bias shifted so that a passage starts with %.0f "
+                                                "non-zero terms instead of %.0f", after, before)
+        return objective
 
     def loss(self, model, items, device):
         from reprolib.losses import flops_regularizer

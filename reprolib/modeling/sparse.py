@@ -7,9 +7,11 @@ Text positions exclude padding, [CLS] and [SEP], as LexMAE's text mask does; [UN
 logits first and saturated after: one [B, V] operation instead of three over [B, L, V]. Similarity is
 the dot product of the weight vectors; queries and passages share the model.
 
-A checkpoint without an MLM head (a plain BertModel, e.g. all-MiniLM-L6-v2) gets BERT's head with a
-freshly initialised transform and its output projection tied to the word embeddings, so that the
-vocabulary scores start from the embeddings the backbone learned. A checkpoint with a head keeps it.
+A checkpoint without an MLM head (a plain BertModel, e.g. all-MiniLM-L6-v2) gets BERT's head with an
+identity transform and its output projection tied to the word embeddings, so that the vocabulary scores
+start as each hidden state's similarity to each word embedding (a text's own words first); the sparse
+objective then shifts its bias so that a passage starts with a few hundred terms (`calibrate_bias`). A
+checkpoint with a head keeps it.
 
 Training uses `forward(query=..., passage=...)` like the DenseEncoder (vectors [B, V] with autograd);
 `encode_queries` / `encode_passages` return scipy CSR matrices [N, V] (float32), built batch by batch so
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULTS = dict(query_max_len=32, passage_max_len=144)   # LexMAE fine-tuning (§4.3)
+INITIAL_NONZEROS = 256   # a new head's start: a few hundred terms per passage, LexMAE's index has ~100-300
 
 
 class SparseEncoder(TextEncoder):
@@ -55,13 +58,36 @@ class SparseEncoder(TextEncoder):
     def embed(self, batch, side="query"):
         """Lexicon weights (B, V) for a tokenized batch, keeping the autograd graph (`side` is accepted for
         the shared API: both sides use the same model)."""
+        return torch.log1p(torch.relu(self._max_logits(batch)))
+
+    def _max_logits(self, batch):
+        """(B, V) each vocabulary logit's max over the text positions."""
         inputs = self._model_inputs(batch)
         logits = self.model(**inputs).logits
         ids = inputs["input_ids"]
         text = inputs["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
         # off-text positions are never the max; a text without text tokens pools to -inf, which ReLU makes 0
-        pooled = logits.masked_fill(~text.unsqueeze(-1), float("-inf")).amax(dim=1)
-        return torch.log1p(torch.relu(pooled))
+        return logits.masked_fill(~text.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+    def calibrate_bias(self, texts, nonzeros=INITIAL_NONZEROS, batch_size=32):
+        """Shift every vocabulary bias by one constant so that `texts` (passages) switch on about `nonzeros`
+        terms each; returns the mean non-zeros before and after. For a head added to a checkpoint without one:
+        its logits start centred on zero, so every term is positive somewhere in a passage (all-MiniLM-L6-v2 on
+        SciFact: 30,522 of 30,522), an index as dense as the vocabulary that a short fine-tuning never thins out
+        (test nDCG@10 0.033). A constant shift keeps each text's ranking of the terms."""
+        maxima = []
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenize(texts[start:start + batch_size], "passage")
+                maxima.append(self._max_logits({k: v.to(self.device) for k, v in batch.items()}).float().flatten())
+            values = torch.cat(maxima)
+            before = float((values > 0).sum()) / len(texts)
+            threshold = values.topk(min(len(values), nonzeros * len(texts))).values[-1]
+            self.model.get_output_embeddings().bias -= threshold
+        self.train(was_training)
+        return before, float((values > threshold).sum()) / len(texts)
 
     # ------------------------------------------------------------------ inference API
     def _encode(self, texts, side, batch_size, max_length, progress, chunk_size):
@@ -121,15 +147,18 @@ class SparseEncoder(TextEncoder):
             model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **model_kwargs)
         prefix = model.base_model_prefix + "."
         missing = sorted(info["missing_keys"])
-        if any(not key.startswith(prefix) for key in missing):
+        new_head = any(not key.startswith(prefix) for key in missing)
+        if new_head:
             _tie_output_projection(model)
-            logger.warning("%s has no MLM head: added one (fresh transform, output projection tied to the word "
+            _identity_transform(model)
+            logger.warning("%s has no MLM head: added one (identity transform, output projection tied to the word "
                            "embeddings)", name_or_path)
         backbone_missing = [key for key in missing if key.startswith(prefix)]
         if backbone_missing:
             logger.warning("%s: %d backbone weights are not in the checkpoint and start random (%s, ...)",
                            name_or_path, len(backbone_missing), backbone_missing[0])
         encoder = cls(model, AutoTokenizer.from_pretrained(name_or_path), **opts)
+        encoder.new_head = new_head   # its bias wants `calibrate_bias` before training (the sparse objective does it)
         encoder.eval()  # like transformers' from_pretrained; training loops call .train()
         return encoder
 
@@ -140,6 +169,19 @@ class SparseEncoder(TextEncoder):
 
     def extra_repr(self):
         return f"vocab={self.dim}, max_len(q/p)={self.query_max_len}/{self.passage_max_len}"
+
+
+def _identity_transform(model):
+    """Start a new BERT head's transform (dense -> GELU -> LayerNorm) with the identity as its dense layer. With
+    the output projection tied to the word embeddings, each position then scores the vocabulary by how close its
+    hidden state is to each word's embedding, which puts a text's own words first: all-MiniLM-L6-v2 on SciFact,
+    83% of a passage's 50 heaviest terms are its own tokens, against 1% through a random transform."""
+    transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
+    if transform is None or transform.dense.weight.shape[0] != transform.dense.weight.shape[1]:
+        return
+    with torch.no_grad():
+        transform.dense.weight.copy_(torch.eye(transform.dense.weight.shape[0]))
+        transform.dense.bias.zero_()
 
 
 def _tie_output_projection(model):
