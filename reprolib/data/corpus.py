@@ -214,7 +214,7 @@ class Corpus:
 
     def _ids_as_rows(self, keys):
         """Each id read as its own row number, where the corpus has it there (MS MARCO's ids are "0".."8841822"),
-        else -1. One lookup per id: a binary search of 8.8M ids costs ~8x more, mostly cache misses."""
+        else -1. One lookup per id: a binary search of 8.8M ids costs 3-8x more, mostly cache misses."""
         try:
             rows = keys.astype(np.int64)
         except (ValueError, OverflowError):            # an id that is not a number: search them all
