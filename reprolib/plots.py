@@ -186,8 +186,13 @@ def checks_plot(checks, path=None, title="Measured vs the reference"):
         return name
 
     for y, row in enumerate(checks):
-        if "than" in row and "within" not in row:
-            ax.scatter(row["by"], y, marker="|", s=250, color="0.4", zorder=2, label=label("margin to win by"))
+        if "at_most" in row:
+            pass                              # the bound is the line at 0: a dot left of it is within
+        elif "loses_at_most" in row:
+            ax.scatter(-float(row["loses_at_most"]), y, marker="|", s=250, color="0.4", zorder=2,
+                       label=label("loss allowed"))
+        elif "than" in row and "within" not in row:
+            ax.scatter(row.get("by", 0.0), y, marker="|", s=250, color="0.4", zorder=2, label=label("margin to win by"))
         else:
             tolerance = float(row.get("within", row.get("tolerance")))
             ax.barh(y, 2 * tolerance, left=-tolerance, height=0.6, color="0.85", label=label("tolerance"))
@@ -198,7 +203,8 @@ def checks_plot(checks, path=None, title="Measured vs the reference"):
         text = f"{row['measured']:.4g}" + ("" if row["p_value"] is None else f", p {row['p_value']:.2g}")
         ax.annotate(text, (row["difference"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
     ax.axvline(0, color="black", lw=1, label="reference")
-    names = [f"{c['stage']} {c['metric']} " + (f"(vs {c['than']})" if "than" in c else f"(paper {c['value']})")
+    names = [f"{c['stage']} {c['metric']} " + (f"(vs {c['than']})" if "than" in c else
+                                                 f"(at most {c['at_most']:g})" if "at_most" in c else f"(paper {c['value']})")
              for c in checks]
     ax.set_yticks(range(len(checks)), names, fontsize=8)
     ax.invert_yaxis()  # the first check on top, as in the tables

@@ -220,6 +220,19 @@ CHECKS = [
 ]
 
 
+def test_checks_plot_draws_bound_and_non_inferiority_checks(tmp_path):
+    """An `at_most` bound (its line is 0) and a `loses_at_most` claim (a tick at minus the loss allowed)."""
+    rows = [{"stage": "index", "metric": "passages_nonzeros_mean", "at_most": 300, "source": "", "measured": 138.0,
+             "difference": -162.0, "p_value": None, "status": "OK"},
+            {"stage": "dense", "metric": "nDCG@10", "than": "control", "loses_at_most": 0.01, "source": "",
+             "measured": 0.59, "difference": -0.08, "p_value": 1.0, "status": "FAIL"}]
+    ax = plots.checks_plot(rows, path=tmp_path / "checks.png").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["index passages_nonzeros_mean (at most 300)",
+                                                           "dense nDCG@10 (vs control)"]
+    assert [tuple(np.round(c.get_offsets()[0], 4)) for c in ax.collections] == [(-162.0, 0.0), (-0.01, 1.0),
+                                                                                (-0.08, 1.0)]
+
+
 def test_checks_plot_draws_one_line_per_check_coloured_by_status(tmp_path):
     from matplotlib.colors import to_hex
 
