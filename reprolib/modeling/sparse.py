@@ -150,9 +150,9 @@ class SparseEncoder(TextEncoder):
         new_head = any(not key.startswith(prefix) for key in missing)
         if new_head:
             _tie_output_projection(model)
-            _identity_transform(model)
-            logger.warning("%s has no MLM head: added one (identity transform, output projection tied to the word "
-                           "embeddings)", name_or_path)
+            start = "identity" if _identity_transform(model) else "random"
+            logger.warning("%s has no MLM head: added one (%s transform, output projection tied to the word "
+                           "embeddings)", name_or_path, start)
         backbone_missing = [key for key in missing if key.startswith(prefix)]
         if backbone_missing:
             logger.warning("%s: %d backbone weights are not in the checkpoint and start random (%s, ...)",
@@ -172,16 +172,17 @@ class SparseEncoder(TextEncoder):
 
 
 def _identity_transform(model):
-    """Start a new BERT head's transform (dense -> GELU -> LayerNorm) with the identity as its dense layer. With
-    the output projection tied to the word embeddings, each position then scores the vocabulary by how close its
+    """Start a new BERT head's transform (dense -> GELU -> LayerNorm) with the identity as its dense layer (True
+    if it could). With the output projection tied to the word embeddings, each position then scores the vocabulary by how close its
     hidden state is to each word's embedding, which puts a text's own words first: all-MiniLM-L6-v2 on SciFact,
     83% of a passage's 50 heaviest terms are its own tokens, against 1% through a random transform."""
     transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
     if transform is None or transform.dense.weight.shape[0] != transform.dense.weight.shape[1]:
-        return
+        return False                      # another architecture's head: left as transformers made it
     with torch.no_grad():
         transform.dense.weight.copy_(torch.eye(transform.dense.weight.shape[0]))
         transform.dense.bias.zero_()
+    return True
 
 
 def _tie_output_projection(model):
