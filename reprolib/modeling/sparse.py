@@ -173,9 +173,10 @@ class SparseEncoder(TextEncoder):
 
 def _identity_transform(model):
     """Start a new BERT head's transform (dense -> GELU -> LayerNorm) with the identity as its dense layer (True
-    if it could). With the output projection tied to the word embeddings, each position then scores the vocabulary by how close its
-    hidden state is to each word's embedding, which puts a text's own words first: all-MiniLM-L6-v2 on SciFact,
-    83% of a passage's 50 heaviest terms are its own tokens, against 1% through a random transform."""
+    if it could). With the output projection tied to the word embeddings, each position then scores the vocabulary
+    by how close its hidden state is to each word's embedding, which puts a text's own words first:
+    all-MiniLM-L6-v2 on SciFact, 83% of a passage's 50 heaviest terms are its own tokens, against 1% through a
+    random transform."""
     transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
     if transform is None or transform.dense.weight.shape[0] != transform.dense.weight.shape[1]:
         return False                      # another architecture's head: left as transformers made it
