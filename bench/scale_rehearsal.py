@@ -38,7 +38,7 @@ def steps(data, work):
     return {
         "validate": ("reprolib data validate: corpus store (built on first open), queries, qrels, negatives",
                      REPROLIB + ["data", "validate", str(data)]),
-        "bm25": ("BM25 index of the corpus (bm25s), dev queries top 1000, BM25 negatives for a sample of train "
+        "bm25": ("BM25 index of the corpus (reprolib.bm25), dev queries top 1000, BM25 negatives for a sample of train "
                  "queries (extrapolated)", child + ["bm25"]),
         "pretrain_retromae": ("RetroMAE pretraining: sequences of the whole corpus, masks, 3 steps (micro BERT)",
                               REPROLIB + ["train", str(work / "pretrain_retromae.yaml")]),

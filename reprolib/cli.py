@@ -377,7 +377,7 @@ def build_parser():
                    help="rewrite qrels without rows whose doc is not in the corpus, and report how many")
     p.set_defaults(func=cmd_validate)
 
-    p = verbs.add_parser("bm25", help="BM25 retrieval (bm25s) into a TREC run")
+    p = verbs.add_parser("bm25", help="BM25 retrieval (Lucene's BM25) into a TREC run")
     p.add_argument("--corpus", required=True, help="corpus file or dataset directory")
     p.add_argument("--queries", required=True, help="queries file or dataset directory")
     p.add_argument("--split", help="split when --queries is a directory (default: dev, else test)")

@@ -4,7 +4,7 @@ In a notebook someone is watching, tqdm's widget bar; in a pipeline stage (paper
 its outputs, `REPROLIB_STAGE` is set) a plain text line on stdout when the bar finishes, and for a bar that runs
 over a minute one at each quarter: a stored widget reopens frozen at 0%, a bar on stderr is stored as red error
 text, and JupyterLab shows each redraw of a stored text bar as a line of its own. Elsewhere (a terminal, a log)
-tqdm's own. Other libraries' bars (bm25s's, on stderr) are for live sessions only: `library_bars(progress)`.
+tqdm's own.
 reprolib's own notices (a head added to a checkpoint, an index rebuilt) are `note:` lines on stdout in a stage,
 not red stderr boxes.
 """
@@ -50,11 +50,6 @@ class _StageBar(_text_tqdm):
     def _write(self, line):
         self.fp.write(line + "\n")
         self.fp.flush()
-
-
-def library_bars(progress):
-    """Whether a library's own progress bars may show: where someone watches, not in a stored stage notebook."""
-    return bool(progress) and not os.environ.get(STAGE_ENV)
 
 
 class _StdoutNotes(logging.StreamHandler):

@@ -1,51 +1,45 @@
-"""Retrieval into runs {qid: {pid: score}}: BM25 (bm25s), dense and sparse search over an index, and turning
+"""Retrieval into runs {qid: {pid: score}}: BM25 (reprolib.bm25), dense and sparse search over an index, and turning
 runs into negatives."""
 import random
 
-from reprolib.progress import library_bars, tqdm
+from reprolib.progress import tqdm
 
 from reprolib.data.templates import get_template
+from reprolib.data.formats import chunked
 from reprolib.errors import ReprolibError
 
 
-def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain",
-                batch_size=4096, progress=True):
+def bm25_search(corpus, queries, topk=1000, k1=1.5, b=0.75, stopwords="en", template="plain", batch_size=4096,
+                progress=True):
     """BM25 over a `Corpus`; returns a run {qid: {pid: score}} (`bm25_index`, then `bm25_retrieve`)."""
-    index = bm25_index(corpus, k1=k1, b=b, method=method, stopwords=stopwords, template=template, progress=progress)
+    index = bm25_index(corpus, k1=k1, b=b, stopwords=stopwords, template=template, progress=progress)
     return bm25_retrieve(index, corpus, queries, topk=topk, batch_size=batch_size, progress=progress)
 
 
-def bm25_index(corpus, k1=1.5, b=0.75, method="lucene", stopwords="en", template="plain", progress=True):
-    """(bm25s model, its tokenizer) over a `Corpus`.
+def bm25_index(corpus, k1=1.5, b=0.75, stopwords="en", template="plain", progress=True):
+    """A `reprolib.bm25.BM25Index` over a `Corpus` (Lucene's BM25 on bm25s's tokenizer).
 
-    Passages are streamed from the memory-mapped corpus into bm25s's tokenizer, so the corpus is
-    never held as a list of strings; the sparse score matrix is what stays in memory.
+    Passages are streamed from the memory-mapped corpus and tokenized a chunk at a time, so neither the
+    corpus nor its token lists are held; the index's postings are what stays in memory.
     """
-    import bm25s
+    from reprolib.bm25 import BM25Index
 
     render = get_template(template).render
-    tokenizer = bm25s.tokenization.Tokenizer(stopwords=stopwords, stemmer=None)
     passages = (render(corpus.title(i), corpus.text(i), sep=" ") for i in range(len(corpus)))
-    token_ids = tokenizer.tokenize(passages, update_vocab=True, return_as="ids", length=len(corpus),
-                                   show_progress=library_bars(progress))
-    model = bm25s.BM25(k1=k1, b=b, method=method)
-    model.index((token_ids, tokenizer.get_vocab_dict()), show_progress=library_bars(progress))
-    return model, tokenizer
+    return BM25Index.build(passages, len(corpus), k1=k1, b=b, stopwords=stopwords, progress=progress)
 
 
 def bm25_retrieve(index, corpus, queries, topk=1000, batch_size=4096, progress=True):
-    """The run {qid: {pid: score}} of `queries` ({qid: text}) over a `bm25_index` of `corpus`."""
-    model, tokenizer = index
+    """The run {qid: {pid: score}} of `queries` ({qid: text}) over a `bm25_index` of `corpus`: only passages
+    that hold a query term are hits, so a query without a known term gets none."""
     qids = list(queries)
-    topk = min(topk, len(corpus))
     run = {}
-    for start in tqdm(range(0, len(qids), batch_size), desc="BM25 search", disable=not progress or len(qids) <= batch_size):
-        batch = qids[start:start + batch_size]
-        query_ids = tokenizer.tokenize([queries[q] for q in batch], update_vocab=False, return_as="ids", show_progress=False)
-        positions, scores = model.retrieve(query_ids, k=topk, show_progress=False)
-        for qid, hits, hit_scores in zip(batch, positions, scores):
-            keep = hit_scores > 0  # a zero score means no query term matched: not a retrieval
-            run[qid] = {corpus.id(int(p)): float(s) for p, s in zip(hits[keep], hit_scores[keep])}
+    with tqdm(total=len(qids), desc="BM25 search", unit=" queries", disable=not progress or len(qids) <= batch_size) as bar:
+        for batch in chunked(qids, batch_size):
+            for qid, terms in zip(batch, index.query_terms([queries[q] for q in batch])):
+                positions, scores = index.top_k(terms, topk)
+                run[qid] = {corpus.id(int(p)): float(s) for p, s in zip(positions, scores)}
+            bar.update(len(batch))
     return run
 
 

@@ -1,7 +1,8 @@
-"""BM25 (bm25s) retrieval, negative mining, and the scifact acceptance check through the CLI."""
+"""BM25 retrieval (checked against bm25s), negative mining, and the scifact acceptance check through the CLI."""
 import json
 
 import ir_measures
+import numpy as np
 import pytest
 
 from conftest import shared_dataset
@@ -66,6 +67,38 @@ def test_batches_give_the_same_run(toy_corpus):
     batched = bm25_search(toy_corpus, queries, topk=3, batch_size=2, progress=False)
     assert batched == whole
 
+
+
+def _bm25s_reference(corpus, queries):
+    """bm25s's own Lucene BM25 over the same passages and tokenizer: its scores of every passage per query."""
+    import bm25s
+
+    tokenizer = bm25s.tokenization.Tokenizer(stopwords="en", stemmer=None)
+    passages = [f"{corpus.title(i)} {corpus.text(i)}" for i in range(len(corpus))]
+    model = bm25s.BM25(method="lucene")
+    model.index((tokenizer.tokenize(passages, return_as="ids", show_progress=False), tokenizer.get_vocab_dict()),
+                show_progress=False)
+    ids = tokenizer.tokenize(list(queries.values()), update_vocab=False, return_as="ids", show_progress=False)
+    return dict(zip(queries, (model.get_scores(list(map(int, q))) for q in ids)))
+
+
+def test_bm25_scores_and_ranks_as_bm25s_does(synthetic_dir, synthetic_corpus, synthetic_dev_run, monkeypatch):
+    """Our index (built in chunks of 7 passages here, to cross chunk edges) scores each hit as bm25s does,
+    and no passage left out of a query's top 100 scores above its last hit."""
+    import reprolib.bm25
+
+    queries = dict(list(read_queries(synthetic_dir / "dev.query.txt").items())[:25])
+    reference = _bm25s_reference(synthetic_corpus, queries)
+    monkeypatch.setattr(reprolib.bm25, "CHUNK", 7)
+    run = bm25_search(synthetic_corpus, queries, topk=100, progress=False)
+    for qid, hits in run.items():
+        assert hits == {p: synthetic_dev_run[qid][p] for p in hits}   # chunking changes nothing
+        expected = reference[qid]
+        positions = synthetic_corpus.positions(list(hits))
+        assert list(hits.values()) == pytest.approx(expected[positions].tolist(), rel=1e-5)
+        left_out = np.delete(expected, positions)
+        assert left_out.max() <= min(hits.values()) * (1 + 1e-5)
+        assert len(hits) == min(100, int((expected > 0).sum()))
 
 # ---------------------------------------------------------------- mine_negatives
 
