@@ -18,6 +18,7 @@ index itself.
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,7 +245,8 @@ def main():
         return
 
     work.mkdir(parents=True, exist_ok=True)
-    for name, config in training_configs(data, work).items():
+    configs = training_configs(data, work)
+    for name, config in configs.items():
         import yaml   # noqa: the parent stays light until here; yaml is small
 
         (work / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -267,6 +269,8 @@ def main():
             continue
         what, argv = table[name]
         print(f"▶ {name}: {what}", flush=True)
+        if name in configs:   # a training step measures a fresh run, not `reprolib train` finding its model done
+            shutil.rmtree(configs[name]["out_dir"], ignore_errors=True)
         result = run_step(argv, args.cap_gib * 2**30, work / f"{name}.log")
         result.update(what=what, command=" ".join(argv).replace(sys.executable, "python"),
                       load_average_at_start=load_average())
