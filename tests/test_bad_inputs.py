@@ -3,6 +3,7 @@ problem (and the file and line where there is one), with no traceback, the input
 marked complete that is not. Good inputs in an odd dress (a byte-order mark, CRLF) read as the plain ones.
 """
 import gzip
+import re
 import json
 
 import numpy as np
@@ -107,9 +108,16 @@ def test_a_run_or_teacher_score_that_is_not_finite_is_refused(tmp_path, score):
         read_scores(tmp_path / "scores.tsv")
 
 
-def test_a_run_cannot_be_written_with_an_id_holding_a_space(tmp_path):
-    with pytest.raises(DataError, match="doc id 'doc 7' is empty or contains whitespace"):
-        write_run(tmp_path / "run.trec", {"q0": {"doc 7": 1.0}})
+@pytest.mark.parametrize("bad, message", [
+    ({"q1": {"d0": 2.0, "doc 7": 1.0}}, "doc id 'doc 7'"),
+    ({"q1": {"d0": 2.0, "": 1.0}}, "doc id ''"),
+    ({"q\t1": {"d0": 2.0}}, "query id 'q\\t1'"),
+    ({"q1": {"d0": 2.0, "d\u20031": 1.0}}, "doc id 'd\\u20031'"),     # an em space is whitespace too
+])
+def test_a_run_cannot_be_written_with_an_id_holding_a_space(tmp_path, bad, message):
+    """Found wherever it is (after a good query here), named, and nothing is written."""
+    with pytest.raises(DataError, match=re.escape(f"{message} is empty or contains whitespace")):
+        write_run(tmp_path / "run.trec", {"q0": {"d0": 1.0}, **bad})
     assert not (tmp_path / "run.trec").exists()
 
 

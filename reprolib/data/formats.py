@@ -17,12 +17,15 @@ import gzip
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 
 from reprolib.errors import DataError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
+
+_WHITESPACE = re.compile(r"\s")   # what str.isspace() calls whitespace
 
 
 def json_record(path, number, line):
@@ -291,12 +294,19 @@ def write_run(path, run, tag="reprolib"):
     """Write hits sorted by score (descending) with ranks 1..k."""
     with atomic_write(path) as f:
         for qid, hits in run.items():
-            for text, what in ((qid, "query id"), *((pid, "doc id") for pid in hits)):
-                if not text or any(c.isspace() for c in text):
-                    raise DataError(path, None, f"{what} {text!r} is empty or contains whitespace: a TREC run cannot carry it")
+            _check_run_ids(path, qid, hits)
             ranked = sorted(hits.items(), key=lambda hit: -hit[1])
-            for rank, (pid, score) in enumerate(ranked, 1):
-                f.write(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n")
+            f.write("".join([f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n" for rank, (pid, score) in enumerate(ranked, 1)]))
+
+
+def _check_run_ids(path, qid, hits):
+    """A TREC run's ids are whitespace-free and not empty; one search over the query's ids joined, then id by id
+    only to name the bad one."""
+    if qid and "" not in hits and not _WHITESPACE.search(qid + "".join(hits)):
+        return
+    for text, what in ((qid, "query id"), *((pid, "doc id") for pid in hits)):
+        if not text or _WHITESPACE.search(text):
+            raise DataError(path, None, f"{what} {text!r} is empty or contains whitespace: a TREC run cannot carry it")
 
 
 # ---------------------------------------------------------------- teacher scores
