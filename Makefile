@@ -38,6 +38,7 @@ bench: install   # about 70 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/scifact_zero_shot.py
 	$(BIN)/python bench/sparse_search.py $(if $(SPARSE_MODEL),--model $(SPARSE_MODEL))
+	$(BIN)/python bench/fusion_teacher.py
 	$(BIN)/python bench/retromae_step.py
 	$(BIN)/python bench/retromae_synthetic.py
 	$(BIN)/python bench/kernel_start.py
