@@ -5,7 +5,7 @@
 
 Reads the pipeline's `dense_control` (all-MiniLM-L6-v2 fine-tuned on SciFact train, no continued pretraining)
 and `bm25` runs of the test queries, retrieves the train queries with the same model (`finetune_control`,
-`index_control`) beside `bm25_train`'s run, and fuses the two systems per query:
+`index_control`) beside `bm25_train`'s run, and fuses the two systems per query (`reprolib.search.fuse_runs`):
 
     s(q, p) = (1 - w) * z_dense(q, p) + w * z_bm25(q, p)
 
@@ -21,25 +21,6 @@ from pathlib import Path
 from benchutil import REPO, RESULTS, header, write_json
 
 WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-
-
-def standardized(hits):
-    """({pid: z}, the z of the lowest score) of one query's hits."""
-    import numpy as np
-
-    scores = np.fromiter(hits.values(), dtype=np.float64, count=len(hits))
-    mean, sd = scores.mean(), scores.std() or 1.0
-    return {pid: (s - mean) / sd for pid, s in hits.items()}, (scores.min() - mean) / sd
-
-
-def fuse(dense, bm25, weight):
-    """{qid: {pid: fused score}} over the union of each query's hits in the two runs."""
-    fused = {}
-    for qid, hits in dense.items():
-        (zd, low_d), other = standardized(hits), bm25.get(qid)
-        zb, low_b = standardized(other) if other else ({}, 0.0)
-        fused[qid] = {pid: (1 - weight) * zd.get(pid, low_d) + weight * zb.get(pid, low_b) for pid in zd.keys() | zb.keys()}
-    return fused
 
 
 def main(argv=None):
@@ -59,7 +40,7 @@ def main(argv=None):
     from reprolib.data.layout import find_qrels_file, load_queries
     from reprolib.metrics import evaluate, paired_test
     from reprolib.modeling import load_encoder
-    from reprolib.search import dense_search
+    from reprolib.search import dense_search, fuse_runs
 
     data = run_dir / "data"
     corpus = Corpus.open(data, progress=False)
@@ -72,10 +53,10 @@ def main(argv=None):
     def ndcg(run, split):
         return evaluate(run, qrels[split], "nDCG@10")
 
-    on_train = {w: ndcg(fuse(dense_train, bm25_train, w), "train").aggregate["nDCG@10"] for w in WEIGHTS}
+    on_train = {w: ndcg(fuse_runs(dense_train, bm25_train, w), "train").aggregate["nDCG@10"] for w in WEIGHTS}
     weight = max(WEIGHTS, key=on_train.get)
     dense_test, bm25_test = read_run(run_dir / "dense_control" / "run.trec"), read_run(run_dir / "bm25" / "run.trec")
-    before, after = ndcg(dense_test, "test"), ndcg(fuse(dense_test, bm25_test, weight), "test")
+    before, after = ndcg(dense_test, "test"), ndcg(fuse_runs(dense_test, bm25_test, weight), "test")
     test = paired_test(before.per_query["nDCG@10"], after.per_query["nDCG@10"])
     result = header("fusion_teacher")
     result.update(

@@ -88,6 +88,27 @@ def search_index(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
     return dense_search(encoder, queries, index_dir, corpus, **options)
 
 
+def fuse_runs(first, second, weight):
+    """Hybrid retrieval: {qid: {pid: (1 - weight) * z1 + weight * z2}} over the union of each query's hits in two
+    runs, where z standardizes a run's scores over the query's hits (a passage missing from one run gets that
+    run's lowest z there). Queries of `first` only; a query that `second` lacks keeps `first`'s ranking."""
+    fused = {}
+    for qid, hits in first.items():
+        (z1, low1), other = _standardized(hits), second.get(qid)
+        z2, low2 = _standardized(other) if other else ({}, 0.0)
+        fused[qid] = {pid: (1 - weight) * z1.get(pid, low1) + weight * z2.get(pid, low2) for pid in z1.keys() | z2.keys()}
+    return fused
+
+
+def _standardized(hits):
+    """({pid: (score - mean) / sd}, the lowest of those) of one query's hits; sd 1 where all scores tie."""
+    import numpy as np
+
+    scores = np.fromiter(hits.values(), dtype=np.float64, count=len(hits))
+    mean, sd = scores.mean(), scores.std() or 1.0
+    return {pid: (s - mean) / sd for pid, s in hits.items()}, (scores.min() - mean) / sd
+
+
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
     """Negatives per query: the top `depth` hits minus the judged-relevant ones, in rank order.
 

@@ -1,4 +1,4 @@
-"""BM25 retrieval (checked against bm25s), negative mining, and the scifact acceptance check through the CLI."""
+"""BM25 retrieval (checked against bm25s), run fusion, negative mining, and the scifact acceptance check through the CLI."""
 import json
 
 import ir_measures
@@ -9,7 +9,7 @@ from conftest import shared_dataset
 from reprolib.cli import main
 from reprolib.data import read_qrels, read_queries, read_run
 from reprolib.data.corpus import Corpus
-from reprolib.search import bm25_search, mine_negatives
+from reprolib.search import bm25_search, fuse_runs, mine_negatives
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +99,18 @@ def test_bm25_scores_and_ranks_as_bm25s_does(synthetic_dir, synthetic_corpus, sy
         left_out = np.delete(expected, positions)
         assert left_out.max() <= min(hits.values()) * (1 + 1e-5)
         assert len(hits) == min(100, int((expected > 0).sum()))
+
+
+def test_fused_runs_interpolate_standardized_scores_over_the_union_of_hits():
+    first = {"q": {"a": 3.0, "b": 1.0}, "only_first": {"x": 2.0, "y": 2.0}}
+    second = {"q": {"b": 10.0, "c": 0.0}}
+    # z over each run's hits: first a +1, b -1 (lowest -1); second b +1, c -1 (lowest -1)
+    fused = fuse_runs(first, second, 0.25)
+    assert fused["q"] == pytest.approx({"a": 0.75 - 0.25, "b": -0.75 + 0.25, "c": -0.75 - 0.25})
+    assert fused["only_first"] == {"x": 0.0, "y": 0.0}      # tied scores: sd taken as 1, no NaN
+    assert set(fused) == set(first)
+    assert fuse_runs(first, second, 0.0)["q"]["a"] > fuse_runs(first, second, 0.0)["q"]["b"]   # first's order
+    assert fuse_runs(first, second, 1.0)["q"]["b"] > fuse_runs(first, second, 1.0)["q"]["c"]   # second's order
 
 # ---------------------------------------------------------------- mine_negatives
 
