@@ -40,7 +40,7 @@ def main(argv=None):
     from reprolib.data.layout import find_qrels_file, load_queries
     from reprolib.metrics import evaluate, paired_test
     from reprolib.modeling import load_encoder
-    from reprolib.search import dense_search, fuse_runs
+    from reprolib.search import dense_search, fuse_runs, pick_fusion_weight
 
     data = run_dir / "data"
     corpus = Corpus.open(data, progress=False)
@@ -53,8 +53,7 @@ def main(argv=None):
     def ndcg(run, split):
         return evaluate(run, qrels[split], "nDCG@10")
 
-    on_train = {w: ndcg(fuse_runs(dense_train, bm25_train, w), "train").aggregate["nDCG@10"] for w in WEIGHTS}
-    weight = max(WEIGHTS, key=on_train.get)
+    weight, on_train = pick_fusion_weight(dense_train, bm25_train, qrels["train"], WEIGHTS, metric="nDCG@10")
     dense_test, bm25_test = read_run(run_dir / "dense_control" / "run.trec"), read_run(run_dir / "bm25" / "run.trec")
     before, after = ndcg(dense_test, "test"), ndcg(fuse_runs(dense_test, bm25_test, weight), "test")
     test = paired_test(before.per_query["nDCG@10"], after.per_query["nDCG@10"])

@@ -28,6 +28,19 @@ def recall_curve(recalls, path=None, title="Recall@k"):
     return _finish(fig, path)
 
 
+def weight_curve(by_weight, metric, picked=None, path=None, title="Fusion weight"):
+    """`by_weight`: {weight of the second run: metric}; the picked weight marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    weights = sorted(by_weight)
+    ax.plot(weights, [by_weight[w] for w in weights], marker="o", ms=4)
+    if picked is not None:
+        ax.axvline(picked, color="grey", ls="--", label=f"picked: {picked}")
+        ax.legend()
+    ax.set(xlabel="weight of the second run", ylabel=metric, title=title)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
 def per_query_histogram(values, metric, path=None):
     """`values`: {system name: {qid: value}}; shows how a mean hides easy and failed queries."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -1,5 +1,5 @@
-"""Retrieval into runs {qid: {pid: score}}: BM25 (reprolib.bm25), dense and sparse search over an index, and turning
-runs into negatives."""
+"""Retrieval into runs {qid: {pid: score}}: BM25 (reprolib.bm25), dense and sparse search over an index, fusing two
+runs (hybrid retrieval), and turning runs into negatives and teacher pairs."""
 import random
 
 from reprolib.progress import tqdm
@@ -92,21 +92,57 @@ def fuse_runs(first, second, weight):
     """Hybrid retrieval: {qid: {pid: (1 - weight) * z1 + weight * z2}} over the union of each query's hits in two
     runs, where z standardizes a run's scores over the query's hits (a passage missing from one run gets that
     run's lowest z there). Queries of `first` only; a query that `second` lacks keeps `first`'s ranking."""
-    fused = {}
+    return _interpolated(_aligned(first, second), weight)
+
+
+def pick_fusion_weight(first, second, qrels, weights, metric="RR@10"):
+    """The weight of `second` in `fuse_runs` that scores best on `metric` over `qrels`' queries, ties to the
+    smaller weight: (weight, {weight: score}). Pick it on the training queries, so that the evaluation
+    queries stay unseen."""
+    from reprolib.metrics import evaluate
+
+    aligned = _aligned(first, second)   # standardized once, interpolated per weight
+    by_weight = {w: evaluate(_interpolated(aligned, w), qrels, metric).aggregate[metric] for w in sorted(weights)}
+    return max(by_weight, key=by_weight.get), by_weight
+
+
+def _aligned(first, second):
+    """{qid: (pids, z1, z2)}: the union of a query's hits (first's, then second's others, so that ties break
+    the same way in every process) and both runs' standardized scores on it."""
+    import numpy as np
+
+    aligned = {}
     for qid, hits in first.items():
-        (z1, low1), other = _standardized(hits), second.get(qid)
-        z2, low2 = _standardized(other) if other else ({}, 0.0)
-        fused[qid] = {pid: (1 - weight) * z1.get(pid, low1) + weight * z2.get(pid, low2) for pid in z1.keys() | z2.keys()}
-    return fused
+        other = second.get(qid) or {}
+        pids = list(hits) + [pid for pid in other if pid not in hits]
+        aligned[qid] = (pids, _standardized(hits, pids), _standardized(other, pids) if other else np.zeros(len(pids)))
+    return aligned
 
 
-def _standardized(hits):
-    """({pid: (score - mean) / sd}, the lowest of those) of one query's hits; sd 1 where all scores tie."""
+def _standardized(hits, pids):
+    """(score - mean) / sd of one query's hits, over `pids`; a pid without a hit gets the lowest. sd 1 where all
+    scores tie."""
     import numpy as np
 
     scores = np.fromiter(hits.values(), dtype=np.float64, count=len(hits))
     mean, sd = scores.mean(), scores.std() or 1.0
-    return {pid: (s - mean) / sd for pid, s in hits.items()}, (scores.min() - mean) / sd
+    low = scores.min()
+    return (np.array([hits.get(pid, low) for pid in pids]) - mean) / sd
+
+
+def _interpolated(aligned, weight):
+    return {qid: dict(zip(pids, ((1 - weight) * z1 + weight * z2).tolist())) for qid, (pids, z1, z2) in aligned.items()}
+
+
+def top_hits(run, depth, keep=None):
+    """Each query's `depth` best hits, in rank order, then any hit ranked lower that `keep` ({qid: {pid: rel}})
+    judges relevant: the pairs a teacher hands to distillation, which needs each query's positive scored."""
+    top = {}
+    for qid, hits in run.items():
+        ranked = sorted(hits, key=lambda pid: -hits[pid])
+        relevant = {pid for pid, rel in (keep or {}).get(qid, {}).items() if rel > 0}
+        top[qid] = {pid: hits[pid] for pid in ranked[:depth] + [p for p in ranked[depth:] if p in relevant]}
+    return top
 
 
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):

@@ -9,7 +9,7 @@ from conftest import shared_dataset
 from reprolib.cli import main
 from reprolib.data import read_qrels, read_queries, read_run
 from reprolib.data.corpus import Corpus
-from reprolib.search import bm25_search, fuse_runs, mine_negatives
+from reprolib.search import bm25_search, fuse_runs, mine_negatives, pick_fusion_weight, top_hits
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +111,27 @@ def test_fused_runs_interpolate_standardized_scores_over_the_union_of_hits():
     assert set(fused) == set(first)
     assert fuse_runs(first, second, 0.0)["q"]["a"] > fuse_runs(first, second, 0.0)["q"]["b"]   # first's order
     assert fuse_runs(first, second, 1.0)["q"]["b"] > fuse_runs(first, second, 1.0)["q"]["c"]   # second's order
+
+
+def test_the_fusion_weight_is_the_one_that_ranks_the_judged_queries_best():
+    # The runs rank each query's hits in opposite orders: b passes a in q1 above weight 0.5, and x falls from
+    # first to last in q2 (y stays second).
+    first = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}, "q2": {"x": 3.0, "y": 2.0, "z": 1.0}}
+    second = {"q1": {"b": 3.0, "a": 2.0, "c": 1.0}, "q2": {"z": 3.0, "y": 2.0, "x": 1.0}}
+    qrels = {"q1": {"b": 1}, "q2": {"x": 1}}
+    weight, by_weight = pick_fusion_weight(first, second, qrels, [0.8, 0.0, 0.2])
+    assert by_weight == pytest.approx({0.0: 0.75, 0.2: 0.75, 0.8: 2 / 3}) and weight == 0.0   # a tie: the smaller
+    qrels = {"q1": {"b": 1}, "q2": {"y": 1}}    # y is second in both runs whatever the weight; b rises with it
+    weight, by_weight = pick_fusion_weight(first, second, qrels, [0.0, 0.2, 0.8])
+    assert weight == 0.8 and by_weight[0.8] == 0.75 and by_weight[0.0] == 0.5
+
+
+def test_top_hits_keep_the_best_then_any_lower_ranked_positive():
+    run = {"q1": {"p1": 1.0, "p2": 5.0, "p3": 3.0, "p4": 4.0}, "q2": {"x": 2.0}}
+    top = top_hits(run, 2, keep={"q1": {"p1": 1, "p3": 0}})
+    assert list(top["q1"]) == ["p2", "p4", "p1"] and top["q1"]["p1"] == 1.0   # p3 judged 0: not kept
+    assert top["q2"] == {"x": 2.0}
+    assert list(top_hits(run, 2)["q1"]) == ["p2", "p4"]
 
 # ---------------------------------------------------------------- mine_negatives
 

@@ -241,3 +241,17 @@ def test_reprolib_evaluate_command_reproduces_trec_eval_all_trec(capsys):
     got = json.loads(capsys.readouterr().out)
     assert {name: f"{got[name]:.4f}" for name in names} == {name: expected[name]["all"] for name in names}
     assert len(names) == 5
+
+
+def test_a_cut_run_keeps_trec_evals_top_k_through_ties():
+    # Scores drawn from 5 values (many ties at the k-th place, some equal only in float32): the cut found by one
+    # partition must be the first k of the full trec_eval order (float32 score desc, then doc id desc).
+    import random
+
+    from reprolib.metrics import _cut, trec_order
+
+    rng = random.Random(0)
+    values = [1.0, 0.5, 0.5 + 1e-9, 0.25, -2.0]
+    run = {f"q{i}": {f"d{j}": rng.choice(values) for j in range(rng.randint(1, 60))} for i in range(200)}
+    for k in (1, 3, 10, 59, 100):
+        assert _cut(run, k) == {qid: dict(trec_order(hits)[:k]) for qid, hits in run.items()}, k

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from reprolib.data import read_negatives, read_qrels, read_scores
 from reprolib.pipeline import load_manifest, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +104,10 @@ def test_quickstart_pipeline_runs_every_notebook_then_skips_and_resumes(tmp_path
     assert len(per_query["RR@10"]) == len(json.loads((run_dir / "bm25" / "per_query.json").read_text())["RR@10"]) > 0
     checks = json.loads((run_dir / "checks.json").read_text())
     assert [(c["stage"], c["reference_stage"]) for c in checks] == [("bm25", None), ("dense", "bm25"),
-                                                                    ("dense_hn", "dense_bm25")]
+                                                                    ("dense_hn", "dense_bm25"), ("hybrid", "dense_hn")]
+    # the hybrid: stage 2 fused with BM25, the weight picked on the training queries' runs
+    assert {"weights.png", "fusion.png", "run.trec"} <= {p.name for p in (run_dir / "hybrid").iterdir()}
+    assert stages["hybrid"]["metrics"]["first_RR@10"] == stages["dense_hn"]["metrics"]["RR@10"]
     assert all(c["p_value"] is not None for c in checks[1:])
     report = (run_dir / "REPORT.md").read_text()
     assert "Reproduction checks" in report and "dense_hn/loss.png" not in report and "finetune_hn/loss.png" in report
@@ -219,6 +223,29 @@ stages:
     params: {model: "${stages.finetune.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
              teacher_scores: "${stages.cross_encoder.out}/teacher_scores.tsv", group_size: 4, batch_size: 8,
              max_steps: 6, learning_rate: 1.0e-3}
+  # a second teacher: the dense run fused with BM25's (notebook 41), and a Margin-MSE student of it
+  - id: bm25
+    notebook: NB/40_retrieve_evaluate
+    params: {method: bm25, corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}",
+             split: dev}
+  - id: bm25_train
+    notebook: NB/40_retrieve_evaluate
+    params: {method: bm25, corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}",
+             split: train, topk: 50}
+  - id: dense_train
+    notebook: NB/40_retrieve_evaluate
+    params: {method: dense, model: "${stages.finetune.out}/model", index: "${stages.index.out}/index", topk: 50,
+             corpus: "${stages.data.out}", queries: "${stages.data.out}", qrels: "${stages.data.out}", split: train}
+  - id: hybrid
+    notebook: NB/41_fuse_runs
+    params: {first_run: "${stages.dense.out}/run.trec", second_run: "${stages.bm25.out}/run.trec",
+             first_train_run: "${stages.dense_train.out}/run.trec", second_train_run: "${stages.bm25_train.out}/run.trec",
+             data: "${stages.data.out}", teacher_depth: 4}
+  - id: distill_hybrid
+    notebook: NB/70_distill
+    params: {model: "${stages.finetune.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
+             teacher_scores: "${stages.hybrid.out}/teacher_scores.tsv", distillation: margin_mse,
+             contrastive_weight: 0.0, group_size: 4, batch_size: 8, max_steps: 6, learning_rate: 1.0e-3}
 expected:
   - {stage: cross_encoder, metric: RR@10, than: cross_encoder, than_metric: first_stage_RR@10, source: reranking}
 """
@@ -245,6 +272,15 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
     assert {"loss.png", "margins.png"} <= {p.name for p in (run_dir / "distill").iterdir()}
     check = json.loads((run_dir / "checks.json").read_text())[0]
     assert check["reference_metric"] == "first_stage_RR@10" and check["p_value"] is not None
+    # the fused teacher: each training query's top 4 scored (positives added), the same top 4 as negatives
+    teacher = read_scores(run_dir / "hybrid" / "teacher_scores.tsv")
+    negatives = read_negatives(run_dir / "hybrid" / "negatives.tsv")
+    assert stages["hybrid"]["metrics"]["teacher_queries"] == len(teacher) > 0
+    qrels = read_qrels(run_dir / "data" / "qrels.train.tsv")
+    for qid, hits in teacher.items():
+        positives = {pid for pid, rel in qrels[qid].items() if rel > 0}
+        assert set(negatives.get(qid, [])) == set(hits) - positives and len(set(hits) - positives) <= 4
+    assert stages["distill_hybrid"]["metrics"]["train_steps"] == 6
 
 
 def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
