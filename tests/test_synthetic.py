@@ -119,6 +119,27 @@ def test_defaults_stats_and_metadata(tmp_path):
     assert stats["seconds"] > 0 and stats["num_facts"] == 1500
 
 
+def test_unlabelled_twins_restate_facts_labelled_once_in_train_and_all_in_dev(tmp_path, data):
+    # Half the facts are restated by another passage of the same entity: dev judges both, train one at random
+    # (MS MARCO's sparse labels). The corpus is otherwise the plain one, and the queries are the same.
+    synthetic.generate(tmp_path, num_passages=3000, seed=SEED, unlabelled_twins=0.5, progress=False)
+    plain, twinned = read_tsv(data[0] / "corpus.tsv", 3), read_tsv(tmp_path / "corpus.tsv", 3)
+    changed = [(a, b) for a, b in zip(plain, twinned) if a != b]
+    assert all(b[2].startswith(a[2] + " ") for a, b in changed) and 0.3 < len(changed) / len(plain) < 0.95
+    assert (tmp_path / "dev.query.txt").read_bytes() == (data[0] / "dev.query.txt").read_bytes()
+    dev = defaultdict(list)
+    for qid, pid in read_qrels(tmp_path / "qrels.dev.tsv"):
+        dev[qid].append(pid)
+    doubled = [pids for pids in dev.values() if len(pids) > 1]
+    assert 0.35 < len(doubled) / len(dev) < 0.65
+    assert all(len(pids) == 2 and pids[0] // 4 == pids[1] // 4 for pids in doubled)   # same entity
+    plain_train, train = dict(read_qrels(data[0] / "qrels.train.tsv")), read_qrels(tmp_path / "qrels.train.tsv")
+    assert len(train) == len(dict(train)) == len(plain_train)                         # one label per query
+    moved = sum(plain_train[qid] != pid for qid, pid in train)
+    assert 0.15 < moved / len(train) < 0.35                                            # the twin, for about 1 in 4
+    assert json.loads((tmp_path / "synthetic.json").read_text())["unlabelled_twins"] == 0.5
+
+
 def test_last_entity_may_be_cut_short(tmp_path):
     # 1002 passages: 250 whole entities (6 facts each) + 2 passages of the last one (2 + 2 facts)
     stats = synthetic.generate(tmp_path, num_passages=1002, num_train_queries=1404, num_dev_queries=100, progress=False)
@@ -136,6 +157,7 @@ def test_last_entity_may_be_cut_short(tmp_path):
     ({"num_passages": 1000, "num_train_queries": 1450, "num_dev_queries": 100}, "only 1,500 facts"),
     ({"num_passages": 1000, "num_dev_queries": -1}, "num_dev_queries must be"),
     ({"num_passages": 1000, "seed": -3}, "seed must be"),
+    ({"num_passages": 1000, "unlabelled_twins": 1.5}, "unlabelled_twins is a share of the facts, from 0 to 1"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, message):
     with pytest.raises(ReprolibError, match=message):

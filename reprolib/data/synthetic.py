@@ -14,6 +14,9 @@ What makes it a useful teaching set:
     share the query's rarest words, and some passages mention an attribute without stating it;
   * learnable synonymy: synonyms fill identical template slots across the corpus, so MLM
     pretraining can learn that they are interchangeable.
+  * sparse labels, on request (`unlabelled_twins`): a share of the facts is restated by another passage
+    of the same entity; dev judges both passages, train labels one of them at random, as MS MARCO's
+    annotators marked one answering passage of several. Off by default (the corpus is then unchanged).
 
 Content is drawn from RNGs seeded by (seed, stream, index), so entity e can be generated alone:
 the corpus is streamed to disk and memory stays bounded at any size up to 10M passages.
@@ -360,7 +363,7 @@ assert math.gcd(_STEM_SPACE, _STEM_STRIDE) == 1
 assert _STEM_SPACE * ENTITIES_PER_FAMILY * PASSAGES_PER_ENTITY >= MAX_PASSAGES
 
 # Independent random streams per seed.
-_FAMILY, _ENTITY, _QUERY, _STEMS = range(4)
+_FAMILY, _ENTITY, _QUERY, _STEMS, _TWIN = range(5)
 
 
 def _rng(seed, stream, index=0):
@@ -441,21 +444,38 @@ def _filler(rng, other_attributes):
     return None
 
 
-def _passages(rng, ref, attributes):
-    """The entity's passages: the first sentence names the entity, later ones say "the <type>"."""
+def _passages(rng, ref, attributes, twins=(), twin_rng=None):
+    """The entity's passages: the first sentence names the entity, later ones say "the <type>". `twins`:
+    (fact position, passage slot) pairs; that passage ends by stating that fact again, with the same value
+    (sentences drawn from `twin_rng`, so the rest of the corpus is the same with or without twins)."""
     type_words = SYNONYMS[ref.type]
-    texts = []
+    texts, values = [], {}
     for a, b in SLOTS:
         sentences = []
-        for attribute in attributes[a:b]:
+        for position, attribute in enumerate(attributes[a:b], a):
             subj = ref.name if not sentences else "the " + rng.choice(type_words)
-            slots = {"subj": subj, "value": attribute.value(rng), "type": type_words}
+            values[position] = attribute.value(rng)
+            slots = {"subj": subj, "value": values[position], "type": type_words}
             sentences.append(_sentence(rng.choice(attribute.passage), rng, slots))
         filler = _filler(rng, attributes[:a] + attributes[b:])
         if filler:
             sentences.append(_sentence(filler, rng, {"subj": "the " + rng.choice(type_words)}))
         texts.append(" ".join(sentences))
+    for position, slot in twins:
+        slots = {"subj": "the " + twin_rng.choice(type_words), "value": values[position], "type": type_words}
+        texts[slot] += " " + _sentence(twin_rng.choice(attributes[position].passage), twin_rng, slots)
     return texts
+
+
+def _twins(rng, share, num_passages):
+    """(fact position, passage slot) pairs: each fact, with probability `share`, restated in another of the
+    entity's `num_passages` passages."""
+    twins = []
+    for position in range(ATTRIBUTES_PER_ENTITY):
+        others = [slot for slot in range(num_passages) if slot != SLOT_OF_FACT[position]]
+        if rng.random() < share and others:
+            twins.append((position, rng.choice(others)))
+    return twins
 
 
 def _query(rng, ref, attribute):
@@ -503,7 +523,8 @@ def _pick_facts(seed, num_facts, num_train, num_dev):
 # ---------------------------------------------------------------------------------------------
 # The generator.
 # ---------------------------------------------------------------------------------------------
-def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, progress=True):
+def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, unlabelled_twins=0.0,
+             progress=True):
     """Write the dataset into `out_dir` in MS MARCO layout and return its stats.
 
     Files: corpus.tsv (pid, title, text), {train,dev}.query.txt (qid, text), qrels.{train,dev}.tsv
@@ -519,6 +540,9 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     num_train_queries = _non_negative_int("num_train_queries", num_train_queries)
     num_dev_queries = _non_negative_int("num_dev_queries", num_dev_queries)
     seed = _non_negative_int("seed", seed)
+    if isinstance(unlabelled_twins, bool) or not isinstance(unlabelled_twins, numbers.Real) \
+            or not 0 <= unlabelled_twins <= 1:
+        raise ReprolibError(f"synthetic: unlabelled_twins is a share of the facts, from 0 to 1, got {unlabelled_twins!r}")
     _check_sizes(num_passages, num_train_queries, num_dev_queries)
 
     start = time.perf_counter()
@@ -536,9 +560,11 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
             ref = entity_ref(seed, e)
             rng = _rng(seed, _ENTITY, e)
             attributes = rng.sample(_TYPE_BY_NAME[ref.type].attributes, ATTRIBUTES_PER_ENTITY)
-            texts = _passages(rng, ref, attributes)
             first_pid = e * PASSAGES_PER_ENTITY
             n = min(PASSAGES_PER_ENTITY, num_passages - first_pid)
+            twin_rng = _rng(seed, _TWIN, e)
+            twins = _twins(twin_rng, unlabelled_twins, n) if unlabelled_twins else []
+            texts = _passages(rng, ref, attributes, twins, twin_rng)
             corpus.write("".join(f"{first_pid + i}\t{ref.name}\t{texts[i]}\n" for i in range(n)))
             bar.update(n)
 
@@ -547,7 +573,10 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
                 position = facts[q] - e * ATTRIBUTES_PER_ENTITY
                 split = int(is_dev[q])
                 queries[split].write(f"{q}\t{_query(qrng, ref, attributes[position])}\n")
-                qrels[split].write(f"{q}\t0\t{first_pid + SLOT_OF_FACT[position]}\t1\n")
+                answering = [SLOT_OF_FACT[position]] + [slot for p, slot in twins if p == position]
+                if not split:   # train: one of the answering passages is labelled, at random, as on MS MARCO
+                    answering = [twin_rng.choice(answering)] if len(answering) > 1 else answering
+                qrels[split].writelines(f"{q}\t0\t{first_pid + slot}\t1\n" for slot in answering)   # dev: all
                 q += 1
 
     stats = {
@@ -561,6 +590,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
         "passages_per_entity": PASSAGES_PER_ENTITY,
         "entities_per_family": ENTITIES_PER_FAMILY,
         "types": [t.name for t in TYPES],
+        **({"unlabelled_twins": unlabelled_twins} if unlabelled_twins else {}),
     }
     with atomic_write(out_dir / "synthetic.json") as f:
         json.dump(stats, f, indent=2)
