@@ -120,6 +120,8 @@ def _cut(run, k):
 def _candidates(hits, k):
     """The hits whose float32 score reaches the k-th highest (ties included): a superset of the top k found in
     one vectorized pass, so that only it is sorted."""
+    if k <= 0:
+        return {}
     if len(hits) <= k:
         return hits
     scores = np.fromiter(hits.values(), dtype=np.float32, count=len(hits))

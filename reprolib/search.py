@@ -101,6 +101,8 @@ def pick_fusion_weight(first, second, qrels, weights, metric="RR@10"):
     queries stay unseen."""
     from reprolib.metrics import evaluate
 
+    if not weights:
+        raise ReprolibError("pick_fusion_weight: no weights to pick from")
     aligned = _aligned(first, second)   # standardized once, interpolated per weight
     by_weight = {w: evaluate(_interpolated(aligned, w), qrels, metric).aggregate[metric] for w in sorted(weights)}
     return max(by_weight, key=by_weight.get), by_weight
@@ -115,7 +117,8 @@ def _aligned(first, second):
     for qid, hits in first.items():
         other = second.get(qid) or {}
         pids = list(hits) + [pid for pid in other if pid not in hits]
-        aligned[qid] = (pids, _standardized(hits, pids), _standardized(other, pids) if other else np.zeros(len(pids)))
+        z1 = _standardized(hits, pids)
+        aligned[qid] = (pids, z1, _standardized(other, pids) if other else z1)   # no second run: the first's ranking
     return aligned
 
 

@@ -111,6 +111,8 @@ def test_fused_runs_interpolate_standardized_scores_over_the_union_of_hits():
     assert set(fused) == set(first)
     assert fuse_runs(first, second, 0.0)["q"]["a"] > fuse_runs(first, second, 0.0)["q"]["b"]   # first's order
     assert fuse_runs(first, second, 1.0)["q"]["b"] > fuse_runs(first, second, 1.0)["q"]["c"]   # second's order
+    # a query the second run lacks keeps the first's ranking at any weight
+    assert fuse_runs({"solo": {"x": 3.0, "y": 1.0}}, second, 1.0)["solo"] == pytest.approx({"x": 1.0, "y": -1.0})
 
 
 def test_the_fusion_weight_is_the_one_that_ranks_the_judged_queries_best():
@@ -119,7 +121,7 @@ def test_the_fusion_weight_is_the_one_that_ranks_the_judged_queries_best():
     first = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}, "q2": {"x": 3.0, "y": 2.0, "z": 1.0}}
     second = {"q1": {"b": 3.0, "a": 2.0, "c": 1.0}, "q2": {"z": 3.0, "y": 2.0, "x": 1.0}}
     qrels = {"q1": {"b": 1}, "q2": {"x": 1}}
-    weight, by_weight = pick_fusion_weight(first, second, qrels, [0.8, 0.0, 0.2])
+    weight, by_weight = pick_fusion_weight(first, second, qrels, [0.8, 0.2, 0.0])
     assert by_weight == pytest.approx({0.0: 0.75, 0.2: 0.75, 0.8: 2 / 3}) and weight == 0.0   # a tie: the smaller
     qrels = {"q1": {"b": 1}, "q2": {"y": 1}}    # y is second in both runs whatever the weight; b rises with it
     weight, by_weight = pick_fusion_weight(first, second, qrels, [0.0, 0.2, 0.8])

@@ -4,7 +4,7 @@ The world: entities of six types (city, river, compound, species, company, music
 six attributes. Entities come in families of four that share a type and a generated stem word
 ("Brasiton Bay", "Brasiton Falls", ...). Every entity gets four passages; its six facts are spread
 over them as 2 + 2 + 1 + 1, so each (entity, attribute) fact is stated in exactly one passage and
-a query about it has exactly one relevant passage.
+a query about it has exactly one relevant passage (unless `unlabelled_twins` restates it, below).
 
 What makes it a useful teaching set:
   * paraphrase: passages and queries pick words from synonym sets independently ("founded" /
@@ -472,7 +472,8 @@ def _twins(rng, share, num_passages):
     entity's `num_passages` passages."""
     twins = []
     for position in range(ATTRIBUTES_PER_ENTITY):
-        others = [slot for slot in range(num_passages) if slot != SLOT_OF_FACT[position]]
+        stated = SLOT_OF_FACT[position] < num_passages   # the last entity may be cut short of this fact's passage
+        others = [slot for slot in range(num_passages) if slot != SLOT_OF_FACT[position]] if stated else []
         if rng.random() < share and others:
             twins.append((position, rng.choice(others)))
     return twins
@@ -530,6 +531,8 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     Files: corpus.tsv (pid, title, text), {train,dev}.query.txt (qid, text), qrels.{train,dev}.tsv
     (qid 0 pid 1) and synthetic.json. Each query asks for one fact, so it has exactly one relevant
     passage; train and dev ask about different facts; qids are unique across both splits.
+    `unlabelled_twins` (0 to 1): the share of facts restated by a second passage of the same entity; a dev
+    query's qrels then list both passages, a train query's one of them, picked at random.
     Defaults: num_train_queries = min(num_passages, 500k), num_dev_queries = 10% in [100, 7000].
     """
     num_passages = _non_negative_int("num_passages", num_passages)
