@@ -602,15 +602,22 @@ def _forced_stages(pipeline, from_stage, only, force):
 
 
 def _start_manifest(pipeline, run_dir):
-    """The previous manifest's entries for the current stages (in YAML order), new ones for the rest."""
-    old = load_manifest(run_dir)["stages"] if (run_dir / MANIFEST).exists() else {}
+    """The previous manifest's entries for the current stages (in YAML order), new ones for the rest. Finished
+    stages that the current list lacks (a plain run's, during a --seeds run of the same YAML) are parked, not
+    dropped: their folders stay, and the next run of that list skips them again."""
+    previous = load_manifest(run_dir) if (run_dir / MANIFEST).exists() else {}
+    parked = previous.get("parked") if isinstance(previous.get("parked"), dict) else {}
+    old = {**parked, **previous.get("stages", {})}
     stages = {}
     for stage in pipeline.stages:
         entry = old.get(stage.id) or {"notebook": None, "status": "pending", "params_hash": None, "started": None,
                                       "finished": None, "wall_s": None, "metrics": {}, "error": None}
         entry.update(notebook=stage.notebook.name, base=stage.base, seed=stage.seed)
         stages[stage.id] = entry
-    return {"run": pipeline.run, "params_file": str(pipeline.path.resolve()), "seeds": pipeline.seeds, "stages": stages}
+    parked = {sid: entry for sid, entry in old.items()
+              if sid not in stages and isinstance(entry, dict) and entry.get("status") == "done"}
+    return {"run": pipeline.run, "params_file": str(pipeline.path.resolve()), "seeds": pipeline.seeds, "stages": stages,
+            "parked": parked}
 
 
 def _check_upstream_done(pipeline, manifest, only):

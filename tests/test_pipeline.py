@@ -528,6 +528,10 @@ def test_relative_checks_over_seeds(project):
         "control_seed1", "control_seed2", "control_seed3", "same_seed1", "same_seed2", "same_seed3", "report"]
     manifest, _ = run(project, path, seeds=[7])
     assert [sid for sid in manifest["stages"] if sid.startswith("method")] == ["method_seed7"]
+    # the seeds 1-3 copies were parked, not forgotten: back to the YAML's seeds, only the report reruns
+    ran(project)
+    _, lines = run(project, path)
+    assert [line.split()[2] for line in lines if line.startswith("▶")] == ["report"] and ran(project) == ["report"]
     with pytest.raises(ReprolibError, match="--only method: it runs once per seed; name one copy, e.g. --only method_seed1"):
         run(project, path, only="method")
 
