@@ -111,8 +111,6 @@ def pick_fusion_weight(first, second, qrels, weights, metric="RR@10"):
 def _aligned(first, second):
     """{qid: (pids, z1, z2)}: the union of a query's hits (first's, then second's others, so that ties break
     the same way in every process) and both runs' standardized scores on it."""
-    import numpy as np
-
     aligned = {}
     for qid, hits in first.items():
         other = second.get(qid) or {}
