@@ -28,24 +28,39 @@ def word_groups(tokens, special_tokens=("[CLS]", "[SEP]", "[PAD]")):
     return groups
 
 
-def whole_word_mask(groups, length, ratio, rng):
-    """0/1 mask choosing whole words until round(length * ratio) positions (at least 1, at most 512).
+def whole_word_masks(groups, length, ratio, rng, count=1):
+    """[count, length] 0/1 masks, each choosing whole words until round(length * ratio) positions (at least 1,
+    at most 512).
 
-    `length` counts the special tokens, as HF does. Words are taken in random order; a word that would
-    overshoot the count is skipped, so a long word can leave the mask a little short.
+    `length` counts the special tokens, as HF does. Each mask takes the words in its own random order; a word
+    that would overshoot the count is skipped, so a long word can leave a mask a little short. The masks are
+    built side by side, one word rank at a time: RetroMAE's decoder needs one per position.
     """
     target = min(MAX_PREDICTIONS, max(1, int(round(length * ratio))))
-    mask = np.zeros(length, dtype=np.int64)
-    covered = 0
-    for g in rng.permutation(len(groups)):
-        if covered >= target:
+    masks = np.zeros((count, length), dtype=np.int64)
+    if not groups:
+        return masks
+    sizes = np.array([len(group) for group in groups])
+    member = np.zeros((len(groups), length), dtype=np.int64)      # member[g, i] = 1 where word g holds position i
+    for g, group in enumerate(groups):
+        member[g, group] = 1
+    order = rng.random((count, len(groups))).argsort(axis=1)      # a random word order per mask
+    chosen = np.zeros((count, len(groups)), dtype=np.int64)
+    covered = np.zeros(count, dtype=np.int64)
+    rows = np.arange(count)
+    for rank in range(len(groups)):
+        if (covered == target).all():                              # every mask is full: no word fits any more
             break
-        group = groups[g]
-        if covered + len(group) > target:
-            continue
-        mask[group] = 1
-        covered += len(group)
-    return mask
+        word = order[:, rank]
+        fits = covered + sizes[word] <= target
+        chosen[rows, word] = fits
+        covered += fits * sizes[word]
+    return chosen @ member
+
+
+def whole_word_mask(groups, length, ratio, rng):
+    """One mask of `whole_word_masks`, [length]."""
+    return whole_word_masks(groups, length, ratio, rng)[0]
 
 
 def corrupt(ids, mask, mask_id, vocab_size, rng):
@@ -69,9 +84,8 @@ def decoder_visibility(groups, length, ratio, rng, pool_size=256):
     also hides its own position. [CLS] (position 0, which carries the sentence embedding h) is never in
     a word group, so every other row sees it.
     """
-    pool = [whole_word_mask(groups, length, ratio, rng) for _ in range(min(length, pool_size))]
-    picks = rng.integers(0, len(pool), size=length)
-    hidden = np.stack([pool[p] for p in picks])
+    pool = whole_word_masks(groups, length, ratio, rng, count=min(length, pool_size))
+    hidden = pool[rng.integers(0, len(pool), size=length)]
     hidden[np.arange(length), np.arange(length)] = 1
     return 1 - hidden
 
