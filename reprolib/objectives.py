@@ -155,8 +155,6 @@ class Contrastive:
 
 
 class Sparse(Contrastive):
-    CALIBRATION_PASSAGES = 64
-
     def __init__(self, config, encoder, groups=None):
         super().__init__(config, encoder, groups)
         self.loss_parts = ("ranking_loss", *self.loss_parts[1:], "flops_query", "flops_passage")
@@ -164,18 +162,14 @@ class Sparse(Contrastive):
     @classmethod
     def build(cls, config, corpus):
         """As the contrastive objective; a head new to the checkpoint first gets its bias set so that passages
-        start sparse (`SparseEncoder.calibrate_bias`, on 64 passages spread over the corpus)."""
+        start sparse (`calibrate_new_head`)."""
         import logging
 
-        import numpy as np
-
         objective = super().build(config, corpus)
-        if getattr(objective.model, "new_head", False):
-            groups = objective.examples
-            spread = np.linspace(0, len(groups.corpus) - 1, cls.CALIBRATION_PASSAGES).astype(int)
-            before, after = objective.model.calibrate_bias([groups.passage_text(int(p)) for p in spread])
+        calibration = calibrate_new_head(objective.model, objective.examples)
+        if calibration:
             logging.getLogger(__name__).warning("new MLM head: bias shifted so that a passage starts with %.0f "
-                                                "non-zero terms instead of %.0f", after, before)
+                                                "non-zero terms instead of %.0f", calibration[1], calibration[0])
         return objective
 
     def loss(self, model, items, device):
@@ -187,6 +181,21 @@ class Sparse(Contrastive):
         flops_q, flops_p = flops_regularizer(q.float()), flops_regularizer(p.float())
         loss = loss + config.flops_query_weight * flops_q + config.flops_passage_weight * flops_p
         return loss, {**parts, "flops_query": flops_q.item(), "flops_passage": flops_p.item()}
+
+
+CALIBRATION_PASSAGES = 64
+
+
+def calibrate_new_head(encoder, groups):
+    """A SparseEncoder whose MLM head is new to its checkpoint gets its bias shifted so that passages start
+    sparse (`SparseEncoder.calibrate_bias`, on 64 passages spread over the groups' corpus): what the sparse
+    objective trains from. Returns (non-zeros per passage before, after), or None for a head that was trained."""
+    import numpy as np
+
+    if not getattr(encoder, "new_head", False):
+        return None
+    spread = np.linspace(0, len(groups.corpus) - 1, CALIBRATION_PASSAGES).astype(int)
+    return encoder.calibrate_bias([groups.passage_text(int(p)) for p in spread])
 
 
 def distillation_loss(kind, q, p, teacher, temperature=1.0):

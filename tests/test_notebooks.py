@@ -178,6 +178,10 @@ stages:
     notebook: NB/21_finetune_sparse
     params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
              group_size: 4, batch_size: 8, max_steps: 6, learning_rate: 1.0e-3}
+  - id: finetune_new_head     # a checkpoint without an MLM head: the notebook shows it calibrated, as trained
+    notebook: NB/21_finetune_sparse
+    params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48,
+             group_size: 4, batch_size: 8, max_steps: 2, learning_rate: 1.0e-3}
   - id: index
     notebook: NB/30_encode_index
     params: {model: "${stages.finetune.out}/model", corpus: "${stages.data.out}", template: lexmae,
@@ -288,5 +292,7 @@ def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
     assert {"loss.png", "bottleneck_terms.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert {"flops.png", "sparsity.png", "query_terms.png"} <= {p.name for p in (run_dir / "finetune").iterdir()}
     assert stages["finetune"]["metrics"]["nonzeros_per_passage"] > 0
+    # a new head starts at ~256 of its 2,000 terms per passage (calibrated), not at nearly all of them
+    assert 100 < stages["finetune_new_head"]["metrics"]["nonzeros_per_passage_before"] < 500
     assert {"RR@10", "quantized_RR@10"} <= set(stages["sparse"]["metrics"])
     assert (run_dir / "mine" / "negatives.tsv").stat().st_size > 0

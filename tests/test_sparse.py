@@ -187,7 +187,7 @@ def test_all_minilm_gets_a_tied_head_that_starts_lexical_and_sparse():
 
 def test_the_sparse_objective_calibrates_a_new_head_only(synthetic_dir, tmp_path):
     from reprolib.data import Corpus
-    from reprolib.objectives import Sparse, build_objective
+    from reprolib.objectives import CALIBRATION_PASSAGES, build_objective
     from reprolib.training import TrainConfig
 
     corpus = Corpus.open(synthetic_dir, progress=False)
@@ -195,7 +195,7 @@ def test_the_sparse_objective_calibrates_a_new_head_only(synthetic_dir, tmp_path
                    normalize=None, group_size=2, batch_size=4, max_steps=1, passage_max_len=64, progress=False,
                    tensorboard=False)
     objective = build_objective(TrainConfig(model="scratch:micro", **options), corpus)   # a BertModel: no head
-    spread = np.linspace(0, len(corpus) - 1, Sparse.CALIBRATION_PASSAGES).astype(int)
+    spread = np.linspace(0, len(corpus) - 1, CALIBRATION_PASSAGES).astype(int)
     texts = [objective.examples.passage_text(int(p)) for p in spread]
     assert objective.model.nonzeros(texts).mean() == pytest.approx(256, abs=1)
     trained = tmp_path / "head"
