@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from reprolib.data.masking import (IGNORE, collate_retromae, corrupt, decoder_visibility, retromae_example,
-                                   whole_word_mask, word_groups)
+                                   whole_word_mask, whole_word_masks, word_groups)
 
 TOKENS = ["[CLS]", "the", "sed", "##uku", "oxide", "was", "found", "in", "17", "##76", "by", "kis", "##tol", "[SEP]"]
 
@@ -27,6 +27,27 @@ def test_whole_word_mask_count_ratio_and_whole_words():
     assert max(counts) == target and np.mean(counts) > target - 0.3
     position_rates = np.mean([whole_word_mask(groups, len(TOKENS), 0.5, rng) for _ in range(4000)], axis=0)
     assert position_rates[0] == 0 and 0.3 < position_rates[1:-1].mean() < 0.6
+
+
+def test_masks_built_side_by_side_are_the_masks_built_one_at_a_time():
+    """`whole_word_masks` (RetroMAE's decoder pool, one mask per row) draws exactly what taking the words in a
+    random order, one mask after another, draws from the same generator: a seeded run masks as it always did."""
+    def one_at_a_time(groups, length, ratio, rng):
+        target = max(1, int(round(length * ratio)))
+        mask, covered = np.zeros(length, dtype=np.int64), 0
+        for g in rng.permutation(len(groups)):
+            if covered + len(groups[g]) <= target:
+                mask[groups[g]] = 1
+                covered += len(groups[g])
+        return mask
+
+    groups = word_groups(TOKENS)
+    for ratio in (0.15, 0.3, 0.5, 0.9):
+        for seed in range(20):
+            reference = np.stack([one_at_a_time(groups, len(TOKENS), ratio, rng)
+                                  for rng in [np.random.default_rng(seed)] for _ in range(len(TOKENS))])
+            np.testing.assert_array_equal(
+                whole_word_masks(groups, len(TOKENS), ratio, np.random.default_rng(seed), count=len(TOKENS)), reference)
 
 
 def test_corruption_is_80_10_10_and_labels_only_masked_positions():

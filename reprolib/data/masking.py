@@ -44,7 +44,8 @@ def whole_word_masks(groups, length, ratio, rng, count=1):
     member = np.zeros((len(groups), length), dtype=np.int64)      # member[g, i] = 1 where word g holds position i
     for g, group in enumerate(groups):
         member[g, group] = 1
-    order = rng.random((count, len(groups))).argsort(axis=1)      # a random word order per mask
+    # a random word order per mask, drawn as one permutation each: the same draws as masks built one at a time
+    order = np.stack([rng.permutation(len(groups)) for _ in range(count)])
     chosen = np.zeros((count, len(groups)), dtype=np.int64)
     covered = np.zeros(count, dtype=np.int64)
     rows = np.arange(count)
