@@ -33,7 +33,7 @@ def test_masks_built_side_by_side_are_the_masks_built_one_at_a_time():
     """`whole_word_masks` (RetroMAE's decoder pool, one mask per row) draws exactly what taking the words in a
     random order, one mask after another, draws from the same generator: a seeded run masks as it always did."""
     def one_at_a_time(groups, length, ratio, rng):
-        target = max(1, int(round(length * ratio)))
+        target = min(512, max(1, int(round(length * ratio))))        # HF's cap on predictions
         mask, covered = np.zeros(length, dtype=np.int64), 0
         for g in rng.permutation(len(groups)):
             if covered + len(groups[g]) <= target:
@@ -48,6 +48,13 @@ def test_masks_built_side_by_side_are_the_masks_built_one_at_a_time():
                                   for rng in [np.random.default_rng(seed)] for _ in range(len(TOKENS))])
             np.testing.assert_array_equal(
                 whole_word_masks(groups, len(TOKENS), ratio, np.random.default_rng(seed), count=len(TOKENS)), reference)
+    long_text = [[i] for i in range(1, 1199)]                           # 1,198 one-piece words: the cap bites
+    reference = np.stack([one_at_a_time(long_text, 1200, 0.5, rng) for rng in [np.random.default_rng(7)]
+                          for _ in range(3)])
+    masks = whole_word_masks(long_text, 1200, 0.5, np.random.default_rng(7), count=3)
+    np.testing.assert_array_equal(masks, reference)
+    assert (masks.sum(axis=1) == 512).all()
+    assert not whole_word_masks([], 5, 0.5, np.random.default_rng(0), count=3).any()   # no words: nothing masked
 
 
 def test_corruption_is_80_10_10_and_labels_only_masked_positions():

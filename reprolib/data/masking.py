@@ -37,16 +37,16 @@ def whole_word_masks(groups, length, ratio, rng, count=1):
     built side by side, one word rank at a time: RetroMAE's decoder needs one per position.
     """
     target = min(MAX_PREDICTIONS, max(1, int(round(length * ratio))))
-    masks = np.zeros((count, length), dtype=np.int64)
     if not groups:
-        return masks
+        return np.zeros((count, length), dtype=np.int64)
     sizes = np.array([len(group) for group in groups])
-    member = np.zeros((len(groups), length), dtype=np.int64)      # member[g, i] = 1 where word g holds position i
+    # member[g, i] = 1 where word g holds position i; float32 so that the product below runs on BLAS
+    member = np.zeros((len(groups), length), dtype=np.float32)
     for g, group in enumerate(groups):
         member[g, group] = 1
     # a random word order per mask, drawn as one permutation each: the same draws as masks built one at a time
     order = np.stack([rng.permutation(len(groups)) for _ in range(count)])
-    chosen = np.zeros((count, len(groups)), dtype=np.int64)
+    chosen = np.zeros((count, len(groups)), dtype=np.float32)
     covered = np.zeros(count, dtype=np.int64)
     rows = np.arange(count)
     for rank in range(len(groups)):
@@ -56,7 +56,7 @@ def whole_word_masks(groups, length, ratio, rng, count=1):
         fits = covered + sizes[word] <= target
         chosen[rows, word] = fits
         covered += fits * sizes[word]
-    return chosen @ member
+    return (chosen @ member).astype(np.int64)                     # words never overlap: 0 or 1
 
 
 def whole_word_mask(groups, length, ratio, rng):
