@@ -10,19 +10,33 @@ A model spec "scratch:<size>" (e.g. model="scratch:tiny" in a notebook) means "b
 (reprolib.modeling.specs).
 """
 import json
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from reprolib.errors import ReprolibError
 
 SCRATCH_PREFIX = "scratch:"
+class Size(NamedTuple):
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    # words seen fewer times in the corpus are split into pieces (1: every word may be whole; see `_word_piece_vocab`)
+    min_word_count: int = 1
+
+
 SIZES = {
-    # name: (vocab size, hidden, layers, heads, intermediate)
-    "micro": (2000, 32, 2, 2, 64),     # unit tests: fast, learns little
-    "tiny": (4000, 128, 2, 2, 512),    # quickstart: learns the synthetic set in a minute on 2 CPU cores
-    "mini": (8000, 256, 4, 4, 1024),
+    "micro": Size(2000, 32, 2, 2, 64),     # unit tests: fast, learns little
+    "tiny": Size(4000, 128, 2, 2, 512),    # quickstart: learns the synthetic set in a minute on 2 CPU cores
+    # for MLM pretraining: rare words (the synthetic entities' names) split into frequent pieces, as BERT's vocabulary
+    # splits rare names, so that masked-word training sees every token often (bench/README.md, "LexMAE in miniature")
+    "tiny-pieces": Size(2000, 128, 2, 2, 512, min_word_count=100),
+    "mini": Size(8000, 256, 4, 4, 1024),
     # encoder-decoder T5 (layers each side) for OpenMatch's T5 recipe; it keeps the WordPiece tokenizer:
     # T5's pad id 0 is [PAD] here, so its first decoder input, 0, is the same token in both.
-    "t5-tiny": (4000, 128, 2, 2, 512),
+    "t5-tiny": Size(4000, 128, 2, 2, 512),
 }
 MAX_POSITIONS = 512
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -57,10 +71,11 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
     manifest = out_dir / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == recipe:
         return out_dir
-    vocab_size, hidden, layers, heads, intermediate = SIZES[size]
+    vocab_size, hidden, layers, heads, intermediate, min_word_count = SIZES[size]
 
     step = max(1, len(corpus) // max_texts)
-    vocab = _word_piece_vocab((f"{corpus.title(i)} {corpus.text(i)}" for i in range(0, len(corpus), step)), vocab_size)
+    vocab = _word_piece_vocab((f"{corpus.title(i)} {corpus.text(i)}" for i in range(0, len(corpus), step)), vocab_size,
+                              min_word_count)
     tokenizer = bert_tokenizer(vocab)
 
     torch.manual_seed(seed)
@@ -81,15 +96,16 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
     return out_dir
 
 
-def _word_piece_vocab(texts, vocab_size):
-    """Specials, every character (alone and as a "##" continuation), then the most frequent words.
+def _word_piece_vocab(texts, vocab_size, min_word_count=1):
+    """Specials, every character (alone and as a "##" continuation), then the most frequent words; with
+    `min_word_count` > 1 only words seen that often are whole, and the rest of the budget goes to the pieces
+    that split the rarer words: their beginnings (2-5 characters) and "##" continuations (2-3), most frequent
+    first, keeping those that BERT's greedy longest-match splitting uses.
 
     Counted in Python rather than with `tokenizers`' WordPiece trainer, whose choice among equally
     frequent merges changes from run to run: the same corpus must give the same vocabulary. Words
     left out are split by BERT's WordPiece into the pieces that are in.
     """
-    from collections import Counter
-
     from tokenizers import normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -99,9 +115,37 @@ def _word_piece_vocab(texts, vocab_size):
         words.update(word for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
     chars = sorted({c for word in words for c in word})
     vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
-    by_frequency = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    by_frequency = sorted((w for w in words if len(w) > 1 and words[w] >= min_word_count), key=lambda w: (-words[w], w))
     vocab += by_frequency[:max(0, vocab_size - len(vocab))]
-    return vocab
+    if min_word_count <= 1:
+        return vocab
+    rare = {word: n for word, n in words.items() if len(word) > 1 and n < min_word_count}
+    pieces = Counter()
+    for word, n in rare.items():
+        for end in range(2, min(5, len(word)) + 1):
+            pieces[word[:end]] += n
+        for start in range(1, len(word) - 1):
+            for size in (2, 3):
+                if start + size <= len(word):
+                    pieces["##" + word[start:start + size]] += n
+    whole = set(vocab)
+    ranked = [p for p in sorted(pieces, key=lambda p: (-pieces[p], p)) if p not in whole][:max(0, vocab_size - len(vocab))]
+    offered = whole | set(ranked)
+    used = {piece for word in rare for piece in _split_word(word, offered)}
+    return vocab + [p for p in ranked if p in used]
+
+
+def _split_word(word, vocab):
+    """BERT's WordPiece split of one word: greedy longest match, continuations prefixed "##" (every single
+    character is in `vocab`)."""
+    pieces, start = [], 0
+    while start < len(word):
+        end = len(word)
+        while end > start + 1 and (word[start:end] if start == 0 else "##" + word[start:end]) not in vocab:
+            end -= 1
+        pieces.append(word[start:end] if start == 0 else "##" + word[start:end])
+        start = end
+    return pieces
 
 
 def bert_tokenizer(vocab):
