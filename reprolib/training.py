@@ -96,6 +96,7 @@ class TrainConfig:
     bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
     decoder_loss_weight: float = 1.0      # 0: the MLM-only control (same masks, data and steps, no decoder signal)
     pack: bool = False                    # RetroMAE: pack passages into blocks (Wikipedia); False: one per sequence (MS MARCO)
+    new_head: str = "random"              # pretraining a checkpoint without an MLM head: random | identity (modeling.autoencoder)
     # optimisation
     batch_size: int = 16                  # queries (pretraining: sequences) per process per micro-batch
     grad_accum: int = 1
@@ -183,6 +184,8 @@ class TrainConfig:
             raise ReprolibError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.bottleneck not in ("softmax", "logits_sat"):
             raise ReprolibError(f"{source}: bottleneck must be softmax or logits_sat, not {self.bottleneck!r}")
+        if self.new_head not in ("random", "identity"):
+            raise ReprolibError(f"{source}: new_head must be random or identity, not {self.new_head!r}")
         if not self.decoder_loss_weight >= 0:
             raise ReprolibError(f"{source}: decoder_loss_weight must be >= 0, not {self.decoder_loss_weight}")
         for name in ("encoder_mask_ratio", "decoder_mask_ratio"):

@@ -113,30 +113,47 @@ def test_bottleneck_is_a_distribution_pooled_over_text_only(micro_bert, kind):
     import torch
 
     model = _model(micro_bert, bottleneck=kind)
-    logits = torch.randn(2, 6, model.lm.config.vocab_size) * 3
+    hidden = torch.randn(2, 6, model.lm.config.hidden_size)
     text_mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]])      # [CLS] .. [SEP] .. [SEP] / padding
-    a, b = model.bottleneck(logits, text_mask)
+    logits = model.lm.cls(hidden)
+    v = model.pooled_logits(hidden, text_mask)
+    reference = logits.masked_fill(text_mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+    assert torch.allclose(v, reference, atol=1e-5)
+    a, b = model.bottleneck(v)
     assert a.shape == (2, model.lm.config.vocab_size) and b.shape == (2, model.lm.config.hidden_size)
     assert torch.allclose(a.sum(-1), torch.ones(2), atol=1e-3)             # logits_sat: L1 norm, +1e-4 slack
     if kind == "softmax":
-        assert torch.allclose(a[1], logits[1, 1].softmax(-1))            # one text token: its own logits
-    changed = logits.clone()
-    changed[:, [0, 3, 5]] += 50                                           # specials and padding
-    assert torch.equal(model.bottleneck(changed, text_mask)[0], a)
-    changed[0, 2] += 50                                                   # a text position
-    assert not torch.equal(model.bottleneck(changed, text_mask)[0][0], a[0])
+        assert torch.allclose(a[1], logits[1, 1].softmax(-1), atol=1e-6)  # one text token: its own logits
+    changed = hidden.clone()
+    changed[:, [0, 3, 5]] += 5                                            # specials and padding
+    assert torch.equal(model.pooled_logits(changed, text_mask), v)
+    changed[0, 2] += 5                                                    # a text position
+    assert not torch.equal(model.pooled_logits(changed, text_mask)[0], v[0])
 
 
 def test_bottleneck_sends_no_gradient_into_the_word_embeddings(micro_bert):
     import torch
 
     model = _model(micro_bert)
-    logits = torch.randn(2, 5, model.lm.config.vocab_size, requires_grad=True)
-    _, b = model.bottleneck(logits, torch.ones(2, 5, dtype=torch.long))
+    v = torch.randn(2, model.lm.config.vocab_size, requires_grad=True)
+    _, b = model.bottleneck(v)
     embeddings = model.lm.get_input_embeddings().weight
-    (grad_embeddings, grad_logits) = torch.autograd.grad(b.sum(), [embeddings, logits], allow_unused=True)
+    (grad_embeddings, grad_v) = torch.autograd.grad(b.sum(), [embeddings, v], allow_unused=True)
     assert grad_embeddings is None                                       # the path through E is cut ...
-    assert grad_logits is not None and grad_logits.abs().sum() > 0         # ... the path through a is not
+    assert grad_v is not None and grad_v.abs().sum() > 0                 # ... the path through a is not
+
+
+def test_a_new_head_starts_random_or_as_the_sparse_encoders_identity(micro_bert):
+    import torch
+
+    from reprolib.modeling.autoencoder import load_masked_lm
+
+    identity, random = (load_masked_lm(micro_bert, start).cls.predictions for start in ("identity", "random"))
+    width = identity.transform.dense.weight.shape[0]
+    assert torch.equal(identity.transform.dense.weight, torch.eye(width))
+    assert not torch.equal(random.transform.dense.weight, torch.eye(width))
+    embeddings = load_masked_lm(micro_bert, "identity")
+    assert embeddings.get_output_embeddings().weight is embeddings.get_input_embeddings().weight
 
 
 def test_decoder_loss_reaches_the_encoder_through_the_bottleneck(micro_bert):

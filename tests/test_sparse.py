@@ -94,8 +94,38 @@ def test_representation_is_max_log1p_relu_over_text_positions(encoder):
             assert not reps[TEXTS.index("")].any()  # no text position: no weight at all
 
 
+@pytest.mark.parametrize("saturate", ["log1p_relu", "softmax"])   # gradients on a few terms / on every term
+def test_max_pooled_projection_equals_projecting_then_pooling(saturate, monkeypatch):
+    """The fused vocabulary projection + max over text positions gives the same values and the same gradients
+    (hidden states, weight, bias) as the [B, L, V] logits pooled, in vocabulary slices smaller than V; a text
+    with no text position pools to -inf and sends no gradient."""
+    import reprolib.modeling.sparse as sparse
+
+    monkeypatch.setattr(sparse, "VOCAB_CHUNK", 64)
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
+                            for shape in ((3, 7, 8), (150, 8), (150,)))
+    text = torch.rand(3, 7, generator=generator) > 0.3
+    text[2] = False
+
+    def saturated(v):
+        if saturate == "softmax":
+            return v.masked_fill(torch.isneginf(v), 0).softmax(-1)
+        return torch.log1p(torch.relu(v))
+
+    results = []
+    for pool in (lambda: sparse.max_pooled_projection(hidden, weight, bias, text),
+                 lambda: (hidden @ weight.T + bias).masked_fill(~text.unsqueeze(-1), float("-inf")).amax(dim=1)):
+        v = pool()
+        grads = torch.autograd.grad((saturated(v) * torch.arange(150.0)).sum(), [hidden, weight, bias])
+        results.append((v, *grads))
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused, reference)
+    assert torch.isneginf(results[0][0][2]).all()
+
+
 def test_cls_sep_and_padding_do_not_count_but_unk_does(encoder):
-    """Huge logits at [CLS], [SEP] and padding change nothing; at [UNK] they do (LexMAE's text mask excludes
+    """Huge head outputs at [CLS], [SEP] and padding change nothing; at [UNK] they do (LexMAE's text mask excludes
     [CLS] and [SEP] only)."""
     texts = ["the cell", "42 of the blood and the brain"]  # "42": [UNK], digits are not in the vocabulary
     batch = encoder.tokenize(texts, "passage")
@@ -104,12 +134,14 @@ def test_cls_sep_and_padding_do_not_count_but_unk_does(encoder):
     unk = ids == encoder.tokenizer.unk_token_id
     assert (batch["attention_mask"] == 0).any() and unk.any()
 
+    direction = torch.randn(encoder.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
     def embed_with_boost(where):
-        def boost(module, args, output):
-            output.logits[where] += 1000.0
+        def boost(module, args, output):      # the head's hidden states, before the vocabulary projection
+            output[where] += 1000.0 * direction
             return output
 
-        handle = encoder.model.register_forward_hook(boost)
+        handle = encoder.model.cls.predictions.transform.register_forward_hook(boost)
         try:
             return encoder.embed(batch, "passage")
         finally:
@@ -185,8 +217,9 @@ def test_all_minilm_gets_a_tied_head_that_starts_lexical_and_sparse():
     assert [[w for w, _ in enc.top_terms(t, k=20)] for t in passages[:3]] == ranks   # the same terms first
 
 
-def test_the_sparse_objective_calibrates_a_new_head_only(synthetic_dir, tmp_path):
+def test_the_sparse_objective_calibrates_a_head_denser_than_its_start_only(synthetic_dir, tmp_path):
     from reprolib.data import Corpus
+    from reprolib.modeling.sparse import INITIAL_NONZEROS
     from reprolib.objectives import CALIBRATION_PASSAGES, build_objective
     from reprolib.training import TrainConfig
 
@@ -197,11 +230,23 @@ def test_the_sparse_objective_calibrates_a_new_head_only(synthetic_dir, tmp_path
     objective = build_objective(TrainConfig(model="scratch:micro", **options), corpus)   # a BertModel: no head
     spread = np.linspace(0, len(corpus) - 1, CALIBRATION_PASSAGES).astype(int)
     texts = [objective.examples.passage_text(int(p)) for p in spread]
-    assert objective.model.nonzeros(texts).mean() == pytest.approx(256, abs=1)
-    trained = tmp_path / "head"
-    objective.model.save(trained)                            # now a checkpoint with a head: left as it is
-    kept = build_objective(TrainConfig(model=str(trained), **{**options, "out_dir": str(tmp_path / "kept")}), corpus)
-    torch.testing.assert_close(kept.model.model.cls.predictions.bias, objective.model.model.cls.predictions.bias)
+    assert objective.model.nonzeros(texts).mean() == pytest.approx(INITIAL_NONZEROS, abs=1)
+
+    def rebuilt(name, bias_shift):
+        """A checkpoint with a head (the one above, its bias shifted), built again by the sparse objective."""
+        bias = objective.model.model.get_output_embeddings().bias
+        with torch.no_grad():
+            bias += bias_shift
+            objective.model.save(tmp_path / name)
+            bias -= bias_shift
+        return build_objective(TrainConfig(model=str(tmp_path / name), **{**options, "out_dir": str(tmp_path / "o")}),
+                               corpus).model
+
+    sparser = rebuilt("sparser", -0.5)                   # already sparse, as a fine-tuned retriever: left alone
+    assert sparser.nonzeros(texts).mean() < INITIAL_NONZEROS - 20
+    torch.testing.assert_close(sparser.model.cls.predictions.bias, objective.model.model.cls.predictions.bias - 0.5)
+    denser = rebuilt("denser", +0.5)                     # an MLM head switching on more: shifted back down
+    assert denser.nonzeros(texts).mean() == pytest.approx(INITIAL_NONZEROS, abs=1)
 
 
 def test_save_load_round_trip(tiny_dirs, tmp_path):

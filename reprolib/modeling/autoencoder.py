@@ -1,9 +1,36 @@
 """What the RetroMAE and LexMAE pretraining models share: a BertForMaskedLM encoder `lm` that is the only
 part kept, and an MLM loss computed at the labelled positions only."""
+import logging
+
 import torch.nn.functional as F
 from torch import nn
 
 from reprolib.data.masking import IGNORE
+
+
+NEW_HEADS = ("random", "identity")
+
+
+def load_masked_lm(name_or_path, new_head="random"):
+    """A BertForMaskedLM. A checkpoint without an MLM head (all-MiniLM-L6-v2, scratch models) gets transformers'
+    random one, or with new_head="identity" the sparse encoder's start: an identity transform and the output
+    projection tied to the word embeddings, so that each position first predicts the words its hidden state is
+    closest to (`reprolib.modeling.sparse`)."""
+    from transformers import BertForMaskedLM
+
+    from reprolib.errors import ReprolibError
+    from reprolib.modeling.sparse import _identity_transform, _tie_output_projection, quiet_load_report
+
+    if new_head not in NEW_HEADS:
+        raise ReprolibError(f"new_head must be one of {', '.join(NEW_HEADS)}, not {new_head!r}")
+    with quiet_load_report():
+        lm, info = BertForMaskedLM.from_pretrained(str(name_or_path), output_loading_info=True)
+    if any(key.startswith("cls.") for key in info["missing_keys"]):
+        if new_head == "identity":
+            _tie_output_projection(lm)
+            _identity_transform(lm)
+        logging.getLogger(__name__).warning("%s has no MLM head: added one (%s start)", name_or_path, new_head)
+    return lm
 
 
 class MaskedAutoEncoder(nn.Module):

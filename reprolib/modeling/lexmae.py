@@ -3,6 +3,7 @@
     encoder   masked text (exactly 30% of the text tokens) --BertForMaskedLM--> MLM logits W [B, L, V],
               encoder MLM loss on the masked positions
     bottleneck v = max of W over the text positions ([CLS]/[SEP]/padding left out)         [B, V]
+              (projected and pooled a slice of the vocabulary at a time: W is never whole in memory)
               a = softmax(v), or "logits_sat": log(1 + ReLU(v)) normalised to sum 1      [B, V]
               b = a @ E, E = the word embeddings, detached                               [B, H]
     decoder   BertEmbeddings(decoder ids, ~50% masked), position 0 replaced by b
@@ -18,10 +19,10 @@ import torch
 from torch import nn
 
 from reprolib.errors import ReprolibError
-from reprolib.modeling.autoencoder import MaskedAutoEncoder
+from reprolib.modeling.autoencoder import MaskedAutoEncoder, load_masked_lm
+from reprolib.modeling.sparse import max_pooled_projection
 
 BOTTLENECKS = ("softmax", "logits_sat")
-OFF_TEXT = -10000.0     # added to the logits off the text before the max, as LexMAE does
 
 
 class LexMAEForPretraining(MaskedAutoEncoder):
@@ -44,16 +45,21 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         self.decoder_bias = nn.Parameter(torch.zeros(lm.config.vocab_size))
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs):
-        from transformers import BertForMaskedLM
+    def from_pretrained(cls, name_or_path, new_head="random", **kwargs):
+        """`new_head`: how a checkpoint without an MLM head starts one (`load_masked_lm`)."""
+        return cls(load_masked_lm(name_or_path, new_head), **kwargs)
 
-        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)), **kwargs)
+    def pooled_logits(self, hidden, text_mask):
+        """v [B, V]: the max over the text positions (text_mask [B, L], 1 on text) of the encoder's MLM logits,
+        from its last hidden states `hidden` [B, L, H]."""
+        projection = self.lm.get_output_embeddings()
+        v = max_pooled_projection(self.lm.cls.predictions.transform(hidden), projection.weight, projection.bias,
+                                  text_mask.bool())
+        return v.masked_fill(torch.isneginf(v), 0)       # a sequence without text (never built): a uniform a
 
-    def bottleneck(self, logits, text_mask):
-        """(a, b): the lexicon weights a [B, V] pooled from the MLM logits [B, L, V] over the text
-        positions (text_mask [B, L], 1 on text), and b = a @ E [B, H] with no gradient into E."""
-        off_text = (1 - text_mask.unsqueeze(-1).to(logits.dtype)) * OFF_TEXT
-        v = (logits + off_text).max(dim=1).values
+    def bottleneck(self, v):
+        """(a, b): the lexicon weights a [B, V] from the pooled logits v [B, V], and b = a @ E [B, H] with no
+        gradient into E."""
         if self.bottleneck_type == "softmax":
             a = v.softmax(dim=-1)
         else:
@@ -64,8 +70,9 @@ class LexMAEForPretraining(MaskedAutoEncoder):
     def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_labels, attention_mask,
                 text_mask):
         """Returns (total loss, encoder MLM loss, decoder MLM loss)."""
-        encoded = self.lm(input_ids=encoder_input_ids, attention_mask=attention_mask, labels=encoder_labels)
-        _, b = self.bottleneck(encoded.logits, text_mask)
+        encoded = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder_loss = self.mlm_loss(encoded, encoder_labels, self.lm.cls)
+        _, b = self.bottleneck(self.pooled_logits(encoded, text_mask))
         embedded = self.lm.bert.embeddings(input_ids=decoder_input_ids)
         hidden = torch.cat([b.unsqueeze(1).to(embedded.dtype), embedded[:, 1:]], dim=1)
         # additive padding mask [B, 1, 1, L]: the form BERT's eager and SDPA attention take
@@ -77,5 +84,5 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         words = self.lm.get_input_embeddings().weight
         decoder_head = lambda h: nn.functional.linear(self.decoder_transform(h), words, self.decoder_bias)  # noqa: E731
         decoder_loss = self.mlm_loss(hidden, decoder_labels, decoder_head)
-        total = self.encoder_weight * encoded.loss + self.decoder_weight * decoder_loss
-        return total, encoded.loss, decoder_loss
+        total = self.encoder_weight * encoder_loss + self.decoder_weight * decoder_loss
+        return total, encoder_loss, decoder_loss

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from reprolib.modeling.autoencoder import MaskedAutoEncoder
+from reprolib.modeling.autoencoder import MaskedAutoEncoder, load_masked_lm
 
 
 class EnhancedDecoderLayer(nn.Module):
@@ -67,10 +67,9 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         self.decoder_weight = decoder_weight
 
     @classmethod
-    def from_pretrained(cls, name_or_path, decoder_weight=1.0):
-        from transformers import BertForMaskedLM
-
-        return cls(BertForMaskedLM.from_pretrained(str(name_or_path)), decoder_weight=decoder_weight)
+    def from_pretrained(cls, name_or_path, decoder_weight=1.0, new_head="random"):
+        """`new_head`: how a checkpoint without an MLM head starts one (`load_masked_lm`)."""
+        return cls(load_masked_lm(name_or_path, new_head), decoder_weight=decoder_weight)
 
     def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_visibility, decoder_labels,
                 attention_mask):

@@ -11,7 +11,8 @@ A checkpoint without an MLM head (a plain BertModel, e.g. all-MiniLM-L6-v2) gets
 identity transform and its output projection tied to the word embeddings, so that the vocabulary scores
 start as each hidden state's similarity to each word embedding (a text's own words first); the sparse
 objective then shifts its bias so that a passage starts with a few hundred terms (`calibrate_bias`). A
-checkpoint with a head keeps it.
+checkpoint with a head keeps it; the sparse objective shifts its bias too if it switches on more terms than that
+(an MLM head: its bias level is free, as the softmax ignores it).
 
 Training uses `forward(query=..., passage=...)` like the DenseEncoder (vectors [B, V] with autograd);
 `encode_queries` / `encode_passages` return scipy CSR matrices [N, V] (float32), built batch by batch so
@@ -63,18 +64,25 @@ class SparseEncoder(TextEncoder):
     def _max_logits(self, batch):
         """(B, V) each vocabulary logit's max over the text positions."""
         inputs = self._model_inputs(batch)
-        logits = self.model(**inputs).logits
         ids = inputs["input_ids"]
         text = inputs["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
+        transform = _head_transform(self.model)
+        if transform is not None:    # a BERT head: project and pool without the [B, L, V] logits in memory
+            hidden = transform(self.model.base_model(**inputs).last_hidden_state)
+            projection = self.model.get_output_embeddings()
+            return max_pooled_projection(hidden, projection.weight, projection.bias, text)
+        logits = self.model(**inputs).logits
         # off-text positions are never the max; a text without text tokens pools to -inf, which ReLU makes 0
         return logits.masked_fill(~text.unsqueeze(-1), float("-inf")).amax(dim=1)
 
-    def calibrate_bias(self, texts, nonzeros=INITIAL_NONZEROS, batch_size=32):
+    def calibrate_bias(self, texts, nonzeros=INITIAL_NONZEROS, batch_size=32, denser_only=False):
         """Shift every vocabulary bias by one constant so that `texts` (passages) switch on about `nonzeros`
-        terms each; returns the mean non-zeros before and after. For a head added to a checkpoint without one:
+        terms each; returns the mean non-zeros before and after. With `denser_only`, texts that already switch on
+        `nonzeros` or fewer are left as they are (after = before). For a head added to a checkpoint without one:
         its logits start centred on zero, so every term is positive somewhere in a passage (all-MiniLM-L6-v2 on
         SciFact: 30,522 of 30,522), an index as dense as the vocabulary that a short fine-tuning never thins out
-        (test nDCG@10 0.033). A constant shift keeps each text's ranking of the terms."""
+        (test nDCG@10 0.033). A constant shift keeps each text's ranking of the terms, and an MLM head's
+        predictions: its softmax ignores a shift shared by every term."""
         maxima = []
         was_training = self.training
         self.eval()
@@ -85,6 +93,8 @@ class SparseEncoder(TextEncoder):
             values = torch.cat(maxima)
             before = float((values > 0).sum()) / len(texts)
             threshold = values.topk(min(len(values), nonzeros * len(texts))).values[-1]
+            if denser_only and before <= nonzeros:
+                threshold = values.new_zeros(())
             self.model.get_output_embeddings().bias -= threshold
         self.train(was_training)
         return before, float((values > threshold).sum()) / len(texts)
@@ -158,7 +168,7 @@ class SparseEncoder(TextEncoder):
             logger.warning("%s: %d backbone weights are not in the checkpoint and start random (%s, ...)",
                            name_or_path, len(backbone_missing), backbone_missing[0])
         encoder = cls(model, AutoTokenizer.from_pretrained(name_or_path), **opts)
-        encoder.new_head = new_head   # its bias wants `calibrate_bias` before training (the sparse objective does it)
+        encoder.new_head = new_head   # the head was added here, not read from the checkpoint
         encoder.eval()  # like transformers' from_pretrained; training loops call .train()
         return encoder
 
@@ -171,13 +181,77 @@ class SparseEncoder(TextEncoder):
         return f"vocab={self.dim}, max_len(q/p)={self.query_max_len}/{self.passage_max_len}"
 
 
+def _head_transform(model):
+    """The part of a BERT-style MLM head before its vocabulary projection (dense -> GELU -> LayerNorm), or None
+    for a head of another shape (its logits are then computed whole)."""
+    return getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
+
+
+VOCAB_CHUNK = 4096   # vocabulary columns projected at a time: [B, L, 4096] floats instead of [B, L, V]
+
+
+def max_pooled_projection(hidden, weight, bias, text):
+    """(B, V) max over the text positions of hidden @ weight.T + bias; hidden [B, L, H], weight [V, H], bias [V],
+    text [B, L] bool. Equal to projecting and then pooling, but without the [B, L, V] logits."""
+    return _MaxPooledProjection.apply(hidden, weight, bias, text)
+
+
+class _MaxPooledProjection(torch.autograd.Function):
+    """The vocabulary projection fused with the max over positions.
+
+    Forward projects VOCAB_CHUNK columns at a time and keeps each column's max and the position it came from.
+    A max passes its gradient to that one position, so backward needs no [B, L, V] product either: each
+    (text, term) with a non-zero gradient adds grad * weight[term] to the hidden state at its position, and
+    grad * hidden[position] to the term's weight row. Sparse training's gradients are zero wherever
+    log(1 + ReLU) is, so backward touches a few hundred terms per text instead of L x V logits
+    (all-MiniLM-L6-v2, 64 passages x 128 tokens: bench/sparse_step.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, text):
+        batch, length, _ = hidden.shape
+        vocab = weight.shape[0]
+        w = weight.to(hidden.dtype)
+        off_text = ~text.unsqueeze(-1)
+        pooled = hidden.new_empty(batch, vocab)
+        position = torch.empty(batch, vocab, dtype=torch.long, device=hidden.device)
+        for start in range(0, vocab, VOCAB_CHUNK):
+            end = min(start + VOCAB_CHUNK, vocab)
+            logits = (hidden @ w[start:end].T).masked_fill_(off_text, float("-inf"))
+            pooled[:, start:end], position[:, start:end] = logits.max(dim=1)   # (bf16 logits under autocast)
+        # the bias is the same at every position: added after the max
+        if bias is not None:
+            pooled += bias.to(pooled.dtype)
+        ctx.save_for_backward(hidden, weight, position, torch.isneginf(pooled))
+        ctx.has_bias = bias is not None
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, position, empty = ctx.saved_tensors
+        batch, length, width = hidden.shape
+        grad = grad.masked_fill(empty, 0)              # a text without text tokens pooled nothing
+        rows, terms = grad.nonzero(as_tuple=True)
+        values = grad[rows, terms]
+        at = rows * length + position[rows, terms]     # flat [B * L] index of each max
+        flat_hidden = hidden.reshape(batch * length, width)
+        grad_hidden = torch.zeros_like(flat_hidden)
+        grad_weight = torch.zeros_like(weight)         # in the weight's precision: summed over many texts
+        step = 1 << 16                                 # bounds the [step, H] gathers when every term has a gradient
+        for s in range(0, len(values), step):
+            v, t, a = values[s:s + step, None], terms[s:s + step], at[s:s + step]
+            grad_hidden.index_add_(0, a, v * weight[t].to(v.dtype))
+            grad_weight.index_add_(0, t, (v * flat_hidden[a]).to(weight.dtype))
+        grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return grad_hidden.view_as(hidden), grad_weight, grad_bias, None
+
+
 def _identity_transform(model):
     """Start a new BERT head's transform (dense -> GELU -> LayerNorm) with the identity as its dense layer (True
     if it could). With the output projection tied to the word embeddings, each position then scores the vocabulary
     by how close its hidden state is to each word's embedding, which puts a text's own words first:
     all-MiniLM-L6-v2 on SciFact, 83% of a passage's 50 heaviest terms are its own tokens, against 1% through a
     random transform."""
-    transform = getattr(getattr(getattr(model, "cls", None), "predictions", None), "transform", None)
+    transform = _head_transform(model)
     if transform is None or transform.dense.weight.shape[0] != transform.dense.weight.shape[1]:
         return False                      # another architecture's head: left as transformers made it
     with torch.no_grad():
