@@ -40,6 +40,15 @@ def require_real_inputs():
     return model, SCIFACT
 
 
+def require_run_outputs(run_dir, needed, yaml):
+    """Exits 0 with a "skipped" line unless every path in `needed` exists under the pipeline run `run_dir`
+    (what `reprolib run params/<yaml>` writes)."""
+    missing = [name for name in needed if not (Path(run_dir) / name).exists()]
+    if missing:
+        print(f"skipped: {run_dir} lacks {', '.join(missing)} (run `reprolib run params/{yaml}`)")
+        sys.exit(0)
+
+
 def scifact_passages(limit=None, seed=0):
     """(ids, texts) of SciFact passages, text = title + " " + text; a seeded random `limit` of them if given."""
     import random

@@ -13,10 +13,9 @@ copy (`distill_klc_seed43`) is compared with the control of its seed. Skips (exi
 pipeline's outputs are absent.
 """
 import argparse
-import sys
 from pathlib import Path
 
-from benchutil import REPO, RESULTS, header, write_json
+from benchutil import REPO, RESULTS, header, require_run_outputs, write_json
 
 CONTROL = ("finetune_hn", "index_hn")
 NEGATIVES_PER_GROUP = 3
@@ -30,10 +29,7 @@ def main(argv=None):
     run_dir = args.run_dir
     needed = ["data", "teacher/teacher_scores.tsv", *(f"{name}/model" if name.startswith("finetune") else f"{name}/index"
                                                       for name in CONTROL)]
-    missing = [name for name in needed if not (run_dir / name).exists()]
-    if missing:
-        print(f"skipped: {run_dir} lacks {', '.join(missing)} (run `reprolib run params/scifact_minilm.yaml`)")
-        sys.exit(0)
+    require_run_outputs(run_dir, needed, "scifact_minilm.yaml")
 
     from reprolib.data import Corpus, read_qrels
     from reprolib.data.formats import read_scores

@@ -15,10 +15,9 @@ z). The BM25 weight w is picked on the train queries, then the fusion is compare
 Skips (exit 0) when the pipeline's outputs are absent.
 """
 import argparse
-import sys
 from pathlib import Path
 
-from benchutil import REPO, RESULTS, header, write_json
+from benchutil import REPO, RESULTS, header, require_run_outputs, write_json
 
 WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -31,10 +30,7 @@ def main(argv=None):
     run_dir = args.run_dir
     needed = ["dense_control/run.trec", "bm25/run.trec", "bm25_train/run.trec", "finetune_control/model",
               "index_control/index", "data"]
-    missing = [name for name in needed if not (run_dir / name).exists()]
-    if missing:
-        print(f"skipped: {run_dir} lacks {', '.join(missing)} (run `reprolib run params/scifact_pretraining.yaml`)")
-        sys.exit(0)
+    require_run_outputs(run_dir, needed, "scifact_pretraining.yaml")
 
     from reprolib.data import Corpus, read_qrels, read_run
     from reprolib.data.layout import find_qrels_file, load_queries
