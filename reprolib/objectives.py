@@ -230,8 +230,8 @@ class CrossEncoderObjective(Contrastive):
 
 
 class Pretraining:
-    """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone."""
-    loss_parts = ("encoder_loss", "decoder_loss")
+    """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone. With
+    decoder_loss_weight 0 (the MLM-only control) no decoder runs, and the log has no decoder_loss column."""
 
     @classmethod
     def build(cls, config, corpus):
@@ -244,6 +244,8 @@ class Pretraining:
         from reprolib.data.templates import get_template
 
         self.config = config
+        decoder = bool(config.decoder_loss_weight)
+        self.loss_parts = ("encoder_loss", "decoder_loss") if decoder else ("encoder_loss",)
         path = _init_model(config, corpus)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         template = get_template(config.template)
@@ -252,7 +254,8 @@ class Pretraining:
                                     progress=config.progress, pack=config.pack)
         self.examples = PretrainingExamples(sequences, self.tokenizer, config.objective,
                                             encoder_ratio=config.encoder_mask_ratio,
-                                            decoder_ratio=config.decoder_mask_ratio, seed=config.seed)
+                                            decoder_ratio=config.decoder_mask_ratio, seed=config.seed,
+                                            decoder=decoder)
         if config.objective == "retromae":
             from reprolib.modeling.retromae import RetroMAEForPretraining
 
@@ -269,7 +272,10 @@ class Pretraining:
     def loss(self, model, items, device):
         batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}
         loss, encoder_loss, decoder_loss = model(**batch)
-        return loss, {"encoder_loss": encoder_loss.item(), "decoder_loss": decoder_loss.item()}
+        parts = {"encoder_loss": encoder_loss.item()}
+        if decoder_loss is not None:
+            parts["decoder_loss"] = decoder_loss.item()
+        return loss, parts
 
     def save(self, model, path):
         model.save_pretrained(path, tokenizer=self.tokenizer)

@@ -174,6 +174,10 @@ stages:
     notebook: NB/11_pretrain_lexmae
     params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
              max_steps: 6, learning_rate: 1.0e-3}
+  - id: pretrain_mlm          # the control: no bottleneck, no decoder
+    notebook: NB/11_pretrain_lexmae
+    params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
+             max_steps: 2, learning_rate: 1.0e-3, decoder_loss_weight: 0.0}
   - id: finetune
     notebook: NB/21_finetune_sparse
     params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", passage_max_len: 48,
@@ -206,6 +210,10 @@ stages:
     notebook: NB/10_pretrain_retromae
     params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
              max_steps: 6, learning_rate: 1.0e-3}
+  - id: pretrain_mlm          # the control: no decoder
+    notebook: NB/10_pretrain_retromae
+    params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
+             max_steps: 2, learning_rate: 1.0e-3, decoder_loss_weight: 0.0}
   - id: finetune
     notebook: NB/20_finetune_dense
     params: {model: "${stages.pretrain.out}/model", train_data: "${stages.data.out}", pooling: cls,
@@ -270,6 +278,7 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
     stages, run_dir = run_to_the_end(tmp_path, TEACHER_PIPELINE)
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 6
+    assert "decoder_loss" in stages["pretrain"]["metrics"] and "decoder_loss" not in stages["pretrain_mlm"]["metrics"]
     assert {"loss.png", "rerank.png", "teacher_scores.png"} <= {p.name for p in (run_dir / "cross_encoder").iterdir()}
     assert stages["cross_encoder"]["metrics"]["teacher_queries"] > 0
     assert {"RR@10", "first_stage_RR@10"} <= set(json.loads((run_dir / "cross_encoder" / "per_query.json").read_text()))
@@ -290,6 +299,7 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
 def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
     stages, run_dir = run_to_the_end(tmp_path, SPARSE_PIPELINE)
     assert {"loss.png", "bottleneck_terms.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
+    assert "decoder_loss" in stages["pretrain"]["metrics"] and "decoder_loss" not in stages["pretrain_mlm"]["metrics"]
     assert {"flops.png", "sparsity.png", "query_terms.png"} <= {p.name for p in (run_dir / "finetune").iterdir()}
     assert stages["finetune"]["metrics"]["nonzeros_per_passage"] > 0
     # a new head starts at ~256 of its 2,000 terms per passage (calibrated), not at nearly all of them

@@ -194,20 +194,48 @@ def test_encoder_loss_is_hf_masked_lm_loss_and_decoder_sees_only_its_visible_col
         assert torch.allclose(decode(batch["decoder_input_ids"])[0, 3], decode(changed)[0, 3], atol=1e-6)
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.0])
-def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthetic_corpus, tmp_path, weight):
-    """The control of RetroMAE's ablation: the same examples and encoder loss, the decoder's loss weighted out."""
+@pytest.mark.parametrize("method", ["retromae", "lexmae"])
+def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthetic_corpus, tmp_path, method):
+    """The control of each method's ablation runs no decoder, and that changes nothing it learns: the same
+    encoder masks, and the encoder gradient of the full model's encoder MLM + 0 x decoder loss (dropout off)."""
     torch = pytest.importorskip("torch")
     from reprolib.objectives import build_objective
     from reprolib.training import TrainConfig
 
-    config = TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "run"), train_data=str(synthetic_dir),
-                         objective="retromae", passage_max_len=32, decoder_loss_weight=weight, seed=0)
-    config.check()
-    objective = build_objective(config, synthetic_corpus)
-    items = [objective.examples[i] for i in range(4)]
-    torch.manual_seed(0)
-    loss, parts = objective.loss(objective.model, items, "cpu")
-    assert loss.item() == pytest.approx(parts["encoder_loss"] + weight * parts["decoder_loss"], rel=1e-5)
+    def objective(weight):
+        config = TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "run"), train_data=str(synthetic_dir),
+                             objective=method, passage_max_len=32, decoder_loss_weight=weight, seed=0)
+        config.check()
+        return build_objective(config, synthetic_corpus)
+
+    full, control = objective(1.0), objective(0.0)
+    assert control.loss_parts == ("encoder_loss",) and full.loss_parts == ("encoder_loss", "decoder_loss")
+    assert not any(name.startswith("decoder") for name, _ in control.model.named_parameters())
+    control.model.lm.load_state_dict(full.model.lm.state_dict())     # the same start (a scratch model is rebuilt)
+    items = [full.examples[i] for i in range(4)]
+    control_items = [control.examples[i] for i in range(4)]
+    for item, control_item in zip(items, control_items):             # the encoder's half, drawn identically
+        assert control_item.keys() == {"encoder_input_ids", "encoder_labels"}
+        for key in control_item:
+            np.testing.assert_array_equal(item[key], control_item[key])
+
+    def encoder_gradient(model, items, weight):
+        model.eval()                                                  # no dropout: the two passes are comparable
+        model.zero_grad()
+        batch = full.examples.collate(items) if weight is not None else control.examples.collate(items)
+        total, encoder_loss, decoder_loss = model(**batch)
+        (encoder_loss + weight * decoder_loss if weight is not None else total).backward()
+        return encoder_loss.item(), decoder_loss, [p.grad.clone() for p in model.lm.parameters() if p.grad is not None]
+
+    full_loss, decoder_loss, full_grads = encoder_gradient(full.model, items, 0.0)
+    control_loss, no_decoder, control_grads = encoder_gradient(control.model, control_items, None)
+    assert decoder_loss is not None and no_decoder is None
+    assert control_loss == pytest.approx(full_loss, rel=1e-6)
+    assert len(control_grads) == len(full_grads)
+    for a, b in zip(control_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    # the full model's encoder MLM + decoder is what it trains on
+    loss, parts = full.loss(full.model, items, "cpu")
+    assert loss.item() == pytest.approx(parts["encoder_loss"] + parts["decoder_loss"], rel=1e-5)
     with pytest.raises(Exception, match="decoder_loss_weight must be >= 0"):
         TrainConfig(model="m", out_dir="o", train_data="d", objective="retromae", decoder_loss_weight=-1).check()

@@ -91,19 +91,22 @@ def decoder_visibility(groups, length, ratio, rng, pool_size=256):
     return 1 - hidden
 
 
-def retromae_example(ids, tokens, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5):
+def retromae_example(ids, tokens, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5, decoder=True):
     """One RetroMAE pretraining example from a sequence with its specials.
 
     encoder_input_ids / encoder_labels: whole-word masking at `encoder_ratio`, BERT corruption;
     decoder_input_ids: the original ids (the decoder hides tokens through attention, never by [MASK]);
     decoder_visibility: [L, L] (see `decoder_visibility`);
     decoder_labels: every original token except the first and the last.
+    With decoder=False (the MLM-only control) the encoder's half alone, drawn exactly as with the decoder's.
     """
     ids = np.asarray(ids, dtype=np.int64)
     length = len(ids)
     groups = word_groups(tokens)
     encoder_input_ids, encoder_labels = corrupt(ids, whole_word_mask(groups, length, encoder_ratio, rng),
                                                 mask_id, vocab_size, rng)
+    if not decoder:
+        return {"encoder_input_ids": encoder_input_ids, "encoder_labels": encoder_labels}
     decoder_labels = ids.copy()
     decoder_labels[[0, length - 1]] = IGNORE
     return {"encoder_input_ids": encoder_input_ids, "encoder_labels": encoder_labels, "decoder_input_ids": ids,
@@ -121,7 +124,7 @@ def exact_token_mask(special_mask, ratio, rng):
     return mask
 
 
-def lexmae_example(ids, special_mask, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5):
+def lexmae_example(ids, special_mask, mask_id, vocab_size, rng, encoder_ratio=0.3, decoder_ratio=0.5, decoder=True):
     """One LexMAE pretraining example from a sequence with its specials.
 
     encoder_input_ids / encoder_labels: `exact_token_mask` at `encoder_ratio`, BERT corruption;
@@ -129,11 +132,14 @@ def lexmae_example(ids, special_mask, mask_id, vocab_size, rng, encoder_ratio=0.
     (decoder_ratio - encoder_ratio) / (1 - encoder_ratio), so about `decoder_ratio` in all, corrupted
     afresh from the original ids; labels only at the masked positions.
     special_mask is kept for `collate_lexmae`'s text mask.
+    With decoder=False (the MLM-only control) the encoder's half alone, drawn exactly as with the decoder's.
     """
     ids = np.asarray(ids, dtype=np.int64)
     special_mask = np.asarray(special_mask, dtype=np.int64)
     encoder_mask = exact_token_mask(special_mask, encoder_ratio, rng)
     encoder_input_ids, encoder_labels = corrupt(ids, encoder_mask, mask_id, vocab_size, rng)
+    if not decoder:
+        return {"encoder_input_ids": encoder_input_ids, "encoder_labels": encoder_labels}
     extra_rate = (decoder_ratio - encoder_ratio) / (1 - encoder_ratio)      # of the text the encoder left
     decoder_mask = encoder_mask | ((rng.random(len(ids)) < extra_rate) & (special_mask == 0))
     decoder_input_ids, decoder_labels = corrupt(ids, decoder_mask, mask_id, vocab_size, rng)
@@ -153,11 +159,11 @@ def _pad(rows, fill):
 
 def _collate_masked(examples, pad_id):
     """What both methods' batches hold: encoder and decoder ids (padded with pad_id) and labels (with
-    IGNORE), and the attention mask."""
+    IGNORE; the decoder's only where the examples have them), and the attention mask."""
     batch = {key: _pad([e[key] for e in examples], fill)
              for key, fill in (("encoder_input_ids", pad_id), ("encoder_labels", IGNORE),
-                               ("decoder_input_ids", pad_id), ("decoder_labels", IGNORE))}
-    batch["attention_mask"] = _pad([np.ones(len(e["decoder_input_ids"])) for e in examples], 0)
+                               ("decoder_input_ids", pad_id), ("decoder_labels", IGNORE)) if key in examples[0]}
+    batch["attention_mask"] = _pad([np.ones(len(e["encoder_input_ids"])) for e in examples], 0)
     return batch
 
 
@@ -166,6 +172,8 @@ def collate_retromae(examples, pad_id):
     import torch
 
     batch = _collate_masked(examples, pad_id)
+    if "decoder_visibility" not in examples[0]:                   # the MLM-only control
+        return batch
     width = batch["attention_mask"].shape[1]
     visibility = np.zeros((len(examples), width, width), dtype=np.int64)
     for r, e in enumerate(examples):
@@ -179,5 +187,7 @@ def collate_lexmae(examples, pad_id):
     """Pad a list of `lexmae_example`s into tensors, with text_mask = attention_mask minus the specials
     (the positions the lexicon bottleneck pools over)."""
     batch = _collate_masked(examples, pad_id)
+    if "special_mask" not in examples[0]:                         # the MLM-only control
+        return batch
     batch["text_mask"] = _pad([1 - e["special_mask"] for e in examples], 0)
     return batch

@@ -109,7 +109,8 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
 class PretrainingExamples:
     """`examples[i]` -> the masked example of sequence i (`retromae_example` or `lexmae_example`)."""
 
-    def __init__(self, sequences, tokenizer, method, encoder_ratio=0.3, decoder_ratio=0.5, seed=42):
+    def __init__(self, sequences, tokenizer, method, encoder_ratio=0.3, decoder_ratio=0.5, seed=42, decoder=True):
+        """decoder=False: the encoder's half of each example only (the MLM-only control, which runs no decoder)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         self.sequences = sequences
@@ -117,6 +118,7 @@ class PretrainingExamples:
         self.method = method
         self.encoder_ratio, self.decoder_ratio = encoder_ratio, decoder_ratio
         self.seed = int(seed)
+        self.decoder = decoder
         self.epoch = 0
         # LexMAE's specials are the tokens with no word (word_ids() is None): [CLS], [SEP] and padding; [UNK] is text
         self.special_ids = np.asarray([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
@@ -134,10 +136,11 @@ class PretrainingExamples:
         if self.method == "retromae":
             tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
             return retromae_example(ids, tokens, self.tokenizer.mask_token_id, vocab_size, rng,
-                                    encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio)
+                                    encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio,
+                                    decoder=self.decoder)
         special_mask = np.isin(ids, self.special_ids).astype(np.int64)
         return lexmae_example(ids, special_mask, self.tokenizer.mask_token_id, vocab_size, rng,
-                              encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio)
+                              encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio, decoder=self.decoder)
 
     def collate(self, examples):
         collate = collate_retromae if self.method == "retromae" else collate_lexmae

@@ -11,6 +11,8 @@
               -> a new head transform -> E as output projection, with a bias of its own (zeros at first)
               -> decoder MLM loss on the decoder-masked positions
     loss = encoder_weight * encoder MLM + decoder_weight * decoder MLM
+    (decoder_weight 0, the MLM-only control: neither the bottleneck nor the decoder is run; they would add
+    nothing to the encoder's gradient)
 
 Only the BertForMaskedLM is kept (`save_pretrained`): the decoder exists for pretraining alone, and
 the saved checkpoint is what the sparse (SPLADE-style) encoder fine-tunes.
@@ -36,6 +38,9 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         self.lm = lm
         self.bottleneck_type = bottleneck
         self.encoder_weight, self.decoder_weight = encoder_weight, decoder_weight
+        self.decoder = self.decoder_transform = self.decoder_bias = None
+        if not decoder_weight:          # the control: no decoder (a module without gradients would also stall DDP)
+            return
         self.decoder = nn.ModuleList(BertLayer(lm.config) for _ in range(decoder_layers))
         self.decoder_transform = BertPredictionHeadTransform(lm.config)
         for module in (self.decoder, self.decoder_transform):
@@ -67,11 +72,14 @@ class LexMAEForPretraining(MaskedAutoEncoder):
             a = saturated / (saturated.sum(dim=-1, keepdim=True) + 1e-4)
         return a, a @ self.lm.get_input_embeddings().weight.detach()
 
-    def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_labels, attention_mask,
-                text_mask):
-        """Returns (total loss, encoder MLM loss, decoder MLM loss)."""
+    def forward(self, encoder_input_ids, encoder_labels, attention_mask, decoder_input_ids=None, decoder_labels=None,
+                text_mask=None):
+        """Returns (total loss, encoder MLM loss, decoder MLM loss); the decoder loss is None for the MLM-only
+        control."""
         encoded = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
         encoder_loss = self.mlm_loss(encoded, encoder_labels, self.lm.cls)
+        if not self.decoder_weight:
+            return self.encoder_weight * encoder_loss, encoder_loss, None
         _, b = self.bottleneck(self.pooled_logits(encoded, text_mask))
         embedded = self.lm.bert.embeddings(input_ids=decoder_input_ids)
         hidden = torch.cat([b.unsqueeze(1).to(embedded.dtype), embedded[:, 1:]], dim=1)

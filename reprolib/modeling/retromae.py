@@ -5,7 +5,9 @@
     key/value      H2 = BertEmbeddings(original ids), H2[0] = h
     one new layer  A = LN(H1 + Attn(Q=H1, K=H2, V=H2, visibility)); out = LN(A + FFN(A))
     the encoder's MLM head on `out` -> decoder loss over every token but the first and last
-    loss = encoder MLM + decoder
+    loss = encoder MLM + decoder_weight x decoder
+With decoder_weight 0 (the MLM-only control) the decoder is not run: its loss would add nothing to the
+encoder's gradient, so the control is MLM pretraining alone, for the same steps, in less time.
 
 Only the BertForMaskedLM is kept (`save_pretrained`); the decoder layer exists for pretraining alone,
 so the saved checkpoint is what `DenseEncoder.from_pretrained` fine-tunes.
@@ -60,22 +62,25 @@ class EnhancedDecoderLayer(nn.Module):
 class RetroMAEForPretraining(MaskedAutoEncoder):
     def __init__(self, lm, decoder_weight=1.0):
         """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder). `decoder_weight` 0 makes the MLM-only
-        control: the decoder still runs (equal compute) but its loss teaches nothing."""
+        control: the same encoder, masks, data and steps, and no decoder."""
         super().__init__()
         self.lm = lm
-        self.decoder = EnhancedDecoderLayer(lm.config)
         self.decoder_weight = decoder_weight
+        # none for the control: a module without gradients would also stall DDP across processes
+        self.decoder = EnhancedDecoderLayer(lm.config) if decoder_weight else None
 
     @classmethod
     def from_pretrained(cls, name_or_path, decoder_weight=1.0, new_head="random"):
         """`new_head`: how a checkpoint without an MLM head starts one (`load_masked_lm`)."""
         return cls(load_masked_lm(name_or_path, new_head), decoder_weight=decoder_weight)
 
-    def forward(self, encoder_input_ids, encoder_labels, decoder_input_ids, decoder_visibility, decoder_labels,
-                attention_mask):
-        """Returns (total loss, encoder MLM loss, decoder loss)."""
+    def forward(self, encoder_input_ids, encoder_labels, attention_mask, decoder_input_ids=None,
+                decoder_visibility=None, decoder_labels=None):
+        """Returns (total loss, encoder MLM loss, decoder loss); the decoder loss is None for the MLM-only control."""
         hidden = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
         encoder_loss = self.mlm_loss(hidden, encoder_labels, self.lm.cls)
+        if not self.decoder_weight:
+            return encoder_loss, encoder_loss, None
         h = hidden[:, :1]                                                        # [B, 1, H]
         embeddings = self.lm.bert.embeddings
         key_value = torch.cat([h, embeddings(input_ids=decoder_input_ids)[:, 1:]], dim=1)
