@@ -231,6 +231,8 @@ def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthet
     control_loss, no_decoder, control_grads = encoder_gradient(control.model, control_items, None)
     assert decoder_loss is not None and no_decoder is None
     assert control_loss == pytest.approx(full_loss, rel=1e-6)
+    loss, parts = control.loss(control.model, control_items, "cpu")             # what train() logs for the control
+    assert set(parts) == {"encoder_loss"} and loss.item() == pytest.approx(parts["encoder_loss"])
     assert len(control_grads) == len(full_grads)
     for a, b in zip(control_grads, full_grads):
         assert torch.allclose(a, b, atol=1e-6)

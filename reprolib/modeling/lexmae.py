@@ -39,7 +39,7 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         self.bottleneck_type = bottleneck
         self.encoder_weight, self.decoder_weight = encoder_weight, decoder_weight
         self.decoder = self.decoder_transform = self.decoder_bias = None
-        if not decoder_weight:          # the control: no decoder (a module without gradients would also stall DDP)
+        if not decoder_weight:          # the control: no decoder (DDP also refuses parameters that get no gradient)
             return
         self.decoder = nn.ModuleList(BertLayer(lm.config) for _ in range(decoder_layers))
         self.decoder_transform = BertPredictionHeadTransform(lm.config)

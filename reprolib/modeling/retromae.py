@@ -66,7 +66,7 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         super().__init__()
         self.lm = lm
         self.decoder_weight = decoder_weight
-        # none for the control: a module without gradients would also stall DDP across processes
+        # none for the control (DDP also refuses parameters that get no gradient)
         self.decoder = EnhancedDecoderLayer(lm.config) if decoder_weight else None
 
     @classmethod
