@@ -16,12 +16,23 @@ def cmd_run(args):
     options = dict(out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force,
                    seeds=args.seeds)
     if not args.plan:
-        run_pipeline(pipeline_path(args.params), **options)
+        run_pipeline(pipeline_path(args.params), jobs=args.jobs, **options)
         return
     plan = plan_pipeline(pipeline_path(args.params), **options)
     width = max(len(sid) for sid, _, _ in plan)
     for sid, action, why in plan:
         print(f"{action:<6}  {sid:<{width}}  {why}")
+
+
+def job_count(text):
+    """`--jobs 2` -> 2."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of stages, at least 1, got {text!r}")
+    return jobs
 
 
 def seed_list(text):
@@ -347,6 +358,8 @@ def build_parser():
                    help="print what each stage would do (skip, resume, rerun) and why; run nothing")
     p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
                    help="run the seeded stages once per seed (replaces the YAML's seeds); checks use the mean")
+    p.add_argument("--jobs", type=job_count, default=1, metavar="N",
+                   help="run up to N stages at once, sharing the cores (default 1); on a GPU machine keep 1")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("notebooks", help="copy the shipped notebooks/ and params/ into a folder (for students)")

@@ -139,6 +139,7 @@ def _run_kernel(conn, request):
     os.close(log)
     os.environ.clear()
     os.environ.update(request["env"])
+    _set_threads(os.environ.get("OMP_NUM_THREADS"))
     # The parent ipykernel watches (and exits without) is the zygote: it is this process's parent, and it lives
     # as long as the pipeline. A parent also keeps ipykernel from printing its terminal banner.
     os.environ["JPY_PARENT_PID"] = str(os.getppid())
@@ -157,6 +158,18 @@ def _run_kernel(conn, request):
         status = 1
     finally:
         os._exit(status)
+
+
+def _set_threads(value):
+    """A stage's OMP_NUM_THREADS (`reprolib run --jobs`): torch and faiss read it when the zygote imported them,
+    before the stage set it, so their thread pools are resized here."""
+    if not value:
+        return
+    threads = int(value)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(threads)
 
 
 def _exit_with_socket(conn):

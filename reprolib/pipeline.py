@@ -453,17 +453,20 @@ def _stage_hashes(pipeline, params):
 # ---- running ------------------------------------------------------------------------------
 
 def run_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, only=None, force=False, seeds=None,
-                 log=print):
+                 jobs=1, log=print):
     """Run the pipeline in `params_path` into `<out_root>/<run>/`, resuming where possible.
 
     `force` reruns every stage; `from_stage` reruns that stage and all later ones; `only` runs
-    just that stage; `seeds` replaces the YAML's list of seeds. Returns the manifest. Raises
-    ReprolibError naming the stage and cell when a notebook fails.
+    just that stage; `seeds` replaces the YAML's list of seeds; `jobs` > 1 runs up to that many
+    stages at once (see `_execute_concurrently`). Returns the manifest. Raises ReprolibError naming
+    the stage and cell when a notebook fails.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ReprolibError(f"--jobs {jobs}: the number of stages run at once must be a whole number, at least 1")
     pipeline = load_pipeline(params_path, sets, seeds)
     run_dir = (Path(out_root) / pipeline.run).resolve()
     with _run_lock(run_dir):
-        return _run_locked(pipeline, run_dir, from_stage, only, force, log)
+        return _run_locked(pipeline, run_dir, from_stage, only, force, log, jobs)
 
 
 @contextlib.contextmanager
@@ -558,7 +561,7 @@ def _code_hash(stage):
     return hashlib.sha256(json.dumps(stage.code).encode()).hexdigest()
 
 
-def _run_locked(pipeline, run_dir, from_stage, only, force, log):
+def _run_locked(pipeline, run_dir, from_stage, only, force, log, jobs=1):
     params = _resolve_params(pipeline, run_dir)
     hashes = _stage_hashes(pipeline, params)
     forced = _forced_stages(pipeline, from_stage, only, force)
@@ -572,7 +575,7 @@ def _run_locked(pipeline, run_dir, from_stage, only, force, log):
         plan.append((stage, action))
     _write_manifest(run_dir, manifest)
     try:
-        _execute_plan(plan, params, hashes, manifest, run_dir, log)
+        _execute_plan(plan, params, hashes, manifest, run_dir, log, jobs)
     finally:  # checks and report are rewritten even after a failure, so they never show stale results
         checks = report.run_checks(pipeline.expected, manifest, run_dir)
         report.write_checks(run_dir, checks)
@@ -638,9 +641,12 @@ def _action(entry, digest, forced):
     return "resume" if entry["status"] in ("running", "failed") else "fresh"
 
 
-def _execute_plan(plan, params, hashes, manifest, run_dir, log):
+def _execute_plan(plan, params, hashes, manifest, run_dir, log, jobs=1):
     zygote = start_zygote() if any(action != "skip" for _, action in plan) else None  # see reprolib.kernels
     try:
+        if jobs > 1:
+            _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, jobs)
+            return
         for position, (stage, action) in enumerate(plan):
             if action == "skip":
                 log(f"skip {stage.id} (done, params unchanged)")
@@ -657,16 +663,122 @@ def _execute_plan(plan, params, hashes, manifest, run_dir, log):
             zygote.close()
 
 
-def _mark_not_run(manifest, rest, failed_id):
+def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, jobs):
+    """Run up to `jobs` stages at once, each as soon as the stages it reads have finished (YAML order among
+    the ready ones). The machine's cores are shared out: each stage's kernel gets cores // jobs threads, a
+    stage of `num_processes` N takes N of the `jobs` slots (one such stage at a time: they share a port), and
+    the threads of a stage's processes stay at cores // jobs each. On a small CPU model two stages on one
+    thread each do more per second than one on two (bench/README.md, "Stages at once"). After a failure no new
+    stage starts; the running ones finish, then the error is raised. Ctrl-C interrupts the running kernels."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads = max(1, _cores() // jobs)
+    env = {"OMP_NUM_THREADS": str(threads)}   # the kernel sets torch's and faiss's pools from it (reprolib.kernels)
+    waiting = []
+    for stage, action in plan:
+        if action == "skip":
+            log(f"skip {stage.id} (done, params unchanged)")
+        else:
+            waiting.append((stage, action))
+    finished = {sid for sid, entry in manifest["stages"].items() if entry["status"] == "done"}
+    finished -= {stage.id for stage, _ in waiting}
+    running = {}   # future -> (stage, slots, kernels: the kernel managers its notebook started)
+    failure = None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while waiting or running:
+                free = jobs - sum(slots for _, slots, _ in running.values())
+                several = any(slots > 1 for _, slots, _ in running.values())
+                for item in list(waiting if failure is None else ()):
+                    stage, action = item
+                    slots = min(jobs, _processes(params[stage.id]))
+                    if any(u not in finished for u in stage.upstream) or slots > free or (slots > 1 and several):
+                        continue
+                    waiting.remove(item)
+                    kernels = []
+                    executed, stage_dir = _begin_stage(stage, params[stage.id], hashes, action == "fresh", manifest,
+                                                       run_dir, log)
+                    future = pool.submit(_timed_execute, stage, executed, params[stage.id], stage_dir, zygote,
+                                         env, kernels)
+                    running[future] = (stage, slots, kernels)
+                    free -= slots
+                    several = several or slots > 1
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage, _, _ = running.pop(future)
+                    wall_s, error = future.result()
+                    try:
+                        _finish_stage(stage, wall_s, error, manifest, run_dir, log)
+                        finished.add(stage.id)
+                    except BaseException as e:
+                        failure = failure or (stage.id, e)
+        except BaseException:   # Ctrl-C: the kernels run in their own sessions, so interrupt them ourselves
+            _interrupt([kernels for _, _, kernels in running.values()])
+            for future, (stage, _, _) in running.items():
+                wall_s, error = future.result()
+                with contextlib.suppress(BaseException):   # a stage that finished in time is recorded as done
+                    _finish_stage(stage, wall_s, error, manifest, run_dir, log)
+            _mark_not_run(manifest, waiting, why="not run: the run was interrupted")
+            _write_manifest(run_dir, manifest)
+            raise
+    if failure is not None:
+        failed_id, error = failure
+        _mark_not_run(manifest, waiting, failed_id)
+        _write_manifest(run_dir, manifest)
+        raise error
+    if waiting:   # every stage's upstream is finished or waiting: cannot happen
+        raise ReprolibError(f"stages {', '.join(stage.id for stage, _ in waiting)} never became ready")
+
+
+def _cores():
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+def _processes(params):
+    """How many processes a stage trains with (its `num_processes` parameter, 1 without one)."""
+    value = params.get("num_processes", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+
+def _interrupt(kernel_lists, grace_s=30):
+    """SIGINT to every running stage kernel (a KeyboardInterrupt in its cell), then SIGTERM to any still
+    there after `grace_s`."""
+    import signal
+
+    processes = [km.provisioner.process for kernels in kernel_lists for km in kernels
+                 if getattr(km.provisioner, "process", None) is not None]
+    for signum, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 0)):
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+            time.sleep(0.1)
+
+
+def _mark_not_run(manifest, rest, failed_id=None, why=None):
     """Later stages that were due to run become 'skipped'; killed or failed ones keep their
     status, so a later run still resumes them in place."""
     for stage, action in rest:
         entry = manifest["stages"][stage.id]
         if action != "skip" and entry["status"] not in ("running", "failed"):
-            entry.update(status="skipped", error=f"not run: stage '{failed_id}' failed")
+            entry.update(status="skipped", error=why or f"not run: stage '{failed_id}' failed")
 
 
 def _run_stage(stage, params, hashes, clear, manifest, run_dir, log, zygote=None):
+    executed, stage_dir = _begin_stage(stage, params, hashes, clear, manifest, run_dir, log)
+    wall_s, error = _timed_execute(stage, executed, params, stage_dir, zygote)
+    _finish_stage(stage, wall_s, error, manifest, run_dir, log)
+
+
+def _begin_stage(stage, params, hashes, clear, manifest, run_dir, log):
+    """Prepare the stage's folder and mark it running; returns (executed notebook path, stage folder)."""
     digest, upstream = hashes[stage.id], {u: hashes[u] for u in stage.upstream}
     stage_dir = run_dir / stage.id
     if clear and stage_dir.exists():
@@ -679,41 +791,64 @@ def _run_stage(stage, params, hashes, clear, manifest, run_dir, log, zygote=None
                  started=_now(), finished=None, wall_s=None, metrics={}, error=None)
     _write_manifest(run_dir, manifest)
     log(f"▶ stage {stage.id} ({stage.notebook.name})")
-    executed = stage_dir / stage.notebook.name
+    return stage_dir / stage.notebook.name, stage_dir
+
+
+def _timed_execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None):
+    """(wall seconds, the error or None): also KeyboardInterrupt, since the manifest must say the stage did
+    not finish."""
     start = time.perf_counter()
     try:
-        _execute(stage, executed, params, stage_dir, zygote)
+        _execute(stage, executed, params, stage_dir, zygote, env, kernels)
         error = None
-    except BaseException as e:  # also KeyboardInterrupt: the manifest must say the stage did not finish
+    except BaseException as e:
         error = e
-    entry.update(status="failed" if error else "done", finished=_now(), wall_s=round(time.perf_counter() - start, 1),
+    return round(time.perf_counter() - start, 1), error
+
+
+def _finish_stage(stage, wall_s, error, manifest, run_dir, log):
+    stage_dir = run_dir / stage.id
+    entry = manifest["stages"][stage.id]
+    entry.update(status="failed" if error else "done", finished=_now(), wall_s=wall_s,
                  metrics=_read_json(stage_dir / METRICS, {}), error=_describe(error) if error else None)
     _write_manifest(run_dir, manifest)
     if error:
-        raise _stage_error(stage.id, error, executed)
+        raise _stage_error(stage.id, error, stage_dir / stage.notebook.name)
     metrics = " ".join(f"{name}={report.format_number(value)}" for name, value in entry["metrics"].items())
     log(f"✓ {stage.id} {entry['wall_s']}s {metrics}".rstrip())
 
 
-def _execute(stage, executed, params, stage_dir, zygote=None):
-    """Run the stage's notebook in a new kernel: a fork of `zygote` where there is one."""
+def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None):
+    """Run the stage's notebook in a new kernel: a fork of `zygote` where there is one. The kernel's
+    environment is ours plus reprolib.progress's STAGE_ENVIRONMENT plus `env`; every kernel manager the
+    run starts is appended to `kernels` (to interrupt it from another thread)."""
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
-    extra = {"kernel_manager_class": zygote.kernel_manager_class} if zygote else {}
     from reprolib.progress import STAGE_ENVIRONMENT
 
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
-    saved = {name: os.environ.get(name) for name in STAGE_ENVIRONMENT}
-    os.environ.update(STAGE_ENVIRONMENT)   # the kernel's progress bars (reprolib.progress)
-    try:
-        papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, cwd=str(stage_dir),
-                                   kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(), **extra)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
+                                    kernels if kernels is not None else [])
+    papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, kernel_name=stage.kernel,
+                               progress_bar=sys.stderr.isatty(), kernel_manager_class=manager)
+
+
+def _stage_kernel_manager(zygote, stage_dir, env, kernels):
+    """The kernel manager class of one stage: the zygote's (forked kernels) or jupyter_client's. It starts its
+    kernel in `stage_dir` with `env` added to this process's environment, and neither is set in this process
+    (papermill's own `cwd` would chdir it): stages may run in parallel threads."""
+    if zygote:
+        base = zygote.kernel_manager_class
+    else:
+        from jupyter_client import AsyncKernelManager as base
+
+    class StageKernelManager(base):
+        async def start_kernel(self, **kw):
+            kw.update(cwd=str(stage_dir), env={**kw.get("env", os.environ), **env})
+            kernels.append(self)
+            return await super().start_kernel(**kw)
+
+    return StageKernelManager
 
 
 def _describe(error):
@@ -723,7 +858,7 @@ def _describe(error):
     if isinstance(error, PapermillExecutionError):
         cell = error.exec_count if error.exec_count is not None else error.cell_index
         evalue = " ".join(str(error.evalue).split())
-        return f"cell {cell}: {error.ename}: {evalue}"
+        return f"cell {cell}: {error.ename}: {evalue}" if evalue else f"cell {cell}: {error.ename}"
     message = " ".join(str(error).split())
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 

@@ -783,3 +783,97 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
                                                                       if line.startswith("work: 100%")]   # one line
     assert all(o.name == "stdout" for o in streams)
     assert not any(o.output_type == "display_data" for cell in executed.cells for o in cell.get("outputs", []))
+
+
+# ---- --jobs: stages at once ------------------------------------------------------------------
+
+# Records when it ran and the threads its kernel was given.
+SLEEPY = """\
+import json, os, time
+from pathlib import Path
+import torch
+
+start = time.time()
+time.sleep(1.5)
+Path("times.json").write_text(json.dumps({"start": start, "end": time.time(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                                          "torch": torch.get_num_threads()}))
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"], ids=["forked kernels", "plain kernels"])
+def test_jobs_run_independent_stages_at_once_on_their_share_of_the_cores(project, monkeypatch, fork):
+    monkeypatch.setenv("REPROLIB_FORK_KERNELS", fork)
+    make_notebook(project / "notebooks" / "sleepy.ipynb", SLEEPY)
+    path = write_pipeline(project, [
+        {"id": "a", "notebook": "sleepy"},
+        {"id": "b", "notebook": "sleepy"},
+        {"id": "c", "notebook": "sleepy", "params": {"x": "${stages.a.out}", "y": "${stages.b.out}"}},
+    ])
+    manifest, _ = run(project, path, jobs=2)
+    assert {sid: entry["status"] for sid, entry in manifest["stages"].items()} == {"a": "done", "b": "done", "c": "done"}
+    times = {sid: json.loads((project / "outputs" / "demo" / sid / "times.json").read_text()) for sid in "abc"}
+    assert times["a"]["start"] < times["b"]["end"] and times["b"]["start"] < times["a"]["end"]   # a and b overlapped
+    assert times["c"]["start"] >= max(times["a"]["end"], times["b"]["end"])                      # c read both
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [(t["omp"], t["torch"]) for t in times.values()] == [(str(threads), threads)] * 3
+
+    _, lines = run(project, path, jobs=2)   # resumes as a plain run does: nothing left to do
+    assert [line for line in lines if not line.startswith("report:")] == [f"skip {sid} (done, params unchanged)"
+                                                                           for sid in "abc"]
+
+
+def test_jobs_after_a_failure_the_running_stages_finish_and_none_starts(project):
+    make_notebook(project / "notebooks" / "sleepy.ipynb", SLEEPY)
+    make_notebook(project / "notebooks" / "boom.ipynb", "import time; time.sleep(0.5)", "raise ValueError('bad value')")
+    path = write_pipeline(project, [
+        {"id": "slow", "notebook": "sleepy"},
+        {"id": "boom", "notebook": "boom"},
+        {"id": "after", "notebook": "step", "params": {"x": "${stages.slow.out}"}},
+    ])
+    with pytest.raises(ReprolibError, match=r"^stage 'boom' failed in cell 4: ValueError: bad value"):
+        run(project, path, jobs=2)
+    manifest = load_manifest(project / "outputs" / "demo")
+    assert {sid: entry["status"] for sid, entry in manifest["stages"].items()} == \
+        {"slow": "done", "boom": "failed", "after": "skipped"}
+    assert manifest["stages"]["after"]["error"] == "not run: stage 'boom' failed"
+
+
+def test_jobs_must_be_a_positive_whole_number(project, capsys):
+    path = write_pipeline(project, [STEP_STAGE])
+    with pytest.raises(ReprolibError, match="--jobs 0: the number of stages run at once must be a whole number"):
+        run(project, path, jobs=0)
+    from reprolib.cli import main
+    assert main(["run", str(path), "--jobs", "two"]) == 2
+    assert "--jobs: expected a whole number of stages, at least 1, got 'two'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to oneself")
+def test_jobs_ctrl_c_interrupts_every_running_stage(project):
+    import signal
+    import threading
+    import time
+
+    make_notebook(project / "notebooks" / "long.ipynb", "import pathlib, time; pathlib.Path('started').touch()",
+                  "time.sleep(60)")
+    path = write_pipeline(project, [
+        {"id": "a", "notebook": "long"},
+        {"id": "b", "notebook": "long"},
+        {"id": "c", "notebook": "step", "params": {"x": "${stages.a.out}"}},
+    ])
+    run_dir = project / "outputs" / "demo"
+
+    def interrupt_once_both_sleep():
+        while not all((run_dir / sid / "started").exists() for sid in "ab"):
+            time.sleep(0.1)
+        time.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_both_sleep, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run(project, path, jobs=2)
+    assert time.monotonic() - start < 50   # not the 60 s sleeps
+    stages = load_manifest(run_dir)["stages"]
+    assert {sid: entry["status"] for sid, entry in stages.items()} == {"a": "failed", "b": "failed", "c": "skipped"}
+    assert stages["a"]["error"] == stages["b"]["error"] == "cell 4: KeyboardInterrupt"
+    assert stages["c"]["error"] == "not run: the run was interrupted"
