@@ -72,6 +72,7 @@ def main():
     if args.note:
         result["note"] = args.note
     if args.summarize:
+        result.pop("load_average_at_start")   # of the machine now, not when those runs were made
         result["sides"] = []
         for item in args.summarize:
             jobs, root = item.split("=", 1)

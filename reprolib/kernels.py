@@ -161,15 +161,21 @@ def _run_kernel(conn, request):
 
 
 def _set_threads(value):
-    """A stage's OMP_NUM_THREADS (`reprolib run --jobs`): torch and faiss read it when the zygote imported them,
-    before the stage set it, so their thread pools are resized here."""
-    if not value:
+    """A stage's OMP_NUM_THREADS (`reprolib run --jobs`): the libraries the zygote imported read it before the
+    stage set it, so their thread pools are resized here (torch's own, and OpenMP's and BLAS's)."""
+    try:
+        threads = int(str(value).split(",")[0])   # "4,2": OpenMP's nested form, the outer level counts
+    except ValueError:
         return
-    threads = int(value)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     if "faiss" in sys.modules:
         sys.modules["faiss"].omp_set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits   # numpy's BLAS (installed with scikit-learn)
+    except ImportError:
+        return
+    threadpool_limits(threads)
 
 
 def _exit_with_socket(conn):

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -665,15 +666,16 @@ def _execute_plan(plan, params, hashes, manifest, run_dir, log, jobs=1):
 
 def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, jobs):
     """Run up to `jobs` stages at once, each as soon as the stages it reads have finished (YAML order among
-    the ready ones). The machine's cores are shared out: each stage's kernel gets cores // jobs threads, a
-    stage of `num_processes` N takes N of the `jobs` slots (one such stage at a time: they share a port), and
-    the threads of a stage's processes stay at cores // jobs each. On a small CPU model two stages on one
-    thread each do more per second than one on two (bench/README.md, "Stages at once"). After a failure no new
-    stage starts; the running ones finish, then the error is raised. Ctrl-C interrupts the running kernels."""
+    the ready ones). The cores are shared out: a stage takes one of the `jobs` slots, or N of them if it trains
+    with `num_processes` N (one such stage at a time: they would share a port), and its processes get
+    cores x slots / (jobs x N) threads each. On a small CPU model two stages on one thread each do more per second
+    than one on two (bench/README.md, "Stages at once"). After a failure no new stage starts; the running ones
+    finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in sessions of their own).
+
+    Stages run in threads of this process: nothing here may chdir or set os.environ (papermill resolves its own
+    paths against the process's working directory, and every path it is given is absolute)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    threads = max(1, _cores() // jobs)
-    env = {"OMP_NUM_THREADS": str(threads)}   # the kernel sets torch's and faiss's pools from it (reprolib.kernels)
     waiting = []
     for stage, action in plan:
         if action == "skip":
@@ -684,45 +686,51 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     finished -= {stage.id for stage, _ in waiting}
     running = {}   # future -> (stage, slots, kernels: the kernel managers its notebook started)
     failure = None
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        try:
-            while waiting or running:
-                free = jobs - sum(slots for _, slots, _ in running.values())
-                several = any(slots > 1 for _, slots, _ in running.values())
-                for item in list(waiting if failure is None else ()):
-                    stage, action = item
-                    slots = min(jobs, _processes(params[stage.id]))
-                    if any(u not in finished for u in stage.upstream) or slots > free or (slots > 1 and several):
-                        continue
-                    waiting.remove(item)
-                    kernels = []
-                    executed, stage_dir = _begin_stage(stage, params[stage.id], hashes, action == "fresh", manifest,
-                                                       run_dir, log)
-                    future = pool.submit(_timed_execute, stage, executed, params[stage.id], stage_dir, zygote,
-                                         env, kernels)
-                    running[future] = (stage, slots, kernels)
-                    free -= slots
-                    several = several or slots > 1
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    stage, _, _ = running.pop(future)
-                    wall_s, error = future.result()
-                    try:
-                        _finish_stage(stage, wall_s, error, manifest, run_dir, log)
-                        finished.add(stage.id)
-                    except BaseException as e:
-                        failure = failure or (stage.id, e)
-        except BaseException:   # Ctrl-C: the kernels run in their own sessions, so interrupt them ourselves
-            _interrupt([kernels for _, _, kernels in running.values()])
-            for future, (stage, _, _) in running.items():
-                wall_s, error = future.result()
-                with contextlib.suppress(BaseException):   # a stage that finished in time is recorded as done
-                    _finish_stage(stage, wall_s, error, manifest, run_dir, log)
-            _mark_not_run(manifest, waiting, why="not run: the run was interrupted")
-            _write_manifest(run_dir, manifest)
-            raise
+    abort = threading.Event()   # after Ctrl-C a kernel about to start does not
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        while waiting or running:
+            free = jobs - sum(slots for _, slots, _ in running.values())
+            several = any(slots > 1 for _, slots, _ in running.values())
+            for item in list(waiting if failure is None else ()):
+                stage, action = item
+                processes = _processes(params[stage.id])
+                slots = min(jobs, processes)
+                if any(u not in finished for u in stage.upstream) or slots > free or (slots > 1 and several):
+                    continue
+                waiting.remove(item)
+                threads = max(1, _cores() * slots // (jobs * processes))
+                executed, stage_dir = _begin_stage(stage, params[stage.id], hashes, action == "fresh", manifest,
+                                                   run_dir, log, threads)
+                kernels = []
+                future = pool.submit(_timed_execute, stage, executed, params[stage.id], stage_dir, zygote,
+                                     {"OMP_NUM_THREADS": str(threads)}, kernels, abort)
+                running[future] = (stage, slots, kernels)
+                free -= slots
+                several = several or slots > 1
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, _, _ = running.pop(future)
+                try:
+                    _finish_stage(stage, *future.result(), manifest, run_dir, log)
+                    finished.add(stage.id)
+                except Exception as e:   # the stage failed
+                    failure = failure or (stage.id, e)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            abort.set()
+            _interrupt(running)
+        wait(running)   # anything else (a bug, a full disk): the running stages finish first
+        for future, (stage, _, _) in running.items():
+            with contextlib.suppress(BaseException):   # a stage that finished in time is recorded as done
+                _finish_stage(stage, *future.result(), manifest, run_dir, log)
+        _mark_not_run(manifest, waiting, why="not run: the run was interrupted")
+        _write_manifest(run_dir, manifest)
+        raise
+    finally:
+        pool.shutdown()
     if failure is not None:
         failed_id, error = failure
         _mark_not_run(manifest, waiting, failed_id)
@@ -746,20 +754,29 @@ def _processes(params):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
-def _interrupt(kernel_lists, grace_s=30):
-    """SIGINT to every running stage kernel (a KeyboardInterrupt in its cell), then SIGTERM to any still
-    there after `grace_s`."""
+def _interrupt(running, grace_s=30):
+    """Signal the running stages' kernels until every stage's thread has returned: SIGINT (a KeyboardInterrupt
+    in the running cell), then SIGTERM after `grace_s` or at a second Ctrl-C. A kernel still starting is
+    signalled once it has a process."""
     import signal
+    from concurrent.futures import wait
 
-    processes = [km.provisioner.process for kernels in kernel_lists for km in kernels
-                 if getattr(km.provisioner, "process", None) is not None]
-    for signum, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 0)):
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(process.poll() is None for process in processes):
-            time.sleep(0.1)
+    deadline = time.monotonic() + grace_s
+    sent = set()
+    while True:
+        try:
+            _, pending = wait(running, timeout=0.5)
+        except KeyboardInterrupt:
+            deadline, pending = 0, [future for future in running if not future.done()]
+        if not pending:
+            return
+        signum = signal.SIGINT if time.monotonic() < deadline else signal.SIGTERM
+        for future in pending:
+            for km in running[future][2]:
+                process = getattr(getattr(km, "provisioner", None), "process", None)
+                if process is not None and process.poll() is None and (process.pid, signum) not in sent:
+                    process.send_signal(signum)
+                    sent.add((process.pid, signum))
 
 
 def _mark_not_run(manifest, rest, failed_id=None, why=None):
@@ -777,8 +794,9 @@ def _run_stage(stage, params, hashes, clear, manifest, run_dir, log, zygote=None
     _finish_stage(stage, wall_s, error, manifest, run_dir, log)
 
 
-def _begin_stage(stage, params, hashes, clear, manifest, run_dir, log):
-    """Prepare the stage's folder and mark it running; returns (executed notebook path, stage folder)."""
+def _begin_stage(stage, params, hashes, clear, manifest, run_dir, log, threads=None):
+    """Prepare the stage's folder and mark it running; returns (executed notebook path, stage folder). `threads`:
+    what each of its processes was given (None: the default, all cores), recorded since results depend on it."""
     digest, upstream = hashes[stage.id], {u: hashes[u] for u in stage.upstream}
     stage_dir = run_dir / stage.id
     if clear and stage_dir.exists():
@@ -788,18 +806,18 @@ def _begin_stage(stage, params, hashes, clear, manifest, run_dir, log):
         json.dump(params, f, indent=2, default=str)
     entry = manifest["stages"][stage.id]
     entry.update(status="running", params_hash=digest, code_hash=_code_hash(stage), upstream_hashes=upstream,
-                 started=_now(), finished=None, wall_s=None, metrics={}, error=None)
+                 started=_now(), finished=None, wall_s=None, metrics={}, error=None, threads=threads)
     _write_manifest(run_dir, manifest)
     log(f"▶ stage {stage.id} ({stage.notebook.name})")
     return stage_dir / stage.notebook.name, stage_dir
 
 
-def _timed_execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None):
+def _timed_execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None, abort=None):
     """(wall seconds, the error or None): also KeyboardInterrupt, since the manifest must say the stage did
     not finish."""
     start = time.perf_counter()
     try:
-        _execute(stage, executed, params, stage_dir, zygote, env, kernels)
+        _execute(stage, executed, params, stage_dir, zygote, env, kernels, abort)
         error = None
     except BaseException as e:
         error = e
@@ -818,22 +836,23 @@ def _finish_stage(stage, wall_s, error, manifest, run_dir, log):
     log(f"✓ {stage.id} {entry['wall_s']}s {metrics}".rstrip())
 
 
-def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None):
+def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=None, abort=None):
     """Run the stage's notebook in a new kernel: a fork of `zygote` where there is one. The kernel's
     environment is ours plus reprolib.progress's STAGE_ENVIRONMENT plus `env`; every kernel manager the
-    run starts is appended to `kernels` (to interrupt it from another thread)."""
+    run starts is appended to `kernels` (to interrupt it from another thread), and none starts once the
+    threading.Event `abort` is set."""
     import papermill  # here, not at the top: notebooks import this module for save_metrics only
 
     from reprolib.progress import STAGE_ENVIRONMENT
 
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
     manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
-                                    kernels if kernels is not None else [])
+                                    kernels if kernels is not None else [], abort)
     papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, kernel_name=stage.kernel,
                                progress_bar=sys.stderr.isatty(), kernel_manager_class=manager)
 
 
-def _stage_kernel_manager(zygote, stage_dir, env, kernels):
+def _stage_kernel_manager(zygote, stage_dir, env, kernels, abort=None):
     """The kernel manager class of one stage: the zygote's (forked kernels) or jupyter_client's. It starts its
     kernel in `stage_dir` with `env` added to this process's environment, and neither is set in this process
     (papermill's own `cwd` would chdir it): stages may run in parallel threads."""
@@ -844,6 +863,8 @@ def _stage_kernel_manager(zygote, stage_dir, env, kernels):
 
     class StageKernelManager(base):
         async def start_kernel(self, **kw):
+            if abort is not None and abort.is_set():
+                raise KeyboardInterrupt
             kw.update(cwd=str(stage_dir), env={**kw.get("env", os.environ), **env})
             kernels.append(self)
             return await super().start_kernel(**kw)

@@ -787,55 +787,85 @@ def test_a_stage_stores_its_progress_bars_finished_as_text(project):
 
 # ---- --jobs: stages at once ------------------------------------------------------------------
 
-# Records when it ran and the threads its kernel was given.
-SLEEPY = """\
+# A stage that proves it ran beside another: it leaves a file named after itself in `files`, waits up to a
+# minute for the file of stage `tag` (if any), sleeps `value` s, and records what it saw and the threads it had.
+MEET = """\
 import json, os, time
 from pathlib import Path
-import torch
+import threadpoolctl, torch
 
 start = time.time()
-time.sleep(1.5)
-Path("times.json").write_text(json.dumps({"start": start, "end": time.time(), "omp": os.environ.get("OMP_NUM_THREADS"),
-                                          "torch": torch.get_num_threads()}))
+Path(files, Path(out_dir).name).touch()
+while tag and not Path(files, tag).exists() and time.time() < start + 60:
+    time.sleep(0.05)
+time.sleep(value)
+blas = sorted({pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"})
+Path("ran.json").write_text(json.dumps({"start": start, "end": time.time(), "met": bool(tag) and Path(files, tag).exists(),
+                                        "omp": os.environ.get("OMP_NUM_THREADS"), "torch": torch.get_num_threads(),
+                                        "blas": blas}))
 """
+
+
+def meet_pipeline(project, stages):
+    make_notebook(project / "notebooks" / "meet.ipynb", MEET, params=STEP_PARAMS + "\nnum_processes = 1")
+    (project / "met").mkdir()
+    return write_pipeline(project, stages, defaults={"files": str(project / "met")})
+
+
+def ran_json(project, sid):
+    return json.loads((project / "outputs" / "demo" / sid / "ran.json").read_text())
 
 
 @pytest.mark.parametrize("fork", ["1", "0"], ids=["forked kernels", "plain kernels"])
 def test_jobs_run_independent_stages_at_once_on_their_share_of_the_cores(project, monkeypatch, fork):
     monkeypatch.setenv("REPROLIB_FORK_KERNELS", fork)
-    make_notebook(project / "notebooks" / "sleepy.ipynb", SLEEPY)
-    path = write_pipeline(project, [
-        {"id": "a", "notebook": "sleepy"},
-        {"id": "b", "notebook": "sleepy"},
-        {"id": "c", "notebook": "sleepy", "params": {"x": "${stages.a.out}", "y": "${stages.b.out}"}},
+    path = meet_pipeline(project, [
+        {"id": "a", "notebook": "meet", "params": {"tag": "b"}},
+        {"id": "b", "notebook": "meet", "params": {"tag": "a"}},
+        {"id": "c", "notebook": "meet", "params": {"x": "${stages.a.out}", "y": "${stages.b.out}"}},
     ])
     manifest, _ = run(project, path, jobs=2)
-    assert {sid: entry["status"] for sid, entry in manifest["stages"].items()} == {"a": "done", "b": "done", "c": "done"}
-    times = {sid: json.loads((project / "outputs" / "demo" / sid / "times.json").read_text()) for sid in "abc"}
-    assert times["a"]["start"] < times["b"]["end"] and times["b"]["start"] < times["a"]["end"]   # a and b overlapped
-    assert times["c"]["start"] >= max(times["a"]["end"], times["b"]["end"])                      # c read both
+    seen = {sid: ran_json(project, sid) for sid in "abc"}
+    assert seen["a"]["met"] and seen["b"]["met"]                            # a and b ran at the same time
+    assert seen["c"]["start"] >= max(seen["a"]["end"], seen["b"]["end"])    # c read both
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert [(t["omp"], t["torch"]) for t in times.values()] == [(str(threads), threads)] * 3
+    assert [(t["omp"], t["torch"], t["blas"]) for t in seen.values()] == [(str(threads), threads, [threads])] * 3
+    assert [manifest["stages"][sid]["threads"] for sid in "abc"] == [threads] * 3
 
     _, lines = run(project, path, jobs=2)   # resumes as a plain run does: nothing left to do
     assert [line for line in lines if not line.startswith("report:")] == [f"skip {sid} (done, params unchanged)"
                                                                            for sid in "abc"]
 
 
+def test_jobs_a_stage_of_two_processes_takes_two_slots(project):
+    path = meet_pipeline(project, [
+        {"id": "two", "notebook": "meet", "params": {"num_processes": 2, "value": 1}},
+        {"id": "b", "notebook": "meet", "params": {"tag": "c", "value": 1}},
+        {"id": "c", "notebook": "meet", "params": {"tag": "b", "value": 1}},
+    ])
+    manifest, _ = run(project, path, jobs=2)
+    seen = {sid: ran_json(project, sid) for sid in ("two", "b", "c")}
+    assert seen["b"]["met"] and seen["c"]["met"]
+    assert seen["two"]["end"] <= min(seen["b"]["start"], seen["c"]["start"])   # it ran alone (YAML order: first)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert manifest["stages"]["two"]["threads"] == threads   # per process: 2 slots of cores/2, over 2 processes
+
+
 def test_jobs_after_a_failure_the_running_stages_finish_and_none_starts(project):
-    make_notebook(project / "notebooks" / "sleepy.ipynb", SLEEPY)
-    make_notebook(project / "notebooks" / "boom.ipynb", "import time; time.sleep(0.5)", "raise ValueError('bad value')")
-    path = write_pipeline(project, [
-        {"id": "slow", "notebook": "sleepy"},
+    make_notebook(project / "notebooks" / "boom.ipynb",
+                  "from pathlib import Path\nPath(files, 'boom').touch()\nraise ValueError('bad value')")
+    path = meet_pipeline(project, [
+        {"id": "slow", "notebook": "meet", "params": {"tag": "boom", "value": 2}},   # ends 2 s after boom fails
         {"id": "boom", "notebook": "boom"},
         {"id": "after", "notebook": "step", "params": {"x": "${stages.slow.out}"}},
     ])
-    with pytest.raises(ReprolibError, match=r"^stage 'boom' failed in cell 4: ValueError: bad value"):
+    with pytest.raises(ReprolibError, match=r"^stage 'boom' failed in cell 3: ValueError: bad value"):
         run(project, path, jobs=2)
     manifest = load_manifest(project / "outputs" / "demo")
     assert {sid: entry["status"] for sid, entry in manifest["stages"].items()} == \
         {"slow": "done", "boom": "failed", "after": "skipped"}
     assert manifest["stages"]["after"]["error"] == "not run: stage 'boom' failed"
+    assert ran_json(project, "slow")["met"]
 
 
 def test_jobs_must_be_a_positive_whole_number(project, capsys):
@@ -853,8 +883,7 @@ def test_jobs_ctrl_c_interrupts_every_running_stage(project):
     import threading
     import time
 
-    make_notebook(project / "notebooks" / "long.ipynb", "import pathlib, time; pathlib.Path('started').touch()",
-                  "time.sleep(60)")
+    make_notebook(project / "notebooks" / "long.ipynb", "import pathlib, time\npathlib.Path('started').touch()\ntime.sleep(60)")
     path = write_pipeline(project, [
         {"id": "a", "notebook": "long"},
         {"id": "b", "notebook": "long"},
@@ -875,5 +904,5 @@ def test_jobs_ctrl_c_interrupts_every_running_stage(project):
     assert time.monotonic() - start < 50   # not the 60 s sleeps
     stages = load_manifest(run_dir)["stages"]
     assert {sid: entry["status"] for sid, entry in stages.items()} == {"a": "failed", "b": "failed", "c": "skipped"}
-    assert stages["a"]["error"] == stages["b"]["error"] == "cell 4: KeyboardInterrupt"
+    assert stages["a"]["error"] == stages["b"]["error"] == "cell 3: KeyboardInterrupt"
     assert stages["c"]["error"] == "not run: the run was interrupted"
