@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 # What the zygote imports: the heavy third-party modules nearly every notebook imports first. Not reprolib's
 # own (they import in a fraction of a second): a kernel must run the library as it is when its stage starts,
@@ -55,6 +56,11 @@ class Zygote:
         self.process = subprocess.Popen([sys.executable, "-m", "reprolib.kernels", "zygote", self.socket_path],
                                         stdin=subprocess.PIPE, env={**os.environ, **STAGE_ENVIRONMENT})
         self.kernel_manager_class = _forked_kernel_manager(self.socket_path)
+        # A proxy that finds no socket becomes an ordinary kernel: wait for the bind (a fraction of a second, before
+        # the imports), or the first stage races it and loses whenever papermill is already imported.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket_path) and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def close(self):
         if self.process.poll() is None:

@@ -99,6 +99,14 @@ def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypa
     assert kernel_processes(token=token) == []                        # zygote, proxies and kernels are gone
 
 
+def test_a_second_run_in_the_same_process_forks_its_first_stage_too(tmp_path):
+    """With papermill already imported the first stage's proxy starts at once: the zygote must be listening."""
+    path = write_pipeline(tmp_path, [{"id": "a", "notebook": "probe"}])
+    for out in ("first", "second"):
+        run_pipeline(path, out_root=tmp_path / out, log=lambda line: None)
+        assert json.loads((tmp_path / out / "k" / "a" / "probe.json").read_text())["torch_preloaded"], out
+
+
 def test_a_kernel_that_dies_fails_its_stage_and_leaves_nothing(tmp_path, token):
     path = write_pipeline(tmp_path, [{"id": "dies", "notebook": "die"}])
 
