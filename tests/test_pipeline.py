@@ -895,12 +895,19 @@ def test_jobs_ctrl_c_interrupts_every_running_stage(project):
         while not all((run_dir / sid / "started").exists() for sid in "ab"):
             time.sleep(0.1)
         time.sleep(1)
-        os.kill(os.getpid(), signal.SIGINT)
+        # to the main thread, where a terminal's Ctrl-C lands: os.kill from this thread may be taken by this thread,
+        # and then nothing wakes the main thread's wait
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    threading.Thread(target=interrupt_once_both_sleep, daemon=True).start()
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run(project, path, jobs=2)
+    # Ctrl-C as a terminal delivers it, whatever an earlier test left as this process's SIGINT handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_both_sleep, daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run(project, path, jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 50   # not the 60 s sleeps
     stages = load_manifest(run_dir)["stages"]
     assert {sid: entry["status"] for sid, entry in stages.items()} == {"a": "failed", "b": "failed", "c": "skipped"}
