@@ -73,7 +73,11 @@ def machine():
         info["cpus_usable"] = len(os.sched_getaffinity(0))
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+            lines = f.readlines()
+        info["cpu_model"] = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), None)
+        # what decides a CPU's speed here: AVX-512 and native bf16 run the same work 2-3x faster than AVX2 alone
+        flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+        info["cpu_flags"] = sorted(set(flags) & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(next(l for l in f if l.startswith("MemTotal")).split()[1]) / 2**20, 1)
     except (OSError, StopIteration):

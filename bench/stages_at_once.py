@@ -49,14 +49,6 @@ def summarize(out_root, jobs, wall_s=None):
     return side
 
 
-def _cpu_flags():
-    try:
-        line = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return line.split(":", 1)[1].split()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("params", help="a pipeline YAML")
@@ -68,7 +60,6 @@ def main():
 
     result = header("stages_at_once")
     result["params"] = args.params
-    result["cpu_flags"] = sorted(set(_cpu_flags()) & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
     if args.note:
         result["note"] = args.note
     if args.summarize:
