@@ -173,14 +173,10 @@ def _set_threads(value):
         threads = int(str(value).split(",")[0])   # "4,2": OpenMP's nested form, the outer level counts
     except ValueError:
         return
+    from threadpoolctl import threadpool_limits
+
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    if "faiss" in sys.modules:
-        sys.modules["faiss"].omp_set_num_threads(threads)
-    try:
-        from threadpoolctl import threadpool_limits   # numpy's BLAS (installed with scikit-learn)
-    except ImportError:
-        return
+        sys.modules["torch"].set_num_threads(threads)   # torch's own pool; the rest are OpenMP's and BLAS's
     threadpool_limits(threads)
 
 
