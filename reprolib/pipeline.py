@@ -669,9 +669,10 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     the ready ones). The cores are shared out: a stage takes one of the `jobs` slots, or N of them if it trains
     with `num_processes` N (one such stage at a time: they would share a port), and its processes get
     cores x slots / (jobs x N) threads each. On a small CPU model two stages on one thread each do more per second
-    than one on two (bench/README.md, "Stages at once"). A stage that starts with nothing running, and that every
-    stage still waiting reads (directly or through others), runs alone to its end: it takes every slot, so the
-    data stage or a pretraining that all the rest starts from gets all the cores. After a failure no new stage starts; the running ones
+    than one on two (bench/README.md, "Stages at once"). A stage that no other stage of the run can overlap (each
+    one reads it or is read by it, directly or through others) takes every slot: the data stage, or a pretraining
+    that all the rest starts from. That depends on the plan alone, not on timing, so a rerun gets the same threads
+    (and numbers). After a failure no new stage starts; the running ones
     finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in sessions of their own).
 
     Stages run in threads of this process: nothing here may chdir or set os.environ (papermill resolves its own
@@ -687,7 +688,7 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     finished = {sid for sid, entry in manifest["stages"].items() if entry["status"] == "done"}
     finished -= {stage.id for stage, _ in waiting}
     running = {}   # future -> (stage, slots, kernels: the kernel managers its notebook started)
-    ancestors = _ancestors(stage for stage, _ in plan)
+    alone = _alone([stage for stage, _ in waiting])
     failure = None
     abort = threading.Event()   # after Ctrl-C a kernel about to start does not
     pool = ThreadPoolExecutor(max_workers=jobs)
@@ -702,8 +703,8 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
                 if any(u not in finished for u in stage.upstream) or slots > free or (slots > 1 and several):
                     continue
                 waiting.remove(item)
-                if not running and all(stage.id in ancestors[other.id] for other, _ in waiting):
-                    slots = jobs   # nothing else can start before it ends
+                if stage.id in alone:
+                    slots = jobs
                 threads = max(1, _cores() * slots // (jobs * processes))
                 executed, stage_dir = _begin_stage(stage, params[stage.id], hashes, action == "fresh", manifest,
                                                    run_dir, log, threads)
@@ -745,12 +746,14 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
         raise ReprolibError(f"stages {', '.join(stage.id for stage, _ in waiting)} never became ready")
 
 
-def _ancestors(stages):
-    """{stage id: the ids of every stage it reads, directly or through others}; `stages` in YAML order."""
+def _alone(stages):
+    """The ids of the `stages` (YAML order) that none of the others can run beside: each other one reads it or
+    is read by it, directly or through other stages."""
     ancestors = {}
-    for stage in stages:
-        ancestors[stage.id] = set(stage.upstream).union(*(ancestors[u] for u in stage.upstream))
-    return ancestors
+    for stage in stages:   # stages outside the list are done: they order nothing
+        ancestors[stage.id] = set(stage.upstream).union(*(ancestors[u] for u in stage.upstream if u in ancestors))
+    return {stage.id for stage in stages
+            if all(other is stage or other.id in ancestors[stage.id] or stage.id in ancestors[other.id] for other in stages)}
 
 
 def _cores():

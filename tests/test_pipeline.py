@@ -839,6 +839,25 @@ def test_jobs_run_independent_stages_at_once_on_their_share_of_the_cores(project
                                                                            for sid in "abc"]
 
 
+def test_jobs_a_stage_runs_alone_only_where_no_other_stage_could_overlap_it():
+    """Whether a stage takes every core follows from the stages it reads, never from what happens to be running
+    when it starts: so a rerun gets the same threads, and the same numbers."""
+    from types import SimpleNamespace
+
+    from reprolib.pipeline import _alone
+
+    def stages(**upstream):
+        return [SimpleNamespace(id=sid, upstream=ups) for sid, ups in upstream.items()]
+
+    # data -> a and b side by side -> report: only data and report are alone
+    assert _alone(stages(data=[], a=["data"], b=["data"], report=["data", "a", "b"])) == {"data", "report"}
+    # c reads a only: b may overlap it, however soon b ends; d reads c and b
+    assert _alone(stages(a=[], b=[], c=["a"], d=["c", "b"])) == {"d"}
+    # a rerun of the stages after `done` (not in the list): what they read there orders nothing
+    assert _alone(stages(a=["done"], b=["done"])) == set()
+    assert _alone(stages(a=["done"], b=["a", "done"])) == {"a", "b"}
+
+
 def test_jobs_a_stage_of_two_processes_takes_two_slots(project):
     path = meet_pipeline(project, [
         {"id": "two", "notebook": "meet", "params": {"num_processes": 2, "value": 1}},
