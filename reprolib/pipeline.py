@@ -671,8 +671,9 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     cores x slots / (jobs x N) threads each. On a small CPU model two stages on one thread each do more per second
     than one on two (bench/README.md, "Stages at once"). A stage that no other stage of the run can overlap (each
     one reads it or is read by it, directly or through others) takes every slot: the data stage, or a pretraining
-    that all the rest starts from. That depends on the plan alone, not on timing, so a rerun gets the same threads
-    (and numbers). After a failure no new stage starts; the running ones
+    that nothing else could run beside. The stages due in this run decide it, not timing: the same command on the
+    same run folder gets the same threads. (A resume, --from or --only runs fewer stages, and one of them may then
+    run alone where the full run shared its cores: the manifest's `threads` says.) After a failure no new stage starts; the running ones
     finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in sessions of their own).
 
     Stages run in threads of this process: nothing here may chdir or set os.environ (papermill resolves its own
@@ -750,10 +751,10 @@ def _alone(stages):
     """The ids of the `stages` (YAML order) that none of the others can run beside: each other one reads it or
     is read by it, directly or through other stages."""
     ancestors = {}
-    for stage in stages:   # stages outside the list are done: they order nothing
+    for stage in stages:   # stages outside the list are not run now: they order nothing
         ancestors[stage.id] = set(stage.upstream).union(*(ancestors[u] for u in stage.upstream if u in ancestors))
-    return {stage.id for stage in stages
-            if all(other is stage or other.id in ancestors[stage.id] or stage.id in ancestors[other.id] for other in stages)}
+    return {stage.id for stage in stages if all(other is stage or other.id in ancestors[stage.id]
+                                                or stage.id in ancestors[other.id] for other in stages)}
 
 
 def _cores():

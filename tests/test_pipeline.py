@@ -840,8 +840,8 @@ def test_jobs_run_independent_stages_at_once_on_their_share_of_the_cores(project
 
 
 def test_jobs_a_stage_runs_alone_only_where_no_other_stage_could_overlap_it():
-    """Whether a stage takes every core follows from the stages it reads, never from what happens to be running
-    when it starts: so a rerun gets the same threads, and the same numbers."""
+    """Whether a stage takes every core follows from the stages due in the run and what they read, never from what
+    happens to be running when it starts: the same command gets the same threads, and the same numbers."""
     from types import SimpleNamespace
 
     from reprolib.pipeline import _alone
@@ -856,6 +856,9 @@ def test_jobs_a_stage_runs_alone_only_where_no_other_stage_could_overlap_it():
     # a rerun of the stages after `done` (not in the list): what they read there orders nothing
     assert _alone(stages(a=["done"], b=["done"])) == set()
     assert _alone(stages(a=["done"], b=["a", "done"])) == {"a", "b"}
+    # the quickstart: BM25 runs beside the first fine-tuning, so only its first and last stages are alone
+    from reprolib.pipeline import load_pipeline
+    assert _alone(load_pipeline(PARAMS_DIR / "quickstart.yaml").stages) == {"data", "report"}
 
 
 def test_jobs_a_stage_of_two_processes_takes_two_slots(project):
