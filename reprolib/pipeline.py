@@ -673,8 +673,9 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     one reads it or is read by it, directly or through others) takes every slot: the data stage, or a pretraining
     that nothing else could run beside. The stages due in this run decide it, not timing: the same command on the
     same run folder gets the same threads. (A resume, --from or --only runs fewer stages, and one of them may then
-    run alone where the full run shared its cores: the manifest's `threads` says.) After a failure no new stage starts; the running ones
-    finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in sessions of their own).
+    run alone where the full run shared its cores: the manifest's `threads` says.) After a failure no new stage
+    starts; the running ones finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in
+    sessions of their own).
 
     Stages run in threads of this process: nothing here may chdir or set os.environ (papermill resolves its own
     paths against the process's working directory, and every path it is given is absolute)."""
