@@ -77,13 +77,15 @@ def load_encoder(config, corpus):
         from reprolib.modeling.sparse import SparseEncoder
 
         return SparseEncoder.from_pretrained(_init_model(config, corpus), query_max_len=config.query_max_len,
-                                             passage_max_len=config.passage_max_len, template=config.template)
+                                             passage_max_len=config.passage_max_len, template=config.template,
+                                             dropout=config.dropout)
     from reprolib.modeling import DenseEncoder
 
     return DenseEncoder.from_pretrained(
         _init_model(config, corpus), pooling=config.pooling, normalize=config.normalize,
         projection_dim=config.projection_dim, untie=config.untie or None, t5_mode=config.t5_mode,
-        query_max_len=config.query_max_len, passage_max_len=config.passage_max_len, template=config.template)
+        query_max_len=config.query_max_len, passage_max_len=config.passage_max_len, template=config.template,
+        dropout=config.dropout)
 
 
 def collate(encoder, items, device):
@@ -217,7 +219,8 @@ class CrossEncoderObjective(Contrastive):
     def build(cls, config, corpus):
         from reprolib.modeling.cross_encoder import CrossEncoder
 
-        model = CrossEncoder.from_pretrained(_init_model(config, corpus), max_len=config.passage_max_len)
+        model = CrossEncoder.from_pretrained(_init_model(config, corpus), max_len=config.passage_max_len,
+                                             dropout=config.dropout)
         return cls(config, model, load_groups(config, model.sep_token))
 
     def loss(self, model, items, device):
@@ -260,14 +263,14 @@ class Pretraining:
             from reprolib.modeling.retromae import RetroMAEForPretraining
 
             self.model = RetroMAEForPretraining.from_pretrained(path, decoder_weight=config.decoder_loss_weight,
-                                                                new_head=config.new_head)
+                                                                new_head=config.new_head, dropout=config.dropout)
         else:
             from reprolib.modeling.lexmae import LexMAEForPretraining
 
             self.model = LexMAEForPretraining.from_pretrained(path, decoder_layers=config.decoder_layers,
                                                               bottleneck=config.bottleneck,
                                                               decoder_weight=config.decoder_loss_weight,
-                                                              new_head=config.new_head)
+                                                              new_head=config.new_head, dropout=config.dropout)
 
     def loss(self, model, items, device):
         batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}

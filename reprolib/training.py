@@ -67,6 +67,7 @@ class TrainConfig:
     projection_dim: int | None = None
     untie: bool = False
     t5_mode: str | None = None
+    dropout: float | None = None          # every dropout probability (saved with the model); None: the checkpoint's
     query_max_len: int | None = None
     passage_max_len: int | None = None    # pretraining: the sequence length (default: the template's); cross_encoder: the pair's
     # groups and loss
@@ -178,6 +179,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "group_size", "sample_neg_from_topk"):
             if getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ReprolibError(f"{source}: dropout must be in [0, 1), not {self.dropout}")
         if not self.learning_rate > 0:
             raise ReprolibError(f"{source}: learning_rate must be > 0, not {self.learning_rate}")
         if self.objective not in OBJECTIVES:
@@ -222,6 +225,8 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress"):
             data.pop(key)
+        if data["dropout"] is None:     # added later: unset, it leaves the digests of existing runs as they were
+            data.pop("dropout")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

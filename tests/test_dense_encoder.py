@@ -214,3 +214,43 @@ def test_matches_real_all_minilm_l6_v2():
     # the sentence-transformers folder's own settings are picked up when none are given
     auto = DenseEncoder.from_pretrained(model_dir)
     assert (auto.pooling, auto.normalize, auto.passage_max_len) == ("mean", True, 256)
+
+
+def _train_mode_outputs_twice(model, forward):
+    model.train()
+    torch.manual_seed(0)
+    first = forward()
+    second = forward()
+    return first, second
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_dropout_option_turns_every_dropout_off(tiny_dirs, kind):
+    """dropout=0.0: two training-mode passes agree exactly; the checkpoint's own dropout (0.1) makes them differ."""
+    for dropout, same in ((None, False), (0.0, True)):
+        enc = DenseEncoder.from_pretrained(tiny_dirs[kind], dropout=dropout)
+        batch = enc.tokenize(SENTENCES[:4], side="passage")
+        first, second = _train_mode_outputs_twice(enc, lambda: enc.embed(batch, side="passage").detach())
+        assert torch.equal(first, second) is same, (kind, dropout)
+
+
+def test_dropout_option_reaches_the_sparse_cross_encoder_and_pretraining_models(tiny_dirs):
+    from reprolib.modeling.autoencoder import load_masked_lm
+    from reprolib.modeling.cross_encoder import CrossEncoder
+    from reprolib.modeling.sparse import SparseEncoder
+
+    for dropout, same in ((None, False), (0.0, True)):
+        sparse = SparseEncoder.from_pretrained(tiny_dirs["bert"], dropout=dropout)
+        batch = sparse.tokenize(SENTENCES[:4], side="passage")
+        outputs = _train_mode_outputs_twice(sparse, lambda: sparse.embed(batch, side="passage").detach())
+        assert torch.equal(*outputs) is same, ("sparse", dropout)
+
+        cross = CrossEncoder.from_pretrained(tiny_dirs["bert"], dropout=dropout)
+        pairs = cross.tokenize([(SENTENCES[0], s) for s in SENTENCES[:4]], side="passage")
+        outputs = _train_mode_outputs_twice(cross, lambda: cross.embed(pairs).detach())
+        assert torch.equal(*outputs) is same, ("cross-encoder", dropout)
+
+        lm = load_masked_lm(tiny_dirs["bert"], dropout=dropout)
+        ids = batch["input_ids"]
+        outputs = _train_mode_outputs_twice(lm, lambda: lm(input_ids=ids).logits.detach())
+        assert torch.equal(*outputs) is same, ("masked LM", dropout)

@@ -272,25 +272,22 @@ def _on_two_machines(run_on_machine):
         return [future.result(timeout=900) for future in [pool.submit(run_on_machine, rank) for rank in (0, 1)]]
 
 
-def _no_dropout_init(synthetic_dir, out_dir):
-    """A scratch:micro BERT without dropout, so that processes splitting a batch compute the same network."""
+def _micro_init(synthetic_dir, out_dir):
+    """One scratch:micro BERT on disk, the same start for runs in different folders."""
     from reprolib.data import Corpus
     from reprolib.modeling.specs import resolve_model
 
-    path = Path(resolve_model("scratch:micro", Corpus.open(synthetic_dir, progress=False), out_dir, seed=0))
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return Path(resolve_model("scratch:micro", Corpus.open(synthetic_dir, progress=False), out_dir, seed=0))
 
 
 @pytest.mark.slow
 def test_two_machines_on_localhost_train_like_one_process_with_the_same_global_batch(synthetic_dir, tmp_path):
     """2 machines x 2 gloo processes (machine ranks 0 and 1 on 127.0.0.1), cross-device negatives and the loss
     scaled by the world size, against 1 process with the 4x batch: the same global batches and gradients, so
-    the same weights. Machine 0 writes the model and the summary; machine 1's launch returns None."""
-    init = _no_dropout_init(synthetic_dir, tmp_path / "init")
-    options = dict(model=str(init), max_steps=3, cross_device=True, scale_loss_by_world_size=True)
+    the same weights. Without dropout (`dropout: 0.0`): its draws depend on how the batch is split over the
+    processes. Machine 0 writes the model and the summary; machine 1's launch returns None."""
+    init = _micro_init(synthetic_dir, tmp_path / "init")
+    options = dict(model=str(init), max_steps=3, cross_device=True, scale_loss_by_world_size=True, dropout=0.0)
     train(_config(synthetic_dir, tmp_path / "single", batch_size=8, **options), log=lambda *_: None)
     spread = _config(synthetic_dir, tmp_path / "machines", batch_size=2, **options)
     port = _free_port()
@@ -333,7 +330,7 @@ def test_two_machines_on_localhost_encode_each_shard_once(synthetic_dir, tmp_pat
     from reprolib.modeling import DenseEncoder
     from reprolib.training import accelerate_command
 
-    model = _no_dropout_init(synthetic_dir, tmp_path / "model")
+    model = _micro_init(synthetic_dir, tmp_path / "model")
     single = tmp_path / "single"
     encode_corpus(DenseEncoder.from_pretrained(model), Corpus.open(synthetic_dir, progress=False), single,
                   shard_size=400, progress=False)
@@ -432,3 +429,35 @@ def test_a_new_run_does_not_take_an_earlier_runs_best(synthetic_dir, tmp_path, m
                             keep="best", learning_rate=2e-3), log=lambda *_: None)
     assert summary["best_step"] == 6 and summary["best_dev_RR@10"] == 0.3       # not the other run's 0.9
     assert (tmp_path / "run" / "dev_eval.csv").read_text().splitlines() == ["step,RR@10", "2,0.1", "4,0.2", "6,0.3"]
+
+
+def test_dropout_option_is_checked_and_changes_the_digest_only_when_set(synthetic_dir, tmp_path):
+    """Unset, the option leaves the digest as it was before the option existed: a run trained then is not
+    trained again."""
+    import hashlib
+
+    base = _config(synthetic_dir, tmp_path / "run")
+    assert _config(synthetic_dir, tmp_path / "run", dropout=0.0).digest() != base.digest()
+    old = dataclasses.asdict(base)
+    for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress", "dropout"):
+        old.pop(key)
+    assert base.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    with pytest.raises(ReprolibError, match="dropout must be in"):
+        TrainConfig.from_dict({**dataclasses.asdict(base), "dropout": 1.0})
+
+
+@pytest.mark.parametrize("objective", ["contrastive", "sparse", "cross_encoder", "retromae", "lexmae"])
+def test_dropout_option_reaches_the_model_of_every_objective(synthetic_dir, tmp_path, objective):
+    from torch import nn
+
+    from reprolib.data import Corpus
+    from reprolib.objectives import build_objective
+
+    corpus = Corpus.open(synthetic_dir, progress=False)
+    for dropout in (None, 0.0):
+        config = _config(synthetic_dir, tmp_path / str(dropout), objective=objective, dropout=dropout)
+        rates = [m.p for m in build_objective(config, corpus).model.modules() if isinstance(m, nn.Dropout)]
+        if dropout is None:
+            assert any(rate > 0 for rate in rates), (objective, rates)      # the checkpoint's own 0.1
+        else:
+            assert rates and all(rate == 0 for rate in rates), (objective, rates)

@@ -11,20 +11,22 @@ from reprolib.data.masking import IGNORE
 NEW_HEADS = ("random", "identity")
 
 
-def load_masked_lm(name_or_path, new_head="random"):
+def load_masked_lm(name_or_path, new_head="random", dropout=None):
     """A BertForMaskedLM. A checkpoint without an MLM head (all-MiniLM-L6-v2, scratch models) gets transformers'
     random one, or with new_head="identity" the sparse encoder's start: an identity transform and the output
     projection tied to the word embeddings, so that each position first predicts the words its hidden state is
-    closest to (`reprolib.modeling.sparse`)."""
-    from transformers import BertForMaskedLM
+    closest to (`reprolib.modeling.sparse`). `dropout` sets every dropout probability (None: the config's)."""
+    from transformers import BertConfig, BertForMaskedLM
 
     from reprolib.errors import ReprolibError
+    from reprolib.modeling.encoder import set_dropout
     from reprolib.modeling.sparse import _identity_transform, _tie_output_projection, quiet_load_report
 
     if new_head not in NEW_HEADS:
         raise ReprolibError(f"new_head must be one of {', '.join(NEW_HEADS)}, not {new_head!r}")
+    config = set_dropout(BertConfig.from_pretrained(str(name_or_path)), dropout)
     with quiet_load_report():
-        lm, info = BertForMaskedLM.from_pretrained(str(name_or_path), output_loading_info=True)
+        lm, info = BertForMaskedLM.from_pretrained(str(name_or_path), config=config, output_loading_info=True)
     if any(key.startswith("cls.") for key in info["missing_keys"]):
         if new_head == "identity":
             _tie_output_projection(lm)

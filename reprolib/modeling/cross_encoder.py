@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reprolib.modeling.encoder import TextEncoder, saved_config
+from reprolib.modeling.encoder import TextEncoder, saved_config, set_dropout
 from reprolib.modeling.sparse import quiet_load_report
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,10 @@ class CrossEncoder(TextEncoder):
             _head_in_float32(head)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, max_len=None, **model_kwargs):
+    def from_pretrained(cls, name_or_path, max_len=None, dropout=None, **model_kwargs):
         """An HF checkpoint (a sequence-classification one keeps its head; a plain encoder gets a new,
-        randomly initialised one), a "package:" spec, or a folder written by `save`."""
+        randomly initialised one), a "package:" spec, or a folder written by `save`. `dropout` sets every
+        dropout probability of the model (None: its config's)."""
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from reprolib.modeling.specs import package_path
@@ -51,7 +52,7 @@ class CrossEncoder(TextEncoder):
         found = saved if saved and saved.get("kind") == cls.kind else {}
         # num_labels goes in through the config: as a from_pretrained argument (or with output_loading_info)
         # transformers 5 logs a tensor-parallel warning for every layer
-        config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+        config = set_dropout(AutoConfig.from_pretrained(name_or_path, num_labels=1), dropout)
         if not any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
             logger.warning("%s has no relevance head: added one (random init), to be trained", name_or_path)
         with quiet_load_report():   # the head's missing weights, said in one line above

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprolib.errors import ReprolibError
-from reprolib.modeling.encoder import SIDES, TextEncoder, saved_config
+from reprolib.modeling.encoder import SIDES, TextEncoder, saved_config, set_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +138,14 @@ class DenseEncoder(TextEncoder):
     @classmethod
     def from_pretrained(cls, name_or_path, pooling=None, normalize=None, projection_dim=None, untie=None,
                         t5_mode=None, query_max_len=None, passage_max_len=None, projection_bias=None,
-                        template=None, **model_kwargs):
+                        template=None, dropout=None, **model_kwargs):
         """Load an HF model (name or path), a sentence-transformers folder, or a folder written by `save`.
 
         Unset arguments come from, in order: `template` (max lengths), the folder's reprolib_encoder.json
         or sentence-transformers config (a saved untied model loads untied), then the defaults pooling="cls", normalize=False,
-        t5_mode="decoder", query/passage max length 32/128. `model_kwargs` go to `from_pretrained` of
-        the backbone (e.g. dtype=torch.bfloat16, attn_implementation="sdpa").
+        t5_mode="decoder", query/passage max length 32/128. `dropout` sets every dropout probability of the
+        backbone (None: its config's). `model_kwargs` go to `from_pretrained` of the backbone (e.g.
+        dtype=torch.bfloat16, attn_implementation="sdpa").
         """
         from transformers import AutoTokenizer
 
@@ -183,12 +184,12 @@ class DenseEncoder(TextEncoder):
 
         if saved and saved.get("untie"):
             q_dir, p_dir = path / "query", path / "passage"
-            backbone = _load_backbone(q_dir, opts["t5_mode"], **model_kwargs)
-            p_backbone = _load_backbone(p_dir, opts["t5_mode"], **model_kwargs)
+            backbone = _load_backbone(q_dir, opts["t5_mode"], dropout, **model_kwargs)
+            p_backbone = _load_backbone(p_dir, opts["t5_mode"], dropout, **model_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(q_dir))
         else:
             model_dir = str(path / st["transformer_path"]) if st else str(name_or_path)
-            backbone = _load_backbone(model_dir, opts["t5_mode"], **model_kwargs)
+            backbone = _load_backbone(model_dir, opts["t5_mode"], dropout, **model_kwargs)
             p_backbone = None
             q_dir = p_dir = path
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -285,11 +286,13 @@ def pool(hidden, mask, pooling):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def _load_backbone(path, t5_mode, **kwargs):
+def _load_backbone(path, t5_mode, dropout=None, **kwargs):
     import transformers
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(path))
+    if dropout is not None:
+        kwargs["config"] = set_dropout(config, dropout)
     # (a checkpoint saved from T5EncoderModel has is_encoder_decoder=False in its config)
     if getattr(config, "is_encoder_decoder", False) or config.model_type in T5_ENCODER_CLASSES:
         if t5_mode == "decoder":

@@ -41,6 +41,23 @@ def native_bf16(device):
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# the endings of the config fields that hold a dropout probability (BERT's hidden_dropout_prob, T5's dropout_rate,
+# DistilBERT's dropout, DeBERTa's pooler_dropout, GPT-2's resid_pdrop, ...)
+DROPOUT_SUFFIXES = ("dropout", "dropout_prob", "dropout_rate", "_pdrop")
+
+
+def set_dropout(config, p):
+    """Set every dropout probability of an HF `config` to `p` and return it; p None keeps the checkpoint's own.
+    Pass the config to `from_pretrained` before the model is built: attention layers read it once, at init. A model
+    trained so saves the config, and with it `p`, as its own."""
+    if p is not None:
+        for field, value in vars(config).items():
+            # a None value means "use another field's" (BERT's classifier_dropout)
+            if field.endswith(DROPOUT_SUFFIXES) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(config, field, float(p))
+    return config
+
+
 def resolve_precision(precision, device):
     """"auto" -> "bf16" where `device` has native bf16, "fp16" on an older GPU, "no" on other CPUs; any other
     value is returned as it is."""

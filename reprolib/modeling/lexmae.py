@@ -50,9 +50,10 @@ class LexMAEForPretraining(MaskedAutoEncoder):
         self.decoder_bias = nn.Parameter(torch.zeros(lm.config.vocab_size))
 
     @classmethod
-    def from_pretrained(cls, name_or_path, new_head="random", **kwargs):
-        """`new_head`: how a checkpoint without an MLM head starts one (`load_masked_lm`)."""
-        return cls(load_masked_lm(name_or_path, new_head), **kwargs)
+    def from_pretrained(cls, name_or_path, new_head="random", dropout=None, **kwargs):
+        """`new_head`, `dropout`: how a checkpoint without an MLM head starts one, and the dropout
+        probability (None: the config's); see `load_masked_lm`. The decoder takes the encoder's."""
+        return cls(load_masked_lm(name_or_path, new_head, dropout), **kwargs)
 
     def pooled_logits(self, hidden, text_mask):
         """v [B, V]: the max over the text positions (text_mask [B, L], 1 on text) of the encoder's MLM logits,

@@ -70,9 +70,10 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         self.decoder = EnhancedDecoderLayer(lm.config) if decoder_weight else None
 
     @classmethod
-    def from_pretrained(cls, name_or_path, decoder_weight=1.0, new_head="random"):
-        """`new_head`: how a checkpoint without an MLM head starts one (`load_masked_lm`)."""
-        return cls(load_masked_lm(name_or_path, new_head), decoder_weight=decoder_weight)
+    def from_pretrained(cls, name_or_path, decoder_weight=1.0, new_head="random", dropout=None):
+        """`new_head`, `dropout`: how a checkpoint without an MLM head starts one, and the dropout
+        probability (None: the config's); see `load_masked_lm`. The decoder takes the encoder's."""
+        return cls(load_masked_lm(name_or_path, new_head, dropout), decoder_weight=decoder_weight)
 
     def forward(self, encoder_input_ids, encoder_labels, attention_mask, decoder_input_ids=None,
                 decoder_visibility=None, decoder_labels=None):

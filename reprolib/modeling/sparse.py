@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reprolib.modeling.encoder import TextEncoder, saved_config
+from reprolib.modeling.encoder import TextEncoder, saved_config, set_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -129,18 +129,22 @@ class SparseEncoder(TextEncoder):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name_or_path, query_max_len=None, passage_max_len=None, template=None, **model_kwargs):
+    def from_pretrained(cls, name_or_path, query_max_len=None, passage_max_len=None, template=None, dropout=None,
+                        **model_kwargs):
         """Load an HF masked-LM (name or path; "package:" specs too), a plain HF encoder (a head is added), or a
         folder written by `save`.
 
         Max lengths come from, in order: the arguments, `template`, the folder's reprolib_encoder.json, then
-        LexMAE's 32 / 144. `model_kwargs` go to AutoModelForMaskedLM.from_pretrained.
+        LexMAE's 32 / 144. `dropout` sets every dropout probability of the model (None: its config's).
+        `model_kwargs` go to AutoModelForMaskedLM.from_pretrained.
         """
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
         from reprolib.modeling.specs import package_path
 
         name_or_path = str(package_path(name_or_path))
+        if dropout is not None:
+            model_kwargs["config"] = set_dropout(AutoConfig.from_pretrained(name_or_path), dropout)
         saved = saved_config(name_or_path) if Path(name_or_path).is_dir() else None
         found = saved if saved and saved.get("kind") == cls.kind else {}
         explicit = dict(query_max_len=query_max_len, passage_max_len=passage_max_len)
