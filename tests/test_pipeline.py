@@ -596,16 +596,20 @@ PARAMS_DIR = Path(__file__).parent.parent / "params"
 def test_every_relative_check_fails_when_the_method_is_replaced_by_its_control(yaml_path, tmp_path):
     """A claim's check must be able to fail. For each relative check of each shipped YAML: a method that wins
     clearly passes, and the same check FAILs when the method's results are the control's (the method does
-    nothing) or the two stages swap roles (the method is worse than its control)."""
+    nothing) or the two stages swap roles (the method is worse than its control). An equivalence ("trains the
+    same") passes on equal results and FAILs on a gap beyond its bound (a broken cross-device gather)."""
     from reprolib.pipeline import load_pipeline
     from reprolib.report import run_checks
 
-    claims = [e for e in load_pipeline(yaml_path).expected if "than" in e and "within" not in e]
+    claims = [e for e in load_pipeline(yaml_path).expected if "than" in e]
     # a non-inferiority claim ("does not hurt") passes when the method does nothing; it must fail when it hurts
     rng = np.random.default_rng(0)
     for entry in claims:
         control = rng.uniform(0.2, 0.8, size=2000)
-        if "loses_at_most" in entry:
+        if "within" in entry:
+            apart = control - entry["within"] - 0.02 + rng.normal(0, 0.001, size=2000)
+            cases = (((control + rng.normal(0, 0.001, size=2000), control), "OK"), ((apart, control), "FAIL"))
+        elif "loses_at_most" in entry:
             loser = np.clip(control - entry["loses_at_most"] - 0.02 + rng.normal(0, 0.02, size=2000), 0, 1.5)
             cases = (((control + rng.normal(0, 0.02, size=2000), control), "OK"), ((loser, control), "FAIL"))
         else:
