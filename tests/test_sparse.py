@@ -95,13 +95,15 @@ def test_representation_is_max_log1p_relu_over_text_positions(encoder):
 
 
 @pytest.mark.parametrize("saturate", ["log1p_relu", "softmax"])   # gradients on a few terms / on every term
-def test_max_pooled_projection_equals_projecting_then_pooling(saturate, monkeypatch):
+@pytest.mark.parametrize("backward", ["gathered", "scattered"])
+def test_max_pooled_projection_equals_projecting_then_pooling(saturate, backward, monkeypatch):
     """The fused vocabulary projection + max over text positions gives the same values and the same gradients
-    (hidden states, weight, bias) as the [B, L, V] logits pooled, in vocabulary slices smaller than V; a text
-    with no text position pools to -inf and sends no gradient."""
+    (hidden states, weight, bias) as the [B, L, V] logits pooled, in vocabulary slices smaller than V, whichever
+    way backward goes; a text with no text position pools to -inf and sends no gradient."""
     import reprolib.modeling.sparse as sparse
 
     monkeypatch.setattr(sparse, "VOCAB_CHUNK", 64)
+    monkeypatch.setattr(sparse, "GATHER_COST", 0 if backward == "gathered" else 10**9)
     generator = torch.Generator().manual_seed(0)
     hidden, weight, bias = (torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_()
                             for shape in ((3, 7, 8), (150, 8), (150,)))

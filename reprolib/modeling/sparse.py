@@ -192,6 +192,10 @@ def _head_transform(model):
 
 
 VOCAB_CHUNK = 4096   # vocabulary columns projected at a time: [B, L, 4096] floats instead of [B, L, V]
+# Backward gathers rows for each (text, term) with a gradient, or places the gradient and multiplies matrices:
+# a gathered row costs about 130-340 times a matmul's multiply-add (tiny BERT to MiniLM, one AVX-512 thread),
+# so the matmuls win once more than about L/200 of the (text, term) pairs have a gradient.
+GATHER_COST = 200
 
 
 def max_pooled_projection(hidden, weight, bias, text):
@@ -208,7 +212,9 @@ class _MaxPooledProjection(torch.autograd.Function):
     (text, term) with a non-zero gradient adds grad * weight[term] to the hidden state at its position, and
     grad * hidden[position] to the term's weight row. Sparse training's gradients are zero wherever
     log(1 + ReLU) is, so backward touches a few hundred terms per text instead of L x V logits
-    (all-MiniLM-L6-v2, 64 passages x 128 tokens: bench/sparse_step.py)."""
+    (all-MiniLM-L6-v2, 64 passages x 128 tokens: bench/sparse_step.py). LexMAE's softmax bottleneck sends a
+    gradient to every term; row-by-row gathers are then slower than two matmuls with the gradient placed at
+    its positions, a vocabulary slice at a time (bench/README.md, "One sparse training step")."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, text):
@@ -234,7 +240,10 @@ class _MaxPooledProjection(torch.autograd.Function):
         hidden, weight, position, empty = ctx.saved_tensors
         batch, length, width = hidden.shape
         grad = grad.masked_fill(empty, 0)              # a text without text tokens pooled nothing
+        grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
         rows, terms = grad.nonzero(as_tuple=True)
+        if len(rows) * GATHER_COST > grad.numel() * length:
+            return (*_scattered_backward(grad, hidden, weight, position), grad_bias, None)
         values = grad[rows, terms]
         at = rows * length + position[rows, terms]     # flat [B * L] index of each max
         flat_hidden = hidden.reshape(batch * length, width)
@@ -245,8 +254,23 @@ class _MaxPooledProjection(torch.autograd.Function):
             v, t, a = values[s:s + step, None], terms[s:s + step], at[s:s + step]
             grad_hidden.index_add_(0, a, v * weight[t].to(v.dtype))
             grad_weight.index_add_(0, t, (v * flat_hidden[a]).to(weight.dtype))
-        grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
         return grad_hidden.view_as(hidden), grad_weight, grad_bias, None
+
+
+def _scattered_backward(grad, hidden, weight, position):
+    """(grad of hidden, grad of weight) when most terms have a gradient: each vocabulary slice's gradient placed
+    at its max positions ([B, L, slice]), then multiplied by the weights and by the hidden states."""
+    batch, length, width = hidden.shape
+    grad_hidden = torch.zeros_like(hidden)
+    grad_weight = torch.empty_like(weight)
+    flat_hidden = hidden.reshape(batch * length, width)
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        end = min(start + VOCAB_CHUNK, weight.shape[0])
+        placed = hidden.new_zeros(batch, length, end - start)
+        placed.scatter_(1, position[:, None, start:end], grad[:, None, start:end].to(hidden.dtype))
+        grad_hidden += placed @ weight[start:end].to(hidden.dtype)
+        grad_weight[start:end] = (placed.reshape(batch * length, -1).T @ flat_hidden).to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 def _identity_transform(model):
