@@ -9,7 +9,8 @@ reads. If the decoder can guess its masked words from the unmasked half alone, b
 and LexMAE is MLM with extra cost. This script pretrains the LexMAE miniature's model (params/miniature/lexmae.yaml:
 `scratch:tiny`, 32 passages of the synthetic corpus a step, lr 2e-3, warmup 10% then linear decay, weight decay
 0.01, encoder masks 0.3) with a plain loop, and every `--every` steps scores 8 held-out batches in eval mode three
-ways: the decoder with each passage's own b, with the b of the next passage in the batch (rolled), and with b = 0.
+ways: the decoder with each passage's own b, with the b of the previous passage of a shuffled batch (rolled), and
+with b = 0.
 own < rolled means the decoder reads the passage's lexicon.
 """
 import argparse
@@ -50,7 +51,9 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(str(init))
     examples = PretrainingExamples(build_sequences(corpus, tokenizer, "lexmae", 64), tokenizer, "lexmae",
                                    decoder_ratio=args.decoder_mask, seed=args.seed)
-    held_out = list(range(len(examples) - 256, len(examples)))          # 8 batches of 32, never trained on
+    # 8 batches of 32 never trained on, shuffled so that a rolled b is mostly another entity's (an entity's four
+    # passages are neighbours in the corpus)
+    held_out = torch.randperm(256, generator=torch.Generator().manual_seed(0)).add(len(examples) - 256).tolist()
     trained = len(examples) - len(held_out)
     model = LexMAEForPretraining.from_pretrained(str(init))
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
@@ -91,6 +94,7 @@ def main():
         if step == args.steps:
             break
         first = (step * 32) % trained
+        examples.set_epoch((step * 32) // trained)         # new masks every pass, as the pipeline draws them
         batch = examples.collate([examples[order[(first + i) % trained]] for i in range(32)])
         total, encoder_loss, decoder_loss = model(**batch)
         total.backward()

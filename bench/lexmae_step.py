@@ -1,7 +1,7 @@
 """Benchmark: one LexMAE pretraining step, with the lexicon bottleneck's backward gathered row by row or scattered
 into matmuls (`reprolib.modeling.sparse.GATHER_COST` picks one per call), and the MLM-only control's step beside.
 
-    .venv/bin/python bench/lexmae_step.py          # -> bench/results/lexmae_step.json, ~3 min
+    .venv/bin/python bench/lexmae_step.py          # -> bench/results/lexmae_step.json, ~2 1/2 min
 
 LexMAE's bottleneck is softmax(max over positions of the MLM logits): unlike the sparse retriever's
 log(1 + ReLU), it sends a gradient to every vocabulary term of every text, so the backward of the fused
@@ -47,6 +47,7 @@ def measure(model_dir, corpus, steps, batch_size, max_len, new_head):
         torch.manual_seed(0)
         models[name] = LexMAEForPretraining.from_pretrained(str(model_dir), new_head=new_head,
                                                             decoder_weight=0.0 if name == "mlm_only" else 1.0)
+        models[name].train()                          # from_pretrained leaves the encoder in eval mode
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
     gather_cost = {"gathered": 0, "scattered": sparse.GATHER_COST, "mlm_only": sparse.GATHER_COST}
     times, first_grads = {name: [] for name in VARIANTS}, {}

@@ -193,8 +193,8 @@ def _head_transform(model):
 
 VOCAB_CHUNK = 4096   # vocabulary columns projected at a time: [B, L, 4096] floats instead of [B, L, V]
 # Backward gathers rows for each (text, term) with a gradient, or places the gradient and multiplies matrices:
-# a gathered row costs about 130-340 times a matmul's multiply-add (tiny BERT to MiniLM, one AVX-512 thread),
-# so the matmuls win once more than about L/200 of the (text, term) pairs have a gradient.
+# per element of a row, a gather costs about 130-340 times a matmul's multiply-add (tiny BERT to MiniLM, one AVX-512
+# thread; bench/README.md), so the matmuls win once more than about L/200 of the (text, term) pairs have a gradient.
 GATHER_COST = 200
 
 
@@ -241,9 +241,9 @@ class _MaxPooledProjection(torch.autograd.Function):
         batch, length, width = hidden.shape
         grad = grad.masked_fill(empty, 0)              # a text without text tokens pooled nothing
         grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
-        rows, terms = grad.nonzero(as_tuple=True)
-        if len(rows) * GATHER_COST > grad.numel() * length:
+        if int(torch.count_nonzero(grad)) * GATHER_COST > grad.numel() * length:
             return (*_scattered_backward(grad, hidden, weight, position), grad_bias, None)
+        rows, terms = grad.nonzero(as_tuple=True)
         values = grad[rows, terms]
         at = rows * length + position[rows, terms]     # flat [B * L] index of each max
         flat_hidden = hidden.reshape(batch * length, width)
