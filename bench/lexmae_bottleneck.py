@@ -34,13 +34,14 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from reprolib.data import Corpus
     from reprolib.data.prepare import prepare
     from reprolib.data.pretraining import PretrainingExamples, build_sequences
     from reprolib.modeling.lexmae import LexMAEForPretraining
     from reprolib.modeling.scratch import build_scratch_model
+    from reprolib.training import TrainConfig, _optimizer, _schedule
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -56,11 +57,11 @@ def main():
     held_out = torch.randperm(256, generator=torch.Generator().manual_seed(0)).add(len(examples) - 256).tolist()
     trained = len(examples) - len(held_out)
     model = LexMAEForPretraining.from_pretrained(str(init))
-    decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
-    rest = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=2e-3)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * args.steps), args.steps)
+    # the training loop's own optimizer and schedule, with the miniature's settings
+    config = TrainConfig(model=str(init), out_dir=work, train_data=work, objective="lexmae", learning_rate=2e-3,
+                         weight_decay=0.01, warmup_ratio=0.1)
+    optimizer = _optimizer(model, config)
+    schedule = _schedule(optimizer, config, args.steps)
     if args.layer_norm:
         plain, norm = model.bottleneck, model.lm.bert.embeddings.LayerNorm
         model.bottleneck = lambda v: (lambda a, b: (a, norm(b)))(*plain(v))
