@@ -1,3 +1,3 @@
-from reprolib.cli import main
+from reprolib.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

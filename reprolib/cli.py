@@ -1,6 +1,7 @@
 """The `reprolib` command. Every verb exits 2 with one line `error: ...` on bad input."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -528,5 +529,24 @@ def main(argv=None):
     return 0
 
 
+def entry():
+    """The `reprolib` command and `python -m reprolib`: main(), then exit with its status.
+
+    A process of an `accelerate launch` (one whose process group is still up) waits for the others, then leaves
+    with os._exit: gloo's worker threads free a finished collective's tensors on their own, and one still doing so
+    while the interpreter shuts down aborts the process ("terminate called without an active exception", 1 run in 4
+    of a 2-process search) after the work was done. Every file was already written and closed."""
+    code = main()
+    if "torch.distributed" in sys.modules:   # never started a group otherwise (and --help need not import torch)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            if code == 0:
+                dist.barrier()   # after an error the others may never reach it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
