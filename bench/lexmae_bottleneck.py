@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--decoder-mask", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--layer-norm", action="store_true",
-                        help="put b through the embeddings' LayerNorm, as every other decoder input is")
+                        help="bottleneck_layer_norm: b through the embeddings' LayerNorm, as the other inputs are")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
@@ -56,15 +56,12 @@ def main():
     # passages are neighbours in the corpus)
     held_out = torch.randperm(256, generator=torch.Generator().manual_seed(0)).add(len(examples) - 256).tolist()
     trained = len(examples) - len(held_out)
-    model = LexMAEForPretraining.from_pretrained(str(init))
+    model = LexMAEForPretraining.from_pretrained(str(init), bottleneck_layer_norm=args.layer_norm)
     # the training loop's own optimizer and schedule, with the miniature's settings
     config = TrainConfig(model=str(init), out_dir=work, train_data=work, objective="lexmae", learning_rate=2e-3,
                          weight_decay=0.01, warmup_ratio=0.1)
     optimizer = _optimizer(model, config)
     schedule = _schedule(optimizer, config, args.steps)
-    if args.layer_norm:
-        plain, norm = model.bottleneck, model.lm.bert.embeddings.LayerNorm
-        model.bottleneck = lambda v: (lambda a, b: (a, norm(b)))(*plain(v))
     bottleneck = model.bottleneck
 
     def decoder_losses():

@@ -269,6 +269,7 @@ class Pretraining:
 
             self.model = LexMAEForPretraining.from_pretrained(path, decoder_layers=config.decoder_layers,
                                                               bottleneck=config.bottleneck,
+                                                              bottleneck_layer_norm=config.bottleneck_layer_norm,
                                                               decoder_weight=config.decoder_loss_weight,
                                                               new_head=config.new_head, dropout=config.dropout)
 

@@ -95,6 +95,7 @@ class TrainConfig:
     decoder_mask_ratio: float = 0.5
     decoder_layers: int = 2               # LexMAE (RetroMAE's enhanced decoder is one layer)
     bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
+    bottleneck_layer_norm: bool = False   # LexMAE: b through the embeddings' LayerNorm (not in the recipe)
     decoder_loss_weight: float = 1.0      # 0: the MLM-only control (same masks, data and steps, no decoder)
     pack: bool = False                    # RetroMAE: pack passages into blocks (Wikipedia); False: one per sequence (MS MARCO)
     new_head: str = "random"              # pretraining a checkpoint without an MLM head: random | identity (modeling.autoencoder)

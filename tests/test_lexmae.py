@@ -143,6 +143,31 @@ def test_bottleneck_sends_no_gradient_into_the_word_embeddings(micro_bert):
     assert grad_v is not None and grad_v.abs().sum() > 0                 # ... the path through a is not
 
 
+def test_bottleneck_layer_norm_puts_b_on_the_scale_of_the_decoders_other_inputs(micro_bert):
+    """A fresh model's word embeddings average to almost 0, so b is far smaller than an embedded token; through the
+    embeddings' LayerNorm it has the tokens' scale, and the decoder's loss depends on it more."""
+    import torch
+
+    plain, normed = _model(micro_bert), _model(micro_bert, bottleneck_layer_norm=True)
+    v = torch.randn(2, plain.lm.config.vocab_size)
+    token = plain.lm.bert.embeddings(input_ids=torch.tensor([[5, 6]]))[0, 1].norm()
+    _, b = plain.bottleneck(v)
+    _, b_normed = normed.bottleneck(v)
+    assert b.norm(dim=-1).max() < 0.05 * token
+    assert torch.allclose(b_normed, plain.lm.bert.embeddings.LayerNorm(b))
+    assert (b_normed.norm(dim=-1) - token).abs().max() < 0.5 * token
+    _, _, examples = _examples(4, np.random.default_rng(5), title_len=3, text_len=10)
+    batch = collate_lexmae(examples, pad_id=0)
+    with torch.no_grad():
+        losses = {}
+        for name, model in (("plain", plain), ("normed", normed)):
+            model.eval()
+            own = model(**batch)[2]
+            model.bottleneck = lambda v, model=model, f=model.bottleneck: (lambda a, b: (a, torch.zeros_like(b)))(*f(v))
+            losses[name] = abs(model(**batch)[2] - own).item()            # what taking b away changes
+    assert losses["normed"] > 10 * losses["plain"]
+
+
 def test_a_new_head_starts_random_or_as_the_sparse_encoders_identity(micro_bert):
     import torch
 

@@ -6,6 +6,8 @@
               (projected and pooled a slice of the vocabulary at a time: W is never whole in memory)
               a = softmax(v), or "logits_sat": log(1 + ReLU(v)) normalised to sum 1      [B, V]
               b = a @ E, E = the word embeddings, detached                               [B, H]
+              (bottleneck_layer_norm: b through the embeddings' LayerNorm, not in LexMAE's code; a
+              scratch model's E averages to almost 0, so b would be ~1,000x smaller than the other inputs)
     decoder   BertEmbeddings(decoder ids, ~50% masked), position 0 replaced by b
               -> `decoder_layers` new BERT layers (bidirectional, padding mask only)
               -> a new head transform -> E as output projection, with a bias of its own (zeros at first)
@@ -28,8 +30,10 @@ BOTTLENECKS = ("softmax", "logits_sat")
 
 
 class LexMAEForPretraining(MaskedAutoEncoder):
-    def __init__(self, lm, decoder_layers=2, bottleneck="softmax", encoder_weight=1.0, decoder_weight=1.0):
-        """`lm`: a BertForMaskedLM. `bottleneck`: "softmax" (LexMAE's default) or "logits_sat"."""
+    def __init__(self, lm, decoder_layers=2, bottleneck="softmax", encoder_weight=1.0, decoder_weight=1.0,
+                 bottleneck_layer_norm=False):
+        """`lm`: a BertForMaskedLM. `bottleneck`: "softmax" (LexMAE's default) or "logits_sat".
+        `bottleneck_layer_norm`: put b through the embeddings' LayerNorm, as the decoder's other inputs are."""
         from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
 
         super().__init__()
@@ -37,6 +41,7 @@ class LexMAEForPretraining(MaskedAutoEncoder):
             raise ReprolibError(f"unknown bottleneck {bottleneck!r}; choose from {', '.join(BOTTLENECKS)}")
         self.lm = lm
         self.bottleneck_type = bottleneck
+        self.bottleneck_layer_norm = bottleneck_layer_norm
         self.encoder_weight, self.decoder_weight = encoder_weight, decoder_weight
         self.decoder = self.decoder_transform = self.decoder_bias = None
         if not decoder_weight:          # the control: no decoder (DDP also refuses parameters that get no gradient)
@@ -65,13 +70,14 @@ class LexMAEForPretraining(MaskedAutoEncoder):
 
     def bottleneck(self, v):
         """(a, b): the lexicon weights a [B, V] from the pooled logits v [B, V], and b = a @ E [B, H] with no
-        gradient into E."""
+        gradient into E (then LayerNorm(b) under `bottleneck_layer_norm`)."""
         if self.bottleneck_type == "softmax":
             a = v.softmax(dim=-1)
         else:
             saturated = torch.log1p(torch.relu(v))
             a = saturated / (saturated.sum(dim=-1, keepdim=True) + 1e-4)
-        return a, a @ self.lm.get_input_embeddings().weight.detach()
+        b = a @ self.lm.get_input_embeddings().weight.detach()
+        return a, self.lm.bert.embeddings.LayerNorm(b) if self.bottleneck_layer_norm else b
 
     def forward(self, encoder_input_ids, encoder_labels, attention_mask, decoder_input_ids=None, decoder_labels=None,
                 text_mask=None):
