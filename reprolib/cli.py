@@ -1,8 +1,10 @@
 """The `reprolib` command. Every verb exits 2 with one line `error: ...` on bad input."""
 import argparse
+import ctypes
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from reprolib import __version__
@@ -532,20 +534,30 @@ def main(argv=None):
 def entry():
     """The `reprolib` command and `python -m reprolib`: main(), then exit with its status.
 
-    A process of an `accelerate launch` (one whose process group is still up) waits for the others, then leaves
-    with os._exit: gloo's worker threads free a finished collective's tensors on their own, and one still doing so
-    while the interpreter shuts down aborts the process ("terminate called without an active exception", 1 run in 4
-    of a 2-process search) after the work was done. Every file was already written and closed."""
-    code = main()
-    if "torch.distributed" in sys.modules:   # never started a group otherwise (and --help need not import torch)
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            if code == 0:
-                dist.barrier()   # after an error the others may never reach it
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    A process of an `accelerate launch` (one whose process group is still up) leaves with os._exit: gloo's worker
+    threads free a finished collective's tensors on their own, and one still doing so while the interpreter shuts
+    down aborts the process ("terminate called without an active exception", 1 run in 4 of a 2-process search)
+    after the work was done. Every file was already written and closed; only the output streams need flushing."""
+    try:
+        code = main()
+    except Exception:            # a torch, faiss or gloo error: its traceback, then the same way out
+        if not _in_process_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    if _in_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ctypes.CDLL(None).fflush(None)     # what C++ code (faiss, torch) printed through C's stdio
+        os._exit(code)
     return code
+
+
+def _in_process_group():
+    if "torch.distributed" not in sys.modules:   # never started one (and --help need not import torch)
+        return False
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

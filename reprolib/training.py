@@ -226,9 +226,14 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress"):
             data.pop(key)
-        if data["dropout"] is None:     # added later: unset, it leaves the digests of existing runs as they were
-            data.pop("dropout")
+        for key, unset in ADDED_LATER.items():    # unset, they leave the digests of existing runs as they were
+            if data[key] == unset:
+                data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# options added after runs were trained, with their unset values: unset, they are left out of `digest`
+ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False}
 
 
 # ---------------------------------------------------------------------------- setup

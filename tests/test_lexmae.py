@@ -155,6 +155,11 @@ def test_bottleneck_layer_norm_puts_b_on_the_scale_of_the_decoders_other_inputs(
     _, b_normed = normed.bottleneck(v)
     assert b.norm(dim=-1).max() < 0.05 * token
     assert torch.allclose(b_normed, plain.lm.bert.embeddings.LayerNorm(b))
+    with torch.no_grad():                                               # the embeddings' own LayerNorm, not a new one
+        normed.lm.bert.embeddings.LayerNorm.weight.mul_(2)
+    assert torch.allclose(normed.bottleneck(v)[1], 2 * b_normed, atol=1e-6)
+    with torch.no_grad():
+        normed.lm.bert.embeddings.LayerNorm.weight.div_(2)
     assert (b_normed.norm(dim=-1) - token).abs().max() < 0.5 * token
     _, _, examples = _examples(4, np.random.default_rng(5), title_len=3, text_len=10)
     batch = collate_lexmae(examples, pad_id=0)

@@ -431,15 +431,17 @@ def test_a_new_run_does_not_take_an_earlier_runs_best(synthetic_dir, tmp_path, m
     assert (tmp_path / "run" / "dev_eval.csv").read_text().splitlines() == ["step,RR@10", "2,0.1", "4,0.2", "6,0.3"]
 
 
-def test_dropout_option_is_checked_and_changes_the_digest_only_when_set(synthetic_dir, tmp_path):
-    """Unset, the option leaves the digest as it was before the option existed: a run trained then is not
-    trained again."""
+@pytest.mark.parametrize("option", [{"dropout": 0.0}, {"bottleneck_layer_norm": True}])
+def test_options_added_later_change_the_digest_only_when_set(synthetic_dir, tmp_path, option):
+    """Unset, an option added later leaves the digest as it was before the option existed: a run trained then is
+    not trained again."""
     import hashlib
 
     base = _config(synthetic_dir, tmp_path / "run")
-    assert _config(synthetic_dir, tmp_path / "run", dropout=0.0).digest() != base.digest()
+    assert _config(synthetic_dir, tmp_path / "run", **option).digest() != base.digest()
     old = dataclasses.asdict(base)
-    for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress", "dropout"):
+    for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress", "dropout",
+                "bottleneck_layer_norm"):
         old.pop(key)
     assert base.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     with pytest.raises(ReprolibError, match="dropout must be in"):
@@ -461,3 +463,13 @@ def test_dropout_option_reaches_the_model_of_every_objective(synthetic_dir, tmp_
             assert any(rate > 0 for rate in rates), (objective, rates)      # the checkpoint's own 0.1
         else:
             assert rates and all(rate == 0 for rate in rates), (objective, rates)
+
+
+def test_bottleneck_layer_norm_option_reaches_the_lexmae_model(synthetic_dir, tmp_path):
+    from reprolib.data import Corpus
+    from reprolib.objectives import build_objective
+
+    corpus = Corpus.open(synthetic_dir, progress=False)
+    for option in (False, True):
+        config = _config(synthetic_dir, tmp_path / str(option), objective="lexmae", bottleneck_layer_norm=option)
+        assert build_objective(config, corpus).model.bottleneck_layer_norm is option

@@ -7,7 +7,7 @@
               a = softmax(v), or "logits_sat": log(1 + ReLU(v)) normalised to sum 1      [B, V]
               b = a @ E, E = the word embeddings, detached                               [B, H]
               (bottleneck_layer_norm: b through the embeddings' LayerNorm, not in LexMAE's code; a
-              scratch model's E averages to almost 0, so b would be ~1,000x smaller than the other inputs)
+              scratch model's E averages to almost 0: b is then thousands of times smaller than the tokens beside it)
     decoder   BertEmbeddings(decoder ids, ~50% masked), position 0 replaced by b
               -> `decoder_layers` new BERT layers (bidirectional, padding mask only)
               -> a new head transform -> E as output projection, with a bias of its own (zeros at first)
@@ -33,7 +33,7 @@ class LexMAEForPretraining(MaskedAutoEncoder):
     def __init__(self, lm, decoder_layers=2, bottleneck="softmax", encoder_weight=1.0, decoder_weight=1.0,
                  bottleneck_layer_norm=False):
         """`lm`: a BertForMaskedLM. `bottleneck`: "softmax" (LexMAE's default) or "logits_sat".
-        `bottleneck_layer_norm`: put b through the embeddings' LayerNorm, as the decoder's other inputs are."""
+        `bottleneck_layer_norm`: put b through the embeddings' LayerNorm, as the tokens beside it are."""
         from transformers.models.bert.modeling_bert import BertLayer, BertPredictionHeadTransform
 
         super().__init__()
