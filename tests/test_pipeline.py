@@ -725,6 +725,39 @@ def test_a_bound_check_fails_above_the_bound(tmp_path):
     assert rows[2]["note"] == "above the bound 300"
 
 
+def test_a_relative_check_shows_each_seed_so_one_lucky_control_seed_is_visible(tmp_path):
+    """The paired test pools the queries of every seed: a control that is lucky at one seed can outweigh a
+    method that wins at the others (the RetroMAE miniature at seeds 4-6). The check keeps its verdict and shows
+    the seeds; a control that ran once (BM25) has no per-seed pairs."""
+    from reprolib.report import format_check, run_checks, write_checks
+
+    rng = np.random.default_rng(0)
+    means = {"method": {4: 0.55, 5: 0.59, 6: 0.59}, "control": {4: 0.53, 5: 0.80, 6: 0.53}}
+    stages = {}
+    for base, by_seed in means.items():
+        for seed, mean in by_seed.items():
+            sid = f"{base}_seed{seed}"
+            values = np.clip(mean + rng.normal(0, 0.05, size=500), 0, 1)
+            stages[sid] = {"status": "done", "base": base, "seed": seed, "metrics": {"RR@10": float(values.mean())}}
+            (tmp_path / sid).mkdir()
+            (tmp_path / sid / "per_query.json").write_text(json.dumps({"RR@10": dict(enumerate(values.tolist()))}))
+    stages["bm25"] = {"status": "done", "metrics": {"RR@10": 0.5}}
+    entry = {"stage": "method", "metric": "RR@10", "than": "control", "than_metric": "RR@10", "by": 0.01,
+             "alpha": 0.05, "source": "the method beats its control"}
+    [row, against_bm25] = run_checks([entry, {**entry, "than": "bm25"}], {"stages": stages}, tmp_path)
+
+    assert row["status"] == "FAIL"                  # the mean decides; the seeds do not overrule it
+    assert list(row["seed_differences"]) == [4, 5, 6]
+    assert [round(d, 1) for d in row["seed_differences"].values()] == [0.0, -0.2, 0.1]
+    assert "ahead at 2 of 3 seeds (+0.0" in format_check(row)
+    assert against_bm25["seed_differences"] is None and "seeds (" not in format_check(against_bm25)
+    # BM25 kept no per-query values here: the check says it is untested instead of raising KeyError
+    assert against_bm25["status"] == "OKISH" and against_bm25["p_value"] is None
+    assert against_bm25["note"] == "no per-query values: not tested for significance"
+    written = json.loads(write_checks(tmp_path, [row]).read_text())[0]["seed_differences"]
+    assert list(written) == ["4", "5", "6"]
+
+
 def test_a_bound_check_is_parsed_alone(project):
     from reprolib.pipeline import load_pipeline
 
