@@ -100,7 +100,7 @@ def run_checks(expected, manifest, run_dir):
         values = _seed_values(manifest, copies.get(entry["stage"], []), entry["metric"])
         measured, sd = _mean_sd(values)
         row = {**entry, "measured": measured, "sd": sd, "seeds": len(values), "reference_stage": None,
-               "p_value": None, "n": None, "note": ""}
+               "p_value": None, "n": None, "seed_differences": None, "note": ""}
         if "than" in entry:
             row.update(_compare(entry, manifest, Path(run_dir), copies, measured))
         elif "at_most" in entry:
@@ -191,14 +191,14 @@ def _compare(entry, manifest, run_dir, copies, measured):
 
 def _seed_differences(manifest, method_ids, control_ids, metric, than_metric):
     """{seed: the method's value minus the control's at that seed}, when both stages ran per seed on the same
-    seeds; else None. The paired test pools the queries of every seed, so one seed's lucky control can decide
-    the verdict: these show whether the method wins seed by seed."""
+    seeds; else None. The paired test averages each query over the seeds, so one seed's lucky control raises every
+    query's control value and can decide the verdict: these show whether the method wins seed by seed."""
     def by_seed(ids, name):
         stages = [manifest["stages"][sid] for sid in ids]
         values = _seed_values(manifest, ids, name)
         if not values or any(stage.get("seed") is None or not stage.get("base") for stage in stages):
             return None
-        return {int(stage["seed"]): value for stage, value in zip(stages, values)}
+        return {stage["seed"]: value for stage, value in zip(stages, values)}
 
     method, control = by_seed(method_ids, metric), by_seed(control_ids, than_metric)
     if not method or not control or method.keys() != control.keys() or len(method) < 2:
@@ -206,15 +206,19 @@ def _seed_differences(manifest, method_ids, control_ids, metric, than_metric):
     return {seed: method[seed] - control[seed] for seed in sorted(method)}
 
 
-def format_seeds(row):
-    """`ahead at 2 of 3 seeds (+0.0270 -0.2097 +0.0564)`; `per seed (...)` for an equivalence, where ahead
-    means nothing; "" when the check has no per-seed pairs."""
+def format_seed_differences(row):
+    """`ahead at 2 of 3 seeds (+0.0270 -0.2097 +0.0564)` (ahead: a difference above 0, whatever the margin `by`);
+    for "does not hurt", `within the margin at 2 of 3 seeds (...)` (above -loses_at_most); for an equivalence,
+    `per seed (...)`; "" when the check has no per-seed pairs."""
     differences = row.get("seed_differences")
     if not differences:
         return ""
     values = " ".join(f"{value:+.4f}" for value in differences.values())
     if "within" in row:
         return f"per seed ({values})"
+    if "loses_at_most" in row:
+        kept = sum(value > -row["loses_at_most"] for value in differences.values())
+        return f"within the margin at {kept} of {len(differences)} seeds ({values})"
     return f"ahead at {sum(value > 0 for value in differences.values())} of {len(differences)} seeds ({values})"
 
 
@@ -289,8 +293,8 @@ def format_reference(row):
         parts[0] += f": {row['difference']:+.4f} ({wanted})"
     if row.get("p_value") is not None:
         parts.append(f"p {row['p_value']:.4f}")
-    if format_seeds(row):
-        parts.append(format_seeds(row))
+    if seeds := format_seed_differences(row):
+        parts.append(seeds)
     return ", ".join(parts + ([row["source"]] if row.get("source") else []))
 
 
@@ -449,8 +453,8 @@ def _checks_table(checks):
         else:
             reference, wanted = f"paper: {c['value']}", f"± {c['tolerance']:g}"
         difference = "" if c.get("difference") is None else f"{c['difference']:+.4f}"
-        if format_seeds(c):
-            difference += f"; {format_seeds(c)}"
+        if seeds := format_seed_differences(c):
+            difference += f"; {seeds}"
         p_value = "" if c.get("p_value") is None else f"{c['p_value']:.4f}"
         rows.append((c["status"], c["stage"], c["metric"], format_measured(c), reference, difference, wanted, p_value,
                      "; ".join(part for part in (c.get("source"), c.get("note")) if part)))
