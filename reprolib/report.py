@@ -196,7 +196,7 @@ def _seed_differences(manifest, method_ids, control_ids, metric, than_metric):
     def by_seed(ids, name):
         stages = [manifest["stages"][sid] for sid in ids]
         values = _seed_values(manifest, ids, name)
-        if not values or any(stage.get("seed") is None or not stage.get("base") for stage in stages):
+        if not values or any(stage.get("seed") is None for stage in stages):     # a per-seed copy has its seed
             return None
         return {stage["seed"]: value for stage, value in zip(stages, values)}
 
