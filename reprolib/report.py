@@ -175,18 +175,38 @@ def _compare(entry, manifest, run_dir, copies, measured):
         if not note and status == "FAIL":
             note = (f"loses more than {entry['loses_at_most']:g}" if result["difference"] <= -entry["loses_at_most"]
                     else "too few queries to tell")
-        return {**result, "status": status, "note": note}
+        return _every_seed({**result, "status": status, "note": note}, entry)
     if "within" in entry:
         status = equivalence_check(result["difference"], result["p_value"], entry["within"], entry.get("alpha", 0.05))
         if not note and status == "FAIL":
             note = (f"differs by more than {entry['within']:g}" if abs(result["difference"]) > entry["within"]
                     else "too few queries to tell")
-        return {**result, "status": status, "note": note}
+        return _every_seed({**result, "status": status, "note": note}, entry)
     status = relative_check(result["difference"], result["p_value"], entry["by"], entry["alpha"])
     if not note and status != "OK":
         note = (f"wins by less than {entry['by']:g}" if status == "OKISH" else
                 "worse than the control" if result["difference"] <= 0 else f"not significant (alpha {entry['alpha']:g})")
-    return {**result, "status": status, "note": note}
+    return _every_seed({**result, "status": status, "note": note}, entry)
+
+
+def _every_seed(row, entry):
+    """An OK must hold seed by seed too, else it is OKISH. The paired test sees only the queries' noise, and a
+    training seed moves a tiny model's score by more: at seeds 4-6 verdicts that seeds 1-3 passed with p 0.0001
+    failed. So a mean carried by one seed's draw (a low control, a high method) is not a result."""
+    differences = row["seed_differences"]
+    if row["status"] == "OK" and differences and not all(_holds_at_seed(entry, d) for d in differences.values()):
+        row.update(status="OKISH", note="holds on the mean, not at every seed")
+    return row
+
+
+def _holds_at_seed(entry, difference):
+    """Whether one seed's difference goes the claim's way: ahead of the control (`by`: any margin), inside
+    ±`within`, or above -`loses_at_most`."""
+    if "within" in entry:
+        return abs(difference) <= entry["within"]
+    if "loses_at_most" in entry:
+        return difference > -entry["loses_at_most"]
+    return difference > 0
 
 
 def _seed_differences(manifest, method_ids, control_ids, metric, than_metric):
@@ -208,18 +228,15 @@ def _seed_differences(manifest, method_ids, control_ids, metric, than_metric):
 
 def format_seed_differences(row):
     """`ahead at 2 of 3 seeds (+0.0270 -0.2097 +0.0564)` (ahead: a difference above 0, whatever the margin `by`);
-    for "does not hurt", `within the margin at 2 of 3 seeds (...)` (above -loses_at_most); for an equivalence,
-    `per seed (...)`; "" when the check has no per-seed pairs."""
+    for "does not hurt" or an equivalence, `within the margin at 2 of 3 seeds (...)` (above -loses_at_most, or
+    inside ±within); "" when the check has no per-seed pairs."""
     differences = row.get("seed_differences")
     if not differences:
         return ""
     values = " ".join(f"{value:+.4f}" for value in differences.values())
-    if "within" in row:
-        return f"per seed ({values})"
-    if "loses_at_most" in row:
-        kept = sum(value > -row["loses_at_most"] for value in differences.values())
-        return f"within the margin at {kept} of {len(differences)} seeds ({values})"
-    return f"ahead at {sum(value > 0 for value in differences.values())} of {len(differences)} seeds ({values})"
+    held = sum(_holds_at_seed(row, value) for value in differences.values())
+    what = "within the margin" if "within" in row or "loses_at_most" in row else "ahead"
+    return f"{what} at {held} of {len(differences)} seeds ({values})"
 
 
 def _tost(control, method, within):

@@ -519,7 +519,7 @@ def test_relative_checks_over_seeds(project):
     report = (run_dir / "REPORT.md").read_text()
     assert "| OK | method | RR@10 |" in report
     assert list(method["seed_differences"]) == ["1", "2", "3"] and "ahead at 3 of 3 seeds (" in report
-    assert "per seed (" in report_lines(lines)[5]          # an equivalence: each seed's difference, no "ahead"
+    assert "within the margin at 3 of 3 seeds (" in report_lines(lines)[5]     # an equivalence: inside ±within
     first, second = report.index("### method_seed1"), report.index("### method_seed2")
     assert "- OK     method RR@10 = " in report[first:second]            # a seeded stage's checks: under its first copy
     assert "- OK     method RR@10 = " not in report[second:report.index("### control_seed1")]
@@ -727,31 +727,37 @@ def test_a_bound_check_fails_above_the_bound(tmp_path):
     assert rows[2]["note"] == "above the bound 300"
 
 
+def _seeded_stages(tmp_path, means, queries=500):
+    """Manifest stages with per-query values around each {base: {seed: mean}}."""
+    rng = np.random.default_rng(0)
+    stages = {}
+    for base, by_seed in means.items():
+        for seed, mean in by_seed.items():
+            sid = f"{base}_seed{seed}"
+            values = np.clip(mean + rng.normal(0, 0.05, size=queries), 0, 1)
+            stages[sid] = {"status": "done", "base": base, "seed": seed, "metrics": {"RR@10": float(values.mean())}}
+            (tmp_path / sid).mkdir(parents=True)
+            (tmp_path / sid / "per_query.json").write_text(json.dumps({"RR@10": dict(enumerate(values.tolist()))}))
+    return stages
+
+
 def test_a_relative_check_shows_each_seed_so_one_lucky_control_seed_is_visible(tmp_path):
     """The paired test averages each query over the seeds: a control that is lucky at one seed can outweigh a
     method that wins at the others (the RetroMAE miniature at seeds 4-6). The check keeps its verdict and shows
     the seeds; a control that ran once (BM25) has no per-seed pairs."""
     from reprolib.report import format_check, run_checks, write_checks
 
-    rng = np.random.default_rng(0)
-    means = {"method": {4: 0.55, 5: 0.62, 6: 0.68}, "control": {4: 0.50, 5: 0.80, 6: 0.58}}
-    stages = {}
-    for base, by_seed in means.items():
-        for seed, mean in by_seed.items():
-            sid = f"{base}_seed{seed}"
-            values = np.clip(mean + rng.normal(0, 0.05, size=500), 0, 1)
-            stages[sid] = {"status": "done", "base": base, "seed": seed, "metrics": {"RR@10": float(values.mean())}}
-            (tmp_path / sid).mkdir()
-            (tmp_path / sid / "per_query.json").write_text(json.dumps({"RR@10": dict(enumerate(values.tolist()))}))
+    stages = _seeded_stages(tmp_path, {"method": {4: 0.55, 5: 0.62, 6: 0.68}, "control": {4: 0.50, 5: 0.80, 6: 0.58}})
     stages["bm25"] = {"status": "done", "metrics": {"RR@10": 0.5}}
     entry = {"stage": "method", "metric": "RR@10", "than": "control", "than_metric": "RR@10", "by": 0.01,
              "alpha": 0.05, "source": "the method beats its control"}
     [row, against_bm25] = run_checks([entry, {**entry, "than": "bm25"}], {"stages": stages}, tmp_path)
 
-    assert row["status"] == "FAIL"                  # the mean decides; the seeds do not overrule it
+    assert row["status"] == "FAIL"                  # the mean fails: the seeds that win do not rescue it
     assert list(row["seed_differences"]) == [4, 5, 6]
     assert list(row["seed_differences"].values()) == pytest.approx([0.05, -0.18, 0.10], abs=0.01)
     assert "ahead at 2 of 3 seeds (+0.0" in format_check(row)
+    assert "within the margin at 1 of 3 seeds" in format_check({**row, "within": 0.08})
     not_hurt = run_checks([{**entry, "loses_at_most": 0.05}], {"stages": stages}, tmp_path)[0]
     assert "within the margin at 2 of 3 seeds" in format_check(not_hurt)
     assert against_bm25["seed_differences"] is None and "seeds (" not in format_check(against_bm25)
@@ -760,6 +766,33 @@ def test_a_relative_check_shows_each_seed_so_one_lucky_control_seed_is_visible(t
     assert against_bm25["note"] == "no per-query values: not tested for significance"
     written = json.loads(write_checks(tmp_path, [row]).read_text())[0]["seed_differences"]
     assert list(written) == ["4", "5", "6"]
+
+
+def test_an_ok_must_hold_at_every_seed(tmp_path):
+    """A mean carried by one seed is OKISH, not OK: the paired test sees the queries' noise, not the seeds'.
+    The same margin won at every seed stays OK, and the control in the method's place still FAILs."""
+    from reprolib.report import format_check, run_checks
+
+    entry = {"stage": "method", "metric": "RR@10", "than": "control", "than_metric": "RR@10", "by": 0.02,
+             "alpha": 0.05, "source": "the method beats its control"}
+    one_seed = _seeded_stages(tmp_path / "a", {"method": {1: 0.50, 2: 0.52, 3: 0.80},     # +0.25 at seed 3 only
+                                               "control": {1: 0.52, 2: 0.53, 3: 0.55}})
+    every_seed = _seeded_stages(tmp_path / "b", {"method": {1: 0.56, 2: 0.58, 3: 0.62},
+                                                 "control": {1: 0.52, 2: 0.53, 3: 0.55}})
+    [carried] = run_checks([entry], {"stages": one_seed}, tmp_path / "a")
+    [held] = run_checks([entry], {"stages": every_seed}, tmp_path / "b")
+    [swapped] = run_checks([{**entry, "stage": "control", "than": "method"}], {"stages": every_seed}, tmp_path / "b")
+
+    assert carried["difference"] > 0.02 and carried["p_value"] < 0.05   # the old rule's OK
+    assert carried["status"] == "OKISH" and carried["note"] == "holds on the mean, not at every seed"
+    assert "ahead at 1 of 3 seeds" in format_check(carried)
+    assert held["status"] == "OK" and "ahead at 3 of 3 seeds" in format_check(held)
+    assert swapped["status"] == "FAIL"
+    # a check that does not hurt, or an equivalence, must hold within its margin at every seed as well
+    [not_hurt] = run_checks([{**entry, "loses_at_most": 0.05}], {"stages": one_seed}, tmp_path / "a")
+    assert not_hurt["status"] == "OK"                                   # -0.02 and -0.01 are within 0.05
+    [not_hurt] = run_checks([{**entry, "loses_at_most": 0.015}], {"stages": one_seed}, tmp_path / "a")
+    assert not_hurt["status"] == "OKISH" and "within the margin at 2 of 3 seeds" in format_check(not_hurt)
 
 
 def test_a_bound_check_is_parsed_alone(project):
