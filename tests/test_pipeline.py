@@ -743,8 +743,8 @@ def _seeded_stages(tmp_path, means, queries=500):
 
 def test_a_relative_check_shows_each_seed_so_one_lucky_control_seed_is_visible(tmp_path):
     """The paired test averages each query over the seeds: a control that is lucky at one seed can outweigh a
-    method that wins at the others (the RetroMAE miniature at seeds 4-6). The check keeps its verdict and shows
-    the seeds; a control that ran once (BM25) has no per-seed pairs."""
+    method that wins at the others (the RetroMAE miniature at seeds 4-6). The mean's FAIL stands and the check
+    shows the seeds; a control that ran once (BM25) has no per-seed pairs."""
     from reprolib.report import format_check, run_checks, write_checks
 
     stages = _seeded_stages(tmp_path, {"method": {4: 0.55, 5: 0.62, 6: 0.68}, "control": {4: 0.50, 5: 0.80, 6: 0.58}})
@@ -793,6 +793,8 @@ def test_an_ok_must_hold_at_every_seed(tmp_path):
     assert not_hurt["status"] == "OK"                                   # -0.02 and -0.01 are within 0.05
     [not_hurt] = run_checks([{**entry, "loses_at_most": 0.015}], {"stages": one_seed}, tmp_path / "a")
     assert not_hurt["status"] == "OKISH" and "within the margin at 2 of 3 seeds" in format_check(not_hurt)
+    [same] = run_checks([{**entry, "within": 0.1}], {"stages": one_seed}, tmp_path / "a")
+    assert same["p_value"] < 0.05 and same["status"] == "OKISH"          # +0.073 on the mean, +0.25 at seed 3
 
 
 def test_a_bound_check_is_parsed_alone(project):
