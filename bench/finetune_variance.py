@@ -1,0 +1,121 @@
+"""Experiment: in the RetroMAE miniature, does a start's score come from its pretraining or from the fine-tuning's draw?
+
+    .venv/bin/reprolib run params/miniature/retromae.yaml --out outputs/ret6 --jobs 2 --seeds 1,2,3,4,5,6
+    .venv/bin/python bench/finetune_variance.py outputs/ret6/miniature_retromae     # -> bench/results/finetune_variance.json
+
+48 fine-tunings of about 14 s each on an AVX-512 Xeon (12 minutes).
+
+The miniature's check compares RetroMAE-pretrained and MLM-only-pretrained starts, each fine-tuned once per seed
+with the seed it was pretrained with. At seeds 4-6 one MLM-only start fine-tuned to 0.80 where the others reached
+0.53-0.59. This script takes the pretrained checkpoints of a finished run (`pretrain_{retromae,mlm}_seed<s>`) and
+fine-tunes each again with other fine-tuning seeds (the same YAML settings: only the seed, so the batches' order and
+negatives, changes), then evaluates dev RR@10. If the score follows the checkpoint, the pretraining decides it; if
+it follows the fine-tuning seed, one fine-tuning per start cannot rank the starts, whatever the pretraining did.
+It also records, per checkpoint, how alike its [CLS] vectors are before fine-tuning (mean cosine between passages).
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchutil import REPO, RESULTS, header, require_run_outputs, write_json
+
+YAML = REPO / "params" / "miniature" / "retromae.yaml"
+ARMS = {"retromae": "pretrain_retromae", "mlm": "pretrain_mlm"}
+
+
+def finetune_params():
+    """The miniature's fine-tuning options (stage finetune_retromae), without its model, data and seed."""
+    from reprolib.pipeline import load_pipeline
+
+    stage = next(s for s in load_pipeline(YAML).stages if (s.base or s.id) == "finetune_retromae")
+    return {k: v for k, v in stage.params.items() if k not in ("model", "train_data", "seed")}
+
+
+def cls_cosine(model_dir, data_dir, passages=200):
+    """Mean cosine between the [CLS] vectors of different passages, as notebook 20 prints it (1: all alike)."""
+    import numpy as np
+
+    from reprolib.data import Corpus
+    from reprolib.modeling import DenseEncoder
+
+    corpus = Corpus.open(data_dir, progress=False)
+    encoder = DenseEncoder.from_pretrained(model_dir, pooling="cls")
+    vectors = encoder.encode_passages([corpus.text(i) for i in range(passages)])
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = vectors @ vectors.T
+    return float(similarity[~np.eye(passages, dtype=bool)].mean())
+
+
+def dev_rr10(model_dir, data_dir, work):
+    from reprolib.data import Corpus, read_qrels
+    from reprolib.data.layout import find_qrels_file, load_queries
+    from reprolib.index import encode_corpus
+    from reprolib.metrics import evaluate
+    from reprolib.modeling import DenseEncoder
+    from reprolib.search import dense_search
+
+    corpus = Corpus.open(data_dir, progress=False)
+    encoder = DenseEncoder.from_pretrained(model_dir)
+    encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
+    run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
+    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]
+
+
+def spread(runs, arm):
+    """Within a checkpoint (sd over fine-tuning seeds, averaged) against between checkpoints (sd of their means)."""
+    by_checkpoint = {}
+    for r in runs:
+        if r["arm"] == arm:
+            by_checkpoint.setdefault(r["pretrain_seed"], []).append(r["RR@10"])
+    means = [statistics.fmean(v) for v in by_checkpoint.values()]
+    within = [statistics.stdev(v) for v in by_checkpoint.values() if len(v) > 1]
+    return {"mean": round(statistics.fmean(means), 4),
+            "checkpoint_means": {s: round(statistics.fmean(v), 4) for s, v in by_checkpoint.items()},
+            "sd_between_checkpoints": round(statistics.stdev(means), 4) if len(means) > 1 else None,
+            "sd_within_checkpoint": round(statistics.fmean(within), 4) if within else None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run of params/miniature/retromae.yaml")
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[101, 102, 103, 104])
+    parser.add_argument("--out", type=Path, default=RESULTS / "finetune_variance.json")
+    args = parser.parse_args()
+    needed = ["data"] + [f"{stage}_seed{s}/model" for stage in ARMS.values() for s in args.pretrain_seeds]
+    require_run_outputs(args.run_dir, needed, "miniature/retromae.yaml")
+
+    from reprolib.training import TrainConfig, train
+
+    data = args.run_dir / "data"
+    params = finetune_params()
+    result = header("finetune_variance")
+    result.update(run_dir=str(args.run_dir), finetune=params, cls_cosine_before={}, runs=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm, stage in ARMS.items():
+            for pseed in args.pretrain_seeds:
+                checkpoint = args.run_dir / f"{stage}_seed{pseed}" / "model"
+                result["cls_cosine_before"][f"{arm}_seed{pseed}"] = round(cls_cosine(checkpoint, data), 4)
+                for fseed in args.finetune_seeds:
+                    out = Path(tmp) / f"{arm}-{pseed}-{fseed}"
+                    started = time.perf_counter()
+                    train(TrainConfig.from_dict({**params, "model": str(checkpoint), "out_dir": str(out),
+                                                 "train_data": str(data), "seed": fseed, "progress": False,
+                                                 "tensorboard": False}, source="finetune_variance"),
+                          log=lambda *_: None)
+                    run = {"arm": arm, "pretrain_seed": pseed, "finetune_seed": fseed,
+                           "RR@10": round(dev_rr10(out / "model", data, out), 4),
+                           "seconds": round(time.perf_counter() - started, 1)}
+                    print(json.dumps(run), file=sys.stderr, flush=True)
+                    result["runs"].append(run)
+    result["summary"] = {arm: spread(result["runs"], arm) for arm in ARMS}
+    write_json(args.out, result)
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
