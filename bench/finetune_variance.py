@@ -1,7 +1,7 @@
 """Experiment: in the RetroMAE miniature, does a start's score come from its pretraining or from the fine-tuning's draw?
 
     .venv/bin/reprolib run params/miniature/retromae.yaml --out outputs/ret6 --jobs 2 --seeds 1,2,3,4,5,6
-    .venv/bin/python bench/finetune_variance.py outputs/ret6/miniature_retromae     # -> bench/results/finetune_variance.json
+    .venv/bin/python bench/finetune_variance.py outputs/ret6/miniature_retromae   # -> results/finetune_variance.json
 
 48 fine-tunings of about 14 s each on an AVX-512 Xeon (12 minutes).
 
