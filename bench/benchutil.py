@@ -110,3 +110,19 @@ def write_json(path, data):
         os.unlink(tmp)
         raise
     print(f"wrote {path}", file=sys.stderr)
+
+
+def dev_rr10(model_dir, data_dir, work):
+    """Index a dense model's corpus under `work` and return its dev RR@10 (top 100) on a prepared dataset."""
+    from reprolib.data import Corpus, read_qrels
+    from reprolib.data.layout import find_qrels_file, load_queries
+    from reprolib.index import encode_corpus
+    from reprolib.metrics import evaluate
+    from reprolib.modeling import DenseEncoder
+    from reprolib.search import dense_search
+
+    corpus = Corpus.open(data_dir, progress=False)
+    encoder = DenseEncoder.from_pretrained(model_dir)
+    encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
+    run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
+    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import REPO, RESULTS, header, require_run_outputs, write_json
+from benchutil import REPO, RESULTS, dev_rr10, header, require_run_outputs, write_json
 
 YAML = REPO / "params" / "miniature" / "retromae.yaml"
 ARMS = {"retromae": "pretrain_retromae", "mlm": "pretrain_mlm"}
@@ -51,21 +51,6 @@ def cls_cosine(model_dir, data_dir, passages=200):
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similarity = vectors @ vectors.T
     return float(similarity[~np.eye(passages, dtype=bool)].mean())
-
-
-def dev_rr10(model_dir, data_dir, work):
-    from reprolib.data import Corpus, read_qrels
-    from reprolib.data.layout import find_qrels_file, load_queries
-    from reprolib.index import encode_corpus
-    from reprolib.metrics import evaluate
-    from reprolib.modeling import DenseEncoder
-    from reprolib.search import dense_search
-
-    corpus = Corpus.open(data_dir, progress=False)
-    encoder = DenseEncoder.from_pretrained(model_dir)
-    encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
-    run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
-    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]
 
 
 def spread(runs, arm):

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import RESULTS, header, write_json
+from benchutil import RESULTS, dev_rr10, header, write_json
 
 # The settings of the quickstart's former RetroMAE stages, which this experiment measured.
 # Passages packed into 64-token blocks, as reprolib did then (one passage per sequence is the default now).
@@ -27,21 +27,6 @@ PRETRAIN = {"passage_max_len": 64, "pack": True, "batch_size": 32, "max_steps": 
             "warmup_ratio": 0.1, "weight_decay": 0.01}
 FINETUNE = {"pooling": "cls", "normalize": True, "temperature": 0.05, "query_max_len": 32, "passage_max_len": 96,
             "group_size": 4, "batch_size": 32, "epochs": 1, "learning_rate": 5.0e-4, "warmup_ratio": 0.1}
-
-
-def dev_rr10(model_dir, data_dir, work):
-    from reprolib.data import Corpus, read_qrels
-    from reprolib.data.layout import find_qrels_file, load_queries
-    from reprolib.index import encode_corpus
-    from reprolib.metrics import evaluate
-    from reprolib.modeling import DenseEncoder
-    from reprolib.search import dense_search
-
-    corpus = Corpus.open(data_dir, progress=False)
-    encoder = DenseEncoder.from_pretrained(model_dir)
-    encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
-    run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
-    return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]
 
 
 def main():
