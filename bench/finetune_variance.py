@@ -14,7 +14,8 @@ with the seed it was pretrained with. At seeds 4-6 one MLM-only start fine-tuned
 fine-tunes each again with other fine-tuning seeds (the same YAML settings: only the seed, so the batches' order and
 negatives, changes), then evaluates dev RR@10. If the score follows the checkpoint, the pretraining decides it; if
 it follows the fine-tuning seed, one fine-tuning per start cannot rank the starts, whatever the pretraining did.
-It also records, per checkpoint, how alike its [CLS] vectors are before fine-tuning (mean cosine between passages).
+It also copies, per checkpoint, how alike its [CLS] vectors were before fine-tuning (the mean cosine between
+passages that notebook 20 recorded as `passage_cosine_before`).
 """
 import argparse
 import json
@@ -38,21 +39,6 @@ def finetune_params():
     return {k: v for k, v in stage.params.items() if k not in ("model", "train_data", "seed")}
 
 
-def cls_cosine(model_dir, data_dir, passages=200):
-    """Mean cosine between the [CLS] vectors of different passages, as notebook 20 prints it (1: all alike)."""
-    import numpy as np
-
-    from reprolib.data import Corpus
-    from reprolib.modeling import DenseEncoder
-
-    corpus = Corpus.open(data_dir, progress=False)
-    encoder = DenseEncoder.from_pretrained(model_dir, pooling="cls")
-    vectors = encoder.encode_passages([corpus.text(i) for i in range(passages)])
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    similarity = vectors @ vectors.T
-    return float(similarity[~np.eye(passages, dtype=bool)].mean())
-
-
 def spread(runs, arm):
     """Within a checkpoint (sd over fine-tuning seeds, averaged) against between checkpoints (sd of their means)."""
     by_checkpoint = {}
@@ -74,7 +60,10 @@ def main():
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[101, 102, 103, 104])
     parser.add_argument("--out", type=Path, default=RESULTS / "finetune_variance.json")
     args = parser.parse_args()
-    needed = ["data"] + [f"{stage}_seed{s}/model" for stage in ARMS.values() for s in args.pretrain_seeds]
+    needed = ["data"]
+    for arm, stage in ARMS.items():
+        needed += [f"{stage}_seed{s}/model" for s in args.pretrain_seeds]
+        needed += [f"finetune_{arm}_seed{s}/metrics.json" for s in args.pretrain_seeds]
     require_run_outputs(args.run_dir, needed, "miniature/retromae.yaml")
 
     from reprolib.training import TrainConfig, train
@@ -87,7 +76,9 @@ def main():
         for arm, stage in ARMS.items():
             for pseed in args.pretrain_seeds:
                 checkpoint = args.run_dir / f"{stage}_seed{pseed}" / "model"
-                result["cls_cosine_before"][f"{arm}_seed{pseed}"] = round(cls_cosine(checkpoint, data), 4)
+                # notebook 20 measured it on this checkpoint when the run fine-tuned it
+                before = json.loads((args.run_dir / f"finetune_{arm}_seed{pseed}" / "metrics.json").read_text())
+                result["cls_cosine_before"][f"{arm}_seed{pseed}"] = round(before["passage_cosine_before"], 4)
                 for fseed in args.finetune_seeds:
                     out = Path(tmp) / f"{arm}-{pseed}-{fseed}"
                     started = time.perf_counter()

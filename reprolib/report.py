@@ -191,9 +191,9 @@ def _compare(entry, manifest, run_dir, copies, measured):
 
 
 def _every_seed(row, entry):
-    """Turns the relative check `row` OKISH (in place) when it is OK on the mean but not seed by seed. The paired test sees only the queries' noise, and a
-    training seed moves a tiny model's score by more: at seeds 4-6 verdicts that seeds 1-3 passed with p 0.0001
-    failed. So a mean carried by one seed's draw (a low control, a high method) is not a result."""
+    """Turns the relative check `row` OKISH (in place) when it is OK on the mean but not seed by seed. The paired
+    test sees only the queries' noise, and a training seed moves a tiny model's score by more: at seeds 4-6 verdicts
+    that seeds 1-3 passed with p 0.0001 failed. So a mean carried by one seed's draw is not a result."""
     differences = row["seed_differences"]
     if row["status"] == "OK" and differences and not all(_holds_at_seed(entry, d) for d in differences.values()):
         row.update(status="OKISH", note="holds on the mean, not at every seed")
