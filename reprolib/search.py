@@ -146,6 +146,23 @@ def top_hits(run, depth, keep=None):
     return top
 
 
+def label_scores(teacher, qrels):
+    """The teacher's pairs scored by the labels alone: a judged-relevant passage gets the teacher's mean margin
+    (over every (positive, negative) pair of a query) and any other passage 0. Distilled in the same loss and
+    groups as the teacher's scores, they show what the teacher adds beyond the labels."""
+    margins = []
+    for qid, hits in teacher.items():
+        relevant = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
+        positives = [score for pid, score in hits.items() if pid in relevant]
+        negatives = [score for pid, score in hits.items() if pid not in relevant]
+        margins += [p - n for p in positives for n in negatives]
+    if not margins:
+        raise ReprolibError("label_scores: no query has both a judged-relevant and another scored passage")
+    margin = sum(margins) / len(margins)
+    return {qid: {pid: margin if qrels.get(qid, {}).get(pid, 0) > 0 else 0.0 for pid in hits}
+            for qid, hits in teacher.items()}
+
+
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
     """Negatives per query: the top `depth` hits minus the judged-relevant ones, in rank order.
 

@@ -9,7 +9,8 @@ from conftest import shared_dataset
 from reprolib.cli import main
 from reprolib.data import read_qrels, read_queries, read_run
 from reprolib.data.corpus import Corpus
-from reprolib.search import bm25_search, fuse_runs, mine_negatives, pick_fusion_weight, top_hits
+from reprolib.errors import ReprolibError
+from reprolib.search import bm25_search, fuse_runs, label_scores, mine_negatives, pick_fusion_weight, top_hits
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +135,19 @@ def test_top_hits_keep_the_best_then_any_lower_ranked_positive():
     assert list(top["q1"]) == ["p2", "p4", "p1"] and top["q1"]["p1"] == 1.0   # p3 judged 0: not kept
     assert top["q2"] == {"x": 2.0}
     assert list(top_hits(run, 2)["q1"]) == ["p2", "p4"]
+
+
+def test_label_scores_put_each_positive_at_the_teachers_mean_margin():
+    teacher = {"q1": {"p2": 1.0, "p1": 3.0, "p3": 2.0}, "q2": {"x": 0.5, "y": 1.5}}
+    qrels = {"q1": {"p1": 1, "p3": 0}, "q2": {"x": 1}}
+    # margins: q1 3-1, 3-2; q2 0.5-1.5 (the teacher ranks the positive second there): mean (2 + 1 - 1) / 3
+    scores = label_scores(teacher, qrels)
+    assert scores == {"q1": {"p1": pytest.approx(2 / 3), "p2": 0.0, "p3": 0.0},
+                      "q2": {"x": pytest.approx(2 / 3), "y": 0.0}}
+    assert list(scores["q1"]) == ["p2", "p1", "p3"]   # the teacher's order: notebook 70 takes negatives in it
+    with pytest.raises(ReprolibError, match="no query has both"):
+        label_scores({"q": {"p": 1.0}}, {"q": {"p": 1}})
+
 
 # ---------------------------------------------------------------- mine_negatives
 

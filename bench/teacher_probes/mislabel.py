@@ -1,0 +1,42 @@
+"""The quickstart's synthetic data with a share of the training labels moved to a wrong passage.
+
+Each training query's label moves, with probability `share` (a seeded `random.Random(7)`), to another passage of
+the same entity (pids e*4 .. e*4+3), as a topical but wrong judgement; then BM25 negatives are mined from the
+moved labels. Dev labels stay right. The Disentangled miniature on this folder (its data stage's params replaced
+by `{dataset: <folder>}`) asks whether a teacher helps when the labels are wrong (bench/README.md, "What the
+teacher adds beyond the labels").
+
+    .venv/bin/python bench/teacher_probes/mislabel.py outputs/gen/mislabel30 0.3
+"""
+import argparse
+import random
+
+from reprolib.data.prepare import prepare_synthetic, write_bm25_negatives
+from reprolib.data.synthetic import PASSAGES_PER_ENTITY
+from reprolib.fileio import atomic_write
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the dataset folder to write")
+    parser.add_argument("share", type=float, help="the share of training labels to move, 0 to 1")
+    args = parser.parse_args()
+    prepare_synthetic(args.out, num_dev_queries=2000, progress=False)
+    path = f"{args.out}/qrels.train.tsv"
+    lines = open(path).read().splitlines()
+    rng = random.Random(7)
+    moved = 0
+    with atomic_write(path) as f:
+        for line in lines:
+            qid, zero, pid, rel = line.split("\t")
+            if rng.random() < args.share:
+                first = int(pid) // PASSAGES_PER_ENTITY * PASSAGES_PER_ENTITY
+                pid = str(rng.choice([p for p in range(first, first + PASSAGES_PER_ENTITY) if p != int(pid)]))
+                moved += 1
+            f.write(f"{qid}\t{zero}\t{pid}\t{rel}\n")
+    write_bm25_negatives(args.out, progress=False)
+    print(f"moved {moved:,} of {len(lines):,} training labels")
+
+
+if __name__ == "__main__":
+    main()
