@@ -186,7 +186,8 @@ def _compare(entry, manifest, run_dir, copies, measured):
     status = relative_check(result["difference"], result["p_value"], entry["by"], entry["alpha"])
     if not note and status != "OK":
         note = (f"wins by less than {entry['by']:g}" if status == "OKISH" else
-                "worse than the control" if result["difference"] <= 0 else f"not significant (alpha {entry['alpha']:g})")
+                f"worse than {entry['than']}" if result["difference"] <= 0 else
+                f"not significant (alpha {entry['alpha']:g})")
     return {**result, "status": status, "note": note}
 
 

@@ -146,21 +146,32 @@ def top_hits(run, depth, keep=None):
     return top
 
 
-def label_scores(teacher, qrels):
-    """The teacher's pairs scored by the labels alone: a judged-relevant passage gets the teacher's mean margin
-    (over every (positive, negative) pair of a query) and any other passage 0. Distilled in the same loss and
-    groups as the teacher's scores, they show what the teacher adds beyond the labels."""
+def mean_margin(teacher, qrels):
+    """The teacher's mean margin: its score of a judged-relevant passage minus that of another passage of the same
+    query, averaged over every such pair of every query."""
     margins = []
     for qid, hits in teacher.items():
-        relevant = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
-        positives = [score for pid, score in hits.items() if pid in relevant]
-        negatives = [score for pid, score in hits.items() if pid not in relevant]
+        positives = [score for pid, score in hits.items() if _relevant(qrels, qid, pid)]
+        negatives = [score for pid, score in hits.items() if not _relevant(qrels, qid, pid)]
         margins += [p - n for p in positives for n in negatives]
     if not margins:
-        raise ReprolibError("label_scores: no query has both a judged-relevant and another scored passage")
-    margin = sum(margins) / len(margins)
-    return {qid: {pid: margin if qrels.get(qid, {}).get(pid, 0) > 0 else 0.0 for pid in hits}
-            for qid, hits in teacher.items()}
+        raise ReprolibError("mean_margin: no query has both a judged-relevant and another scored passage")
+    return sum(margins) / len(margins)
+
+
+def label_scores(teacher, qrels):
+    """The teacher's pairs, in its order, scored by the labels alone: a judged-relevant passage gets the teacher's
+    `mean_margin` and any other passage 0. Distilled in the same loss and groups as the teacher's scores, they show
+    what the teacher adds beyond the labels."""
+    margin = mean_margin(teacher, qrels)
+    if margin <= 0:
+        raise ReprolibError(f"label_scores: the teacher scores positives below their negatives on average "
+                            f"(mean margin {margin:.4g}); labels at that margin would teach the opposite")
+    return {qid: {pid: margin if _relevant(qrels, qid, pid) else 0.0 for pid in hits} for qid, hits in teacher.items()}
+
+
+def _relevant(qrels, qid, pid):
+    return qrels.get(qid, {}).get(pid, 0) > 0
 
 
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):

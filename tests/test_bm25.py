@@ -147,6 +147,8 @@ def test_label_scores_put_each_positive_at_the_teachers_mean_margin():
     assert list(scores["q1"]) == ["p2", "p1", "p3"]   # the teacher's order: notebook 70 takes negatives in it
     with pytest.raises(ReprolibError, match="no query has both"):
         label_scores({"q": {"p": 1.0}}, {"q": {"p": 1}})
+    with pytest.raises(ReprolibError, match="mean margin -1"):
+        label_scores({"q": {"p": 1.0, "n": 2.0}}, {"q": {"p": 1}})
 
 
 # ---------------------------------------------------------------- mine_negatives

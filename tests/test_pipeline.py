@@ -513,7 +513,7 @@ def test_relative_checks_over_seeds(project):
     assert method["measured"] == pytest.approx(np.mean([manifest["stages"][f"method_seed{s}"]["metrics"]["RR@10"]
                                                         for s in (1, 2, 3)]))
     assert method["difference"] == pytest.approx(method["measured"] - method["reference"])
-    assert method["p_value"] < 0.001 and swapped["note"] == "worse than the control"
+    assert method["p_value"] < 0.001 and swapped["note"] == f"worse than {swapped['reference_stage']}"
     assert rows[2]["p_value"] > 0.05
     assert any(line.startswith("OK     method RR@10 = ") and "± " in line and "vs control" in line for line in lines)
     report = (run_dir / "REPORT.md").read_text()

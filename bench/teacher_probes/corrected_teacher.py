@@ -1,7 +1,7 @@
 """The teacher's scores with its top-1 mistakes corrected, for the Disentangled miniature's KL student.
 
 Where a negative scores at or above a query's labelled positive, the positive is raised to the best negative's
-score plus the teacher's mean margin (`reprolib.search.label_scores`); every other score, and the file's order,
+score plus the teacher's mean margin (`reprolib.search.mean_margin`); every other score, and the file's order,
 stays. Distilled in place of the teacher, it tells the cost of the teacher's mistakes from the cost of its graded
 scores of the negatives (bench/README.md, "What the teacher adds beyond the labels").
 
@@ -11,32 +11,24 @@ scores of the negatives (bench/README.md, "What the teacher adds beyond the labe
 import argparse
 from pathlib import Path
 
-from reprolib.data import read_qrels, write_scores
-from reprolib.search import label_scores
-
-
-def read_scores(path):
-    scores = {}
-    for line in open(path):
-        qid, pid, score = line.split()[:3]
-        scores.setdefault(qid, {})[pid] = float(score)
-    return scores
+from reprolib.data import read_qrels, read_scores, write_scores
+from reprolib.search import mean_margin
 
 
 def corrected(teacher, qrels):
-    """(scores, queries corrected): `teacher` with each mis-ranked positive raised above its best negative."""
-    margin = max(v for hits in label_scores(teacher, qrels).values() for v in hits.values())
-    fixed = 0
+    """(scores, queries corrected): a copy of `teacher` with each mis-ranked positive raised above its best negative.
+    Raising it also sharpens that query's target a little: the correction is not only of the ranking."""
+    margin = mean_margin(teacher, qrels)
+    scores, fixed = {}, 0
     for qid, hits in teacher.items():
-        positives = [pid for pid in hits if qrels.get(qid, {}).get(pid, 0) > 0]
-        negatives = [score for pid, score in hits.items() if pid not in positives]
-        if not negatives:
-            continue
-        for pid in positives:
-            if hits[pid] <= max(negatives):
-                hits[pid] = max(negatives) + margin
-                fixed += 1
-    return teacher, fixed
+        relevant = {pid for pid in hits if qrels.get(qid, {}).get(pid, 0) > 0}
+        negatives = [score for pid, score in hits.items() if pid not in relevant]
+        best = max(negatives, default=None)
+        wrong = best is not None and any(hits[pid] <= best for pid in relevant)
+        scores[qid] = {pid: best + margin if pid in relevant and score <= best else score
+                       for pid, score in hits.items()} if wrong else dict(hits)
+        fixed += wrong
+    return scores, fixed
 
 
 def main():

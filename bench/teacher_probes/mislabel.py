@@ -10,6 +10,7 @@ teacher adds beyond the labels").
 """
 import argparse
 import random
+from pathlib import Path
 
 from reprolib.data.prepare import prepare_synthetic, write_bm25_negatives
 from reprolib.data.synthetic import PASSAGES_PER_ENTITY
@@ -23,7 +24,7 @@ def main():
     args = parser.parse_args()
     prepare_synthetic(args.out, num_dev_queries=2000, progress=False)
     path = f"{args.out}/qrels.train.tsv"
-    lines = open(path).read().splitlines()
+    lines = Path(path).read_text().splitlines()
     rng = random.Random(7)
     moved = 0
     with atomic_write(path) as f:
