@@ -6,7 +6,7 @@ stays. Distilled in place of the teacher, it tells the cost of the teacher's mis
 scores of the negatives (bench/README.md, "What the teacher adds beyond the labels").
 
     .venv/bin/python bench/teacher_probes/corrected_teacher.py outputs/dis/miniature_disentangled \
-        outputs/corrected_teacher.tsv
+        outputs/corrected_teacher.tsv [--flatten-negatives]
 """
 import argparse
 from pathlib import Path
@@ -31,14 +31,30 @@ def corrected(teacher, qrels):
     return scores, fixed
 
 
+def flattened(scores, qrels):
+    """`scores` with each query's negatives set to their mean: the positive keeps its margin over them on average,
+    the ordering among the negatives is gone."""
+    out = {}
+    for qid, hits in scores.items():
+        negatives = [score for pid, score in hits.items() if qrels.get(qid, {}).get(pid, 0) <= 0]
+        level = sum(negatives) / len(negatives) if negatives else 0.0
+        out[qid] = {pid: score if qrels.get(qid, {}).get(pid, 0) > 0 else level for pid, score in hits.items()}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="the miniature's run folder (its teacher/ and data/ stages)")
     parser.add_argument("out", help="the corrected teacher-scores file to write")
+    parser.add_argument("--flatten-negatives", action="store_true",
+                        help="then give each query's negatives their mean score: the teacher's grading of them removed")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     teacher = read_scores(run_dir / "teacher" / "teacher_scores.tsv")
-    scores, fixed = corrected(teacher, read_qrels(run_dir / "data" / "qrels.train.tsv"))
+    qrels = read_qrels(run_dir / "data" / "qrels.train.tsv")
+    scores, fixed = corrected(teacher, qrels)
+    if args.flatten_negatives:
+        scores = flattened(scores, qrels)
     write_scores(args.out, scores)
     print(f"{fixed:,} of {len(scores):,} queries had a negative at or above their positive; written to {args.out}")
 
