@@ -158,8 +158,8 @@ def _compare(entry, manifest, run_dir, copies, measured):
     if measured is None or reference is None:
         return {**result, "status": "FAIL", "note": "missing"}
     result["difference"] = measured - reference
-    method = _per_query_mean(run_dir, copies[entry["stage"]], entry["metric"])
-    control = _per_query_mean(run_dir, control_ids, entry["than_metric"])
+    method = per_query_mean(run_dir, copies[entry["stage"]], entry["metric"])
+    control = per_query_mean(run_dir, control_ids, entry["than_metric"])
     note = ""
     if method is None or control is None or len(set(method) & set(control)) < 2:
         note = "no per-query values: not tested for significance"
@@ -257,7 +257,7 @@ def _one_sided(control, method, margin):
     return float(stats.t.sf((d.mean() + margin) / se, len(d) - 1))
 
 
-def _per_query_mean(run_dir, ids, metric):
+def per_query_mean(run_dir, ids, metric):
     """{qid: value averaged over the copies} from each copy's per_query.json, None if any lacks it."""
     tables = []
     for sid in ids:

@@ -141,7 +141,7 @@ def top_hits(run, depth, keep=None):
     top = {}
     for qid, hits in run.items():
         ranked = sorted(hits, key=lambda pid: -hits[pid])
-        relevant = {pid for pid, rel in (keep or {}).get(qid, {}).items() if rel > 0}
+        relevant = relevant_ids(keep or {}, qid)
         top[qid] = {pid: hits[pid] for pid in ranked[:depth] + [p for p in ranked[depth:] if p in relevant]}
     return top
 
@@ -151,8 +151,9 @@ def mean_margin(teacher, qrels):
     query, averaged over every such pair of every query."""
     margins = []
     for qid, hits in teacher.items():
-        positives = [score for pid, score in hits.items() if _relevant(qrels, qid, pid)]
-        negatives = [score for pid, score in hits.items() if not _relevant(qrels, qid, pid)]
+        relevant = relevant_ids(qrels, qid)
+        positives = [score for pid, score in hits.items() if pid in relevant]
+        negatives = [score for pid, score in hits.items() if pid not in relevant]
         margins += [p - n for p in positives for n in negatives]
     if not margins:
         raise ReprolibError("mean_margin: no query has both a judged-relevant and another scored passage")
@@ -167,11 +168,16 @@ def label_scores(teacher, qrels):
     if margin <= 0:
         raise ReprolibError(f"label_scores: the teacher scores positives below their negatives on average "
                             f"(mean margin {margin:.4g}); labels at that margin would teach the opposite")
-    return {qid: {pid: margin if _relevant(qrels, qid, pid) else 0.0 for pid in hits} for qid, hits in teacher.items()}
+    scores = {}
+    for qid, hits in teacher.items():
+        relevant = relevant_ids(qrels, qid)
+        scores[qid] = {pid: margin if pid in relevant else 0.0 for pid in hits}
+    return scores
 
 
-def _relevant(qrels, qid, pid):
-    return qrels.get(qid, {}).get(pid, 0) > 0
+def relevant_ids(qrels, qid):
+    """The passages `qrels` ({qid: {pid: rel}}) judges relevant to `qid` (rel > 0; a judged 0 is a negative)."""
+    return {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
 
 
 def mine_negatives(run, qrels, depth=200, num=None, shuffle_seed=None):
@@ -187,7 +193,7 @@ def iter_mined_negatives(hits_by_query, qrels, depth=200, num=None, shuffle_seed
     """`mine_negatives` one query at a time: (qid, negatives) for each (qid, {pid: score}) of `hits_by_query`
     (e.g. `iter_run`) that has any, so that a run of any size streams through."""
     for qid, hits in hits_by_query:
-        positives = {pid for pid, rel in qrels.get(qid, {}).items() if rel > 0}
+        positives = relevant_ids(qrels, qid)
         ranked = sorted(hits, key=lambda pid: -hits[pid])[:depth]
         kept = [pid for pid in ranked if pid not in positives]
         if shuffle_seed is not None:

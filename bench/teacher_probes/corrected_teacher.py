@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from reprolib.data import read_qrels, read_scores, write_scores
-from reprolib.search import mean_margin
+from reprolib.search import mean_margin, relevant_ids
 
 
 def corrected(teacher, qrels):
@@ -21,13 +21,11 @@ def corrected(teacher, qrels):
     margin = mean_margin(teacher, qrels)
     scores, fixed = {}, 0
     for qid, hits in teacher.items():
-        relevant = {pid for pid in hits if qrels.get(qid, {}).get(pid, 0) > 0}
-        negatives = [score for pid, score in hits.items() if pid not in relevant]
-        best = max(negatives, default=None)
-        wrong = best is not None and any(hits[pid] <= best for pid in relevant)
-        scores[qid] = {pid: best + margin if pid in relevant and score <= best else score
-                       for pid, score in hits.items()} if wrong else dict(hits)
-        fixed += wrong
+        relevant = relevant_ids(qrels, qid)
+        best = max((score for pid, score in hits.items() if pid not in relevant), default=None)
+        scores[qid] = {pid: best + margin if pid in relevant and best is not None and score <= best else score
+                       for pid, score in hits.items()}
+        fixed += scores[qid] != hits
     return scores, fixed
 
 
@@ -36,9 +34,10 @@ def flattened(scores, qrels):
     the ordering among the negatives is gone."""
     out = {}
     for qid, hits in scores.items():
-        negatives = [score for pid, score in hits.items() if qrels.get(qid, {}).get(pid, 0) <= 0]
+        relevant = relevant_ids(qrels, qid)
+        negatives = [score for pid, score in hits.items() if pid not in relevant]
         level = sum(negatives) / len(negatives) if negatives else 0.0
-        out[qid] = {pid: score if qrels.get(qid, {}).get(pid, 0) > 0 else level for pid, score in hits.items()}
+        out[qid] = {pid: score if pid in relevant else level for pid, score in hits.items()}
     return out
 
 
