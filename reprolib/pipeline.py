@@ -866,8 +866,28 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
     manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
                                     kernels if kernels is not None else [], abort)
-    papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params, kernel_name=stage.kernel,
-                               progress_bar=sys.stderr.isatty(), kernel_manager_class=manager)
+    for attempt in range(1, KERNEL_START_TRIES + 1):
+        try:
+            papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params,
+                                       kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(),
+                                       kernel_manager_class=manager)
+            return
+        except RuntimeError as e:
+            # No cell has run, so starting again is safe. The usual cause is a race on the kernel's TCP ports:
+            # jupyter_client picks free ones and closes them, and before the new kernel binds them another
+            # connection (a stage beside it, any process on the machine) may take one.
+            if not _died_at_start(e) or (abort is not None and abort.is_set()):
+                raise
+            if attempt == KERNEL_START_TRIES:
+                raise RuntimeError(f"{e} ({KERNEL_START_TRIES} tries)") from e
+
+
+KERNEL_START_TRIES = 3
+
+
+def _died_at_start(error):
+    """jupyter_client's error for a kernel that exited before it answered its first request."""
+    return isinstance(error, RuntimeError) and "before replying to kernel_info" in str(error)
 
 
 def _stage_kernel_manager(zygote, stage_dir, env, kernels, abort=None):
@@ -911,7 +931,7 @@ def _stage_error(sid, error, executed):
 
     if isinstance(error, PapermillExecutionError):
         return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
-    if isinstance(error, (NoSuchKernel, DeadKernelError)):
+    if isinstance(error, (NoSuchKernel, DeadKernelError)) or _died_at_start(error):
         from reprolib.kernels import KERNEL_LOG
 
         log = Path(executed).parent / KERNEL_LOG

@@ -915,6 +915,45 @@ def test_jobs_run_independent_stages_at_once_on_their_share_of_the_cores(project
                                                                            for sid in "abc"]
 
 
+# A kernel that exits at once for its first `deaths` starts, as one does when a port it was given is taken
+# before it binds it (jupyter_client picks free TCP ports, closes them, and hands them to the kernel).
+FLAKY_KERNEL = """\
+import runpy, sys
+connection_file, starts, deaths = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(starts, "a") as f:
+    f.write("start\\n")
+if len(open(starts).read().split()) <= deaths:
+    sys.exit("zmq.error.ZMQError: Address already in use")
+sys.argv = ["ipykernel_launcher", "-f", connection_file]
+runpy.run_module("ipykernel_launcher", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("deaths, tries", [(2, 3), (5, 3)], ids=["starts again", "gives up"])
+def test_a_kernel_that_dies_before_its_first_cell_is_started_again(project, monkeypatch, deaths, tries):
+    spec_dir = project / "jupyter" / "kernels" / "flaky"
+    spec_dir.mkdir(parents=True)
+    script, starts = project / "flaky.py", project / "starts.log"
+    script.write_text(FLAKY_KERNEL)
+    argv = [sys.executable, str(script), "{connection_file}", str(starts), str(deaths)]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "flaky", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(project / "jupyter"))
+    nb = nbformat.read(project / "notebooks" / "step.ipynb", as_version=4)
+    nb.metadata["kernelspec"] = {"name": "flaky", "display_name": "flaky", "language": "python"}
+    nbformat.write(nb, project / "notebooks" / "flaky.ipynb")
+    path = write_pipeline(project, [{"id": "a", "notebook": "flaky", "params": {"value": 3}}])
+
+    if deaths < tries:
+        manifest, _ = run(project, path)
+        assert manifest["stages"]["a"]["metrics"]["value"] == 3
+    else:
+        with pytest.raises(ReprolibError, match=r"^stage 'a' failed: RuntimeError: Kernel died before replying to "
+                                                r"kernel_info \(3 tries\) \(see .*flaky.ipynb\)$"):
+            run(project, path)
+        assert load_manifest(project / "outputs" / "demo")["stages"]["a"]["status"] == "failed"
+    assert len(starts.read_text().split()) == min(deaths + 1, tries)
+
+
 def test_jobs_a_stage_runs_alone_only_where_no_other_stage_could_overlap_it():
     """Whether a stage takes every core follows from the stages due in the run and what they read, never from what
     happens to be running when it starts: the same command gets the same threads, and the same numbers."""
