@@ -33,7 +33,10 @@ def load_groups(config, sep):
     if negatives_file is None and teacher is None:
         default = Path(config.train_data) / f"{config.split}.negatives.tsv"
         negatives_file = default if default.is_file() else None
-    negatives = negative_positions(negatives_file, corpus, qids=qrels) if negatives_file else {}
+    if isinstance(negatives_file, list):   # one group per query and file (TrainConfig.check: not with a teacher)
+        negatives = [negative_positions(path, corpus, qids=qrels) for path in negatives_file]
+    else:
+        negatives = negative_positions(negatives_file, corpus, qids=qrels) if negatives_file else {}
     if teacher is not None:
         qrels, negatives = _scored_only(qrels, negatives if negatives_file else None, teacher, corpus)
     return TrainGroups(corpus, queries, qrels, negatives, group_size=config.group_size, sampler=config.sampler,

@@ -57,7 +57,8 @@ class TrainConfig:
     out_dir: str
     train_data: str                       # dataset dir holding corpus, <split> queries and qrels (pretraining: the corpus)
     objective: str = "contrastive"        # contrastive | sparse | cross_encoder | retromae | lexmae (reprolib.objectives)
-    negatives: str | None = None          # qid \t pid,pid,... ; default <train_data>/<split>.negatives.tsv
+    negatives: str | list | None = None   # qid \t pid,pid,... ; default <train_data>/<split>.negatives.tsv; a list:
+                                          # each query trained once per file (Tevatron's stage 2: mined + BM25)
     corpus: str | None = None             # default: train_data
     split: str = "train"
     template: str = "plain"               # passage text template (reprolib.data.templates); retromae_pretrain, lexmae
@@ -200,6 +201,11 @@ class TrainConfig:
         if bool(self.distillation) != bool(self.teacher_scores):
             raise ReprolibError(f"{source}: distillation and teacher_scores go together (got distillation="
                                 f"{self.distillation!r}, teacher_scores={self.teacher_scores!r})")
+        if isinstance(self.negatives, list):
+            if not self.negatives or not all(isinstance(path, str) and path for path in self.negatives):
+                raise ReprolibError(f"{source}: negatives must be a file or a list of files, not {self.negatives!r}")
+            if self.teacher_scores:
+                raise ReprolibError(f"{source}: distillation reads one negatives file, not a list")
         if self.distillation and self.objective not in ("contrastive", "sparse"):
             raise ReprolibError(f"{source}: distillation trains a contrastive or sparse retriever, not {self.objective!r}")
         if self.keep not in ("last", "best"):
@@ -615,6 +621,6 @@ def _typed(cls, name, value, source):
             return convert(number)
     if kinds.startswith("bool") and not isinstance(value, bool):
         raise ReprolibError(f"{source}: {name} must be true or false, not {value!r}")
-    if kinds.startswith("str") and not isinstance(value, str):
+    if kinds.startswith("str") and not isinstance(value, str) and not (" list" in kinds and isinstance(value, list)):
         raise ReprolibError(f"{source}: {name} must be a string, not {value!r}")
     return value

@@ -147,6 +147,8 @@ def test_distillation_options_are_checked():
         TrainConfig(**base, distillation="kl").check()
     with pytest.raises(ReprolibError, match="not 'retromae'"):
         TrainConfig(**base, distillation="kl", teacher_scores="t", objective="retromae").check()
+    with pytest.raises(ReprolibError, match="distillation reads one negatives file, not a list"):
+        TrainConfig(**base, distillation="kl", teacher_scores="t", negatives=["a", "b"]).check()
 
 
 # ---------------------------------------------------------------- training, scoring, reranking

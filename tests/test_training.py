@@ -107,6 +107,23 @@ def test_samples_and_epoch_order_are_deterministic():
 
 
 @pytest.mark.parametrize("sampler", ["retromae", "tevatron"])
+def test_a_list_of_negatives_trains_each_query_once_per_source(sampler):
+    """Tevatron's stage 2 reads its mined groups beside its BM25 ones: one group per query and source an epoch,
+    each drawn from its own source; a list of one source is the source itself."""
+    mined = {"q1": [f"p{i}" for i in range(10, 20)], "q2": [f"p{i}" for i in range(20, 30)]}
+    bm25 = {"q1": [f"p{i}" for i in range(50, 60)], "q2": [f"p{i}" for i in range(60, 70)]}
+    one, both = _groups(sampler, mined, per_query=True), _groups(sampler, [mined, bm25], per_query=True)
+    assert len(both) == 2 * len(one) == 4
+    assert [group.query for group in both] == ["first query", "second query"] * 2
+    assert [both[i] for i in range(2)] == [one[i] for i in range(2)]    # the first source's groups are unchanged
+    assert set(both[2].positions[1:]) <= set(range(50, 60)) and set(both[3].positions[1:]) <= set(range(60, 70))
+    twice = _groups(sampler, [bm25, bm25], per_query=True)                # the control: one source twice
+    assert twice[0].positions[1:] != twice[2].positions[1:]               # drawn again, not the same group
+    skip = _groups(sampler, [{"q2": ["p20"]}, {"q2": ["p60"]}], without_negatives="skip")
+    assert skip.skipped_queries == ["q1"] and len(skip) == 2
+
+
+@pytest.mark.parametrize("sampler", ["retromae", "tevatron"])
 def test_negatives_read_as_positions_give_the_same_groups_as_ids(sampler, tmp_path):
     """negative_positions: the compact table a large negatives file is read into (ids the corpus lacks and
     queries not asked for are dropped) samples the same groups as the ids themselves."""

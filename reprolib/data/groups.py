@@ -51,7 +51,8 @@ class TrainGroups:
 
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
     negatives: {qid: [pid, ...]} in rank order, or {qid: array of corpus positions} (`negative_positions`, for
-    files too large to hold as ids); a query without any: see `without_negatives`;
+    files too large to hold as ids); a query without any: see `without_negatives`. A list of such mappings trains
+    each query once per mapping and epoch, as Tevatron's stage 2 reads its mined groups beside its BM25 ones;
     teacher: {qid: {pid: score}}, or {qid: (corpus positions, scores)} (`teacher_table`), covering every
     positive and negative (queries without a scored negative are skipped).
     """
@@ -81,32 +82,33 @@ class TrainGroups:
 
         self.queries = []     # (qid, text, positive positions, negative positions)
         self.examples = []    # (query index, positive positions drawn from)
-        skipped = []
-        for qid, judged in qrels.items():
-            if qid not in queries:
-                continue
-            pids = [pid for pid, rel in judged.items() if rel > 0]
-            positives = [int(p) for p in corpus.positions(pids) if p >= 0]
-            if not positives:
-                skipped.append(qid)
-                continue
-            ranked = negatives.get(qid, [])
-            ranked = ranked if isinstance(ranked, np.ndarray) else corpus.positions(ranked)
-            # int32 arrays: MS MARCO's 80M negatives take 320 MB, against ~3 GB as lists of ints
-            ranked = ranked[(ranked >= 0) & ~np.isin(ranked, positives)].astype(np.int32)
-            if not len(ranked) and (teacher is not None or without_negatives == "skip"):
-                skipped.append(qid)
-                continue
-            index = len(self.queries)
-            self.queries.append((qid, queries[qid], positives, ranked))
-            if per_query:
-                self.examples.append((index, positives))
-            else:
-                self.examples.extend((index, [p]) for p in positives)
+        skipped = {}   # qid -> None: an ordered set (a query may be skipped by every source)
+        for source in negatives if isinstance(negatives, list) else [negatives]:
+            for qid, judged in qrels.items():
+                if qid not in queries:
+                    continue
+                pids = [pid for pid, rel in judged.items() if rel > 0]
+                positives = [int(p) for p in corpus.positions(pids) if p >= 0]
+                if not positives:
+                    skipped[qid] = None
+                    continue
+                ranked = source.get(qid, [])
+                ranked = ranked if isinstance(ranked, np.ndarray) else corpus.positions(ranked)
+                # int32 arrays: MS MARCO's 80M negatives take 320 MB, against ~3 GB as lists of ints
+                ranked = ranked[(ranked >= 0) & ~np.isin(ranked, positives)].astype(np.int32)
+                if not len(ranked) and (teacher is not None or without_negatives == "skip"):
+                    skipped[qid] = None
+                    continue
+                index = len(self.queries)
+                self.queries.append((qid, queries[qid], positives, ranked))
+                if per_query:
+                    self.examples.append((index, positives))
+                else:
+                    self.examples.extend((index, [p]) for p in positives)
         if not self.examples:
             also = " and a negative (without_negatives: skip)" if without_negatives == "skip" else ""
             raise ReprolibError(f"no training examples: no judged query has its text and a positive in the corpus{also}")
-        self.skipped_queries = skipped
+        self.skipped_queries = list(skipped)
 
     def __len__(self):
         return len(self.examples)
