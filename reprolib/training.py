@@ -622,5 +622,5 @@ def _typed(cls, name, value, source):
     if kinds.startswith("bool") and not isinstance(value, bool):
         raise ReprolibError(f"{source}: {name} must be true or false, not {value!r}")
     if kinds.startswith("str") and not isinstance(value, str) and not (" list" in kinds and isinstance(value, list)):
-        raise ReprolibError(f"{source}: {name} must be a string, not {value!r}")
+        raise ReprolibError(f"{source}: {name} must be a string{' or a list' if ' list' in kinds else ''}, not {value!r}")
     return value

@@ -348,7 +348,7 @@ def test_a_damaged_model_is_one_line(capsys, tmp_path, tiny_model, synthetic_dir
     ("learning_rate", "fast", "learning_rate must be a number, not 'fast'"),
     ("epochs", 1.5, "epochs must be an integer, not 1.5"),
     ("normalize", "yes", "normalize must be true or false, not 'yes'"),
-    ("negatives", 3, "negatives must be a string, not 3"),
+    ("negatives", 3, "negatives must be a string or a list, not 3"),
     ("negatives", [], "negatives must be a file or a list of files, not []"),
     ("negatives", ["a.tsv", 3], "negatives must be a file or a list of files, not ['a.tsv', 3]"),
 ])

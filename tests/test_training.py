@@ -121,6 +121,9 @@ def test_a_list_of_negatives_trains_each_query_once_per_source(sampler):
     assert twice[0].positions[1:] != twice[2].positions[1:]               # drawn again, not the same group
     skip = _groups(sampler, [{"q2": ["p20"]}, {"q2": ["p60"]}], without_negatives="skip")
     assert skip.skipped_queries == ["q1"] and len(skip) == 2
+    skip = _groups(sampler, [{"q2": ["p20"]}, {"q1": ["p30"], "q2": ["p60"]}], per_query=True, without_negatives="skip")
+    assert skip.skipped_queries == [] and [group.query for group in skip] == ["second query", "first query",
+                                                                             "second query"]
 
 
 @pytest.mark.parametrize("sampler", ["retromae", "tevatron"])

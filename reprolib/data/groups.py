@@ -52,7 +52,8 @@ class TrainGroups:
     queries: {qid: text}; qrels: {qid: {pid: rel}} (rel > 0 counts as positive);
     negatives: {qid: [pid, ...]} in rank order, or {qid: array of corpus positions} (`negative_positions`, for
     files too large to hold as ids); a query without any: see `without_negatives`. A list of such mappings trains
-    each query once per mapping and epoch, as Tevatron's stage 2 reads its mined groups beside its BM25 ones;
+    each query once per mapping and epoch, as Tevatron's stage 2 reads its mined groups beside its BM25 ones (with
+    `without_negatives="skip"` a query trains once per mapping that lists it, as there);
     teacher: {qid: {pid: score}}, or {qid: (corpus positions, scores)} (`teacher_table`), covering every
     positive and negative (queries without a scored negative are skipped).
     """
@@ -82,7 +83,7 @@ class TrainGroups:
 
         self.queries = []     # (qid, text, positive positions, negative positions)
         self.examples = []    # (query index, positive positions drawn from)
-        skipped = {}   # qid -> None: an ordered set (a query may be skipped by every source)
+        skipped = {}   # qid -> None: an ordered set; a query skipped by one source may train with another
         for source in negatives if isinstance(negatives, list) else [negatives]:
             for qid, judged in qrels.items():
                 if qid not in queries:
@@ -108,7 +109,8 @@ class TrainGroups:
         if not self.examples:
             also = " and a negative (without_negatives: skip)" if without_negatives == "skip" else ""
             raise ReprolibError(f"no training examples: no judged query has its text and a positive in the corpus{also}")
-        self.skipped_queries = list(skipped)
+        trained = {query[0] for query in self.queries}
+        self.skipped_queries = [qid for qid in skipped if qid not in trained]
 
     def __len__(self):
         return len(self.examples)
