@@ -84,12 +84,13 @@ class TrainGroups:
         self.queries = []     # (qid, text, positive positions, negative positions)
         self.examples = []    # (query index, positive positions drawn from)
         skipped = {}   # qid -> None: an ordered set; a query skipped by one source may train with another
-        for source in negatives if isinstance(negatives, list) else [negatives]:
-            for qid, judged in qrels.items():
-                if qid not in queries:
-                    continue
+        judged_positives = {}   # qid -> corpus positions of its positives, looked up once for every source
+        for qid, judged in qrels.items():
+            if qid in queries:
                 pids = [pid for pid, rel in judged.items() if rel > 0]
-                positives = [int(p) for p in corpus.positions(pids) if p >= 0]
+                judged_positives[qid] = [int(p) for p in corpus.positions(pids) if p >= 0]
+        for source in negatives if isinstance(negatives, list) else [negatives]:
+            for qid, positives in judged_positives.items():
                 if not positives:
                     skipped[qid] = None
                     continue
