@@ -82,11 +82,15 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         encoder_loss = self.mlm_loss(hidden, encoder_labels, self.lm.cls)
         if not self.decoder_weight:
             return encoder_loss, encoder_loss, None
-        h = hidden[:, :1]                                                        # [B, 1, H]
+        decoder_loss = self.decode(hidden[:, :1], decoder_input_ids, decoder_visibility, decoder_labels)
+        return encoder_loss + self.decoder_weight * decoder_loss, encoder_loss, decoder_loss
+
+    def decode(self, h, decoder_input_ids, decoder_visibility, decoder_labels):
+        """The decoder's loss rebuilding the passage from the sentence embedding `h` [B, 1, H] (a probe may pass
+        another passage's: bench/retromae_bottleneck.py)."""
         embeddings = self.lm.bert.embeddings
         key_value = torch.cat([h, embeddings(input_ids=decoder_input_ids)[:, 1:]], dim=1)
         length = decoder_input_ids.shape[1]
         query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
         decoded = self.decoder(query, key_value, decoder_visibility)
-        decoder_loss = self.mlm_loss(decoded, decoder_labels, self.lm.cls)
-        return encoder_loss + self.decoder_weight * decoder_loss, encoder_loss, decoder_loss
+        return self.mlm_loss(decoded, decoder_labels, self.lm.cls)
