@@ -126,3 +126,35 @@ def dev_rr10(model_dir, data_dir, work):
     encode_corpus(encoder, corpus, work / "index", batch_size=128, progress=False)
     run = dense_search(encoder, load_queries(data_dir, "dev"), work / "index", corpus, topk=100, progress=False)
     return evaluate(run, read_qrels(find_qrels_file(data_dir, "dev")), "RR@10").aggregate["RR@10"]
+
+
+def pretrain_with_probes(model, examples, order, optimizer, schedule, steps, every, probe, batch_size=32,
+                         max_grad_norm=None):
+    """Pretrain a masked auto-encoder (RetroMAE's or LexMAE's) for `steps` steps in a plain loop over the examples
+    `order` lists, with new masks every pass as the pipeline draws them (but one order for every pass, where the
+    training loop draws a new one); `probe()` (a dict) is called at step 0 and every `every` steps. Gradients are
+    clipped to `max_grad_norm` when given, as the training loop does. Returns the probe points, each
+    {"step": s, **probe()}, as printed along the way."""
+    import math
+
+    import torch
+
+    points = []
+    for step in range(steps + 1):
+        if step % every == 0:
+            points.append({"step": step, **probe()})
+            print(points[-1], file=sys.stderr, flush=True)
+        if step == steps:
+            return points
+        first = (step * batch_size) % len(order)
+        examples.set_epoch((step * batch_size) // len(order))
+        batch = examples.collate([examples[order[(first + i) % len(order)]] for i in range(batch_size)])
+        total = model(**batch)[0]
+        total.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total.item()):
+            sys.exit(f"loss is {total.item()} at step {step}")

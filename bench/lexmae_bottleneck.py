@@ -14,12 +14,10 @@ with b = 0.
 own < rolled means the decoder reads the passage's lexicon.
 """
 import argparse
-import math
-import sys
 import tempfile
 import time
 
-from benchutil import RESULTS, header, write_json
+from benchutil import RESULTS, header, pretrain_with_probes, write_json
 
 
 def main():
@@ -76,31 +74,16 @@ def main():
                     totals[name] += model(**batch)[2].item() / (len(held_out) / 32)
         model.bottleneck = bottleneck
         model.train()
-        return {k: round(v, 4) for k, v in totals.items()}
+        point = {k: round(v, 4) for k, v in totals.items()}
+        point["rolled_minus_own"] = round(point["rolled"] - point["own"], 4)
+        return point
 
     result = header("lexmae_bottleneck")
-    result.update(steps=args.steps, decoder_mask=args.decoder_mask, layer_norm=args.layer_norm, seed=args.seed,
-                  curve=[])
+    result.update(steps=args.steps, decoder_mask=args.decoder_mask, layer_norm=args.layer_norm, seed=args.seed)
     order = torch.randperm(trained, generator=torch.Generator().manual_seed(args.seed)).tolist()
     started = time.perf_counter()
-    for step in range(args.steps + 1):
-        if step % args.every == 0:
-            point = {"step": step, **decoder_losses()}
-            point["rolled_minus_own"] = round(point["rolled"] - point["own"], 4)
-            result["curve"].append(point)
-            print(point, file=sys.stderr, flush=True)
-        if step == args.steps:
-            break
-        first = (step * 32) % trained
-        examples.set_epoch((step * 32) // trained)         # new masks every pass, as the pipeline draws them
-        batch = examples.collate([examples[order[(first + i) % trained]] for i in range(32)])
-        total, encoder_loss, decoder_loss = model(**batch)
-        total.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total.item()):
-            sys.exit(f"loss is {total.item()} at step {step}")
+    result["curve"] = pretrain_with_probes(model, examples, order, optimizer, schedule, args.steps, args.every,
+                                           decoder_losses)
     result["seconds"] = round(time.perf_counter() - started, 1)
     name = "lexmae_bottleneck" + (f"_mask{args.decoder_mask:g}" if args.decoder_mask != 0.5 else "") \
         + ("_layer_norm" if args.layer_norm else "")

@@ -9,7 +9,7 @@ it encodes the 5,000 passages and 2,000 dev queries with [CLS] pooling, as the f
   * RR@10 zero-shot on cosines, raw and after subtracting each side's mean vector (centred): centring removes the
     direction every passage shares, so a [CLS] that differs little but informatively still retrieves.
 RetroMAE's claim is that its decoder makes [CLS] carry the passage; if so its centred zero-shot RR@10 should beat
-MLM-only's, whatever one epoch of fine-tuning later makes of it. About 5 s per checkpoint.
+MLM-only's, whatever one epoch of fine-tuning later makes of it. A few seconds per checkpoint.
 """
 import argparse
 import statistics
