@@ -7,8 +7,8 @@
 RetroMAE's claim rests on the decoder needing h, the encoder's [CLS] vector, to rebuild the passage: only then
 does the encoder learn to put the passage into h, which the retriever pools. If the decoder can guess each token
 from the other tokens it sees, h carries no gradient worth having. This script continues the miniature's MLM base
-(`pretrain_base_seed<seed>` of a finished run) with the settings of its `pretrain_retromae` stage, read from
-params/miniature/retromae.yaml, and the training loop's own objective, optimizer, schedule and gradient clipping,
+(`pretrain_base_seed<seed>` of a finished run) with the exact settings its `pretrain_retromae` stage trained with
+(the stage's train_config.yaml) and the training loop's own objective, optimizer, schedule and gradient clipping,
 in a plain loop (the stage's own decoder is not saved). Every `--every` steps it scores 8 batches of 32 passages in
 eval mode three ways: the decoder given each passage's own h, the h of the previous passage of a shuffled batch
 (rolled), and h = 0 (each figure a mean of the 8 batch means). own < rolled means the decoder reads the passage's
@@ -17,13 +17,12 @@ and synonyms) says what it reads it for. (The miniature pretrains on its whole c
 trained on too.)
 """
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
-from benchutil import REPO, RESULTS, header, pretrain_with_probes, require_run_outputs, write_json
-
-YAML = REPO / "params" / "miniature" / "retromae.yaml"
+from benchutil import RESULTS, header, pretrain_with_probes, require_run_outputs, write_json
 
 
 def main():
@@ -35,28 +34,23 @@ def main():
     parser.add_argument("--decoder-mask", type=float, help="default: the stage's decoder_mask_ratio")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    base = args.run_dir / f"pretrain_base_seed{args.seed}" / "model"
-    require_run_outputs(args.run_dir, ["data", f"pretrain_base_seed{args.seed}/model"], "miniature/retromae.yaml")
+    stage = args.run_dir / f"pretrain_retromae_seed{args.seed}"
+    needed = ["data", f"pretrain_base_seed{args.seed}/model", f"{stage.name}/train_config.yaml"]
+    require_run_outputs(args.run_dir, needed, "miniature/retromae.yaml")
 
     import torch
 
     from reprolib.data import Corpus
     from reprolib.objectives import build_objective
-    from reprolib.pipeline import load_pipeline
     from reprolib.training import TrainConfig, _optimizer, _schedule
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    corpus = Corpus.open(args.run_dir / "data", progress=False)
-    stage = next(s for s in load_pipeline(YAML).stages if (s.base or s.id) == "pretrain_retromae")
-    params = {k: v for k, v in stage.params.items() if k not in ("model", "train_data", "seed")}
-    if args.steps:
-        params["max_steps"] = args.steps
-    if args.decoder_mask is not None:
-        params["decoder_mask_ratio"] = args.decoder_mask
-    config = TrainConfig(model=str(base), out_dir=tempfile.mkdtemp(), train_data=str(args.run_dir / "data"),
-                         objective="retromae", template="retromae_pretrain", seed=args.seed, progress=False,
-                         **params)
+    config = TrainConfig.from_yaml(stage / "train_config.yaml")    # its model is the seed's MLM base
+    changes = {"max_steps": args.steps, "decoder_mask_ratio": args.decoder_mask}
+    config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(), progress=False,
+                                 **{k: v for k, v in changes.items() if v is not None})
+    corpus = Corpus.open(config.train_data, progress=False)
     objective = build_objective(config, corpus)
     model, examples = objective.model, objective.examples
     optimizer = _optimizer(model, config)
@@ -96,13 +90,15 @@ def main():
         return point
 
     result = header("retromae_bottleneck")
-    result.update(run_dir=str(args.run_dir), seed=args.seed, settings=params)
+    result.update(run_dir=str(args.run_dir), seed=args.seed, steps=config.max_steps,
+                  decoder_mask=config.decoder_mask_ratio, learning_rate=config.learning_rate)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     started = time.perf_counter()
     result["curve"] = pretrain_with_probes(model, examples, order, optimizer, schedule, config.max_steps, args.every,
                                            decoder_losses, config.batch_size, config.max_grad_norm)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    name = f"retromae_bottleneck_seed{args.seed}" + (f"_mask{args.decoder_mask:g}" if args.decoder_mask else "")
+    name = f"retromae_bottleneck_seed{args.seed}" + "".join(
+        f"_{key}{value:g}" for key, value in (("steps", args.steps), ("mask", args.decoder_mask)) if value is not None)
     write_json(RESULTS / f"{name}.json", result)
 
 
