@@ -14,6 +14,7 @@ MLM-only's, whatever one epoch of fine-tuning later makes of it. A few seconds p
 import argparse
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from benchutil import RESULTS, header, require_run_outputs, write_json
@@ -21,42 +22,53 @@ from benchutil import RESULTS, header, require_run_outputs, write_json
 ARMS = ("pretrain_base", "pretrain_retromae", "pretrain_mlm")
 
 
-def rr10(queries, passages, qids, pids, qrels):
-    """Dev RR@10 of exact cosine search (rows already L2-normalised)."""
-    top = np.argsort(-(queries @ passages.T), axis=1)[:, :10]
-    total = 0.0
-    for qid, row in zip(qids, top):
-        relevant = qrels.get(qid, {})
-        rank = next((r for r, i in enumerate(row) if relevant.get(pids[i], 0) > 0), None)
-        total += 0.0 if rank is None else 1.0 / (rank + 1)
-    return total / len(qids)
+def rr10(queries, passages, dev):
+    """Dev RR@10 of exact cosine search (rows already L2-normalised), scored by the library's `evaluate`."""
+    from reprolib.metrics import evaluate
+
+    scores = queries @ passages.T
+    top = np.argsort(-scores, axis=1)[:, :10]
+    run = {qid: {dev.pids[i]: float(scores[row, i]) for i in top[row]} for row, qid in enumerate(dev.qids)}
+    return evaluate(run, dev.qrels, "RR@10").aggregate["RR@10"]
 
 
 def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
-def probe(checkpoint, data):
+class Dev(NamedTuple):
+    """The run's passages and dev queries, read once for every checkpoint."""
+    passages: list      # (title, text)
+    pids: list
+    qids: list
+    texts: list
+    qrels: dict
+
+
+def read_dev(data):
     from reprolib.data import Corpus, read_qrels
     from reprolib.data.layout import find_qrels_file, load_queries
-    from reprolib.modeling import DenseEncoder
 
     corpus = Corpus.open(data, progress=False)
     queries = load_queries(data, "dev")
-    qrels = read_qrels(find_qrels_file(data, "dev"))
+    return Dev([(corpus.title(i), corpus.text(i)) for i in range(len(corpus))],
+               [corpus.id(i) for i in range(len(corpus))], list(queries), list(queries.values()),
+               read_qrels(find_qrels_file(data, "dev")))
+
+
+def probe(checkpoint, dev):
+    from reprolib.modeling import DenseEncoder
+
     encoder = DenseEncoder.from_pretrained(checkpoint, pooling="cls", normalize=False).eval()
-    p = encoder.encode_passages([(corpus.title(i), corpus.text(i)) for i in range(len(corpus))],
-                                template="plain", batch_size=128)
-    qids = list(queries)
-    q = encoder.encode_queries([queries[qid] for qid in qids], batch_size=128)
-    pids = [corpus.id(i) for i in range(len(corpus))]
+    p = encoder.encode_passages(dev.passages, template="plain", batch_size=128)
+    q = encoder.encode_queries(dev.texts, batch_size=128)
     pu = unit(p)
     sample = pu[np.random.default_rng(0).choice(len(pu), 1000, replace=False)]
     cosine = sample @ sample.T
     off_diagonal = (cosine.sum() - np.trace(cosine)) / (len(sample) * (len(sample) - 1))
     return {"cls_cosine": round(float(off_diagonal), 4),
-            "rr10_raw": round(rr10(unit(q), pu, qids, pids, qrels), 4),
-            "rr10_centred": round(rr10(unit(q - q.mean(0)), unit(p - p.mean(0)), qids, pids, qrels), 4)}
+            "rr10_raw": round(rr10(unit(q), pu, dev), 4),
+            "rr10_centred": round(rr10(unit(q - q.mean(0)), unit(p - p.mean(0)), dev), 4)}
 
 
 def main():
@@ -69,9 +81,10 @@ def main():
                         "miniature/retromae.yaml")
     result = header("retromae_cls_probe")
     result.update(run_dir=str(args.run_dir), seeds=args.seeds, checkpoints={})
+    dev = read_dev(args.run_dir / "data")
     for seed in args.seeds:
         for arm in ARMS:
-            row = probe(args.run_dir / f"{arm}_seed{seed}" / "model", args.run_dir / "data")
+            row = probe(args.run_dir / f"{arm}_seed{seed}" / "model", dev)
             result["checkpoints"][f"{arm}_seed{seed}"] = row
             print(f"seed {seed:3d}  {arm:18s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
     result["means"] = {arm: {key: round(statistics.fmean(result["checkpoints"][f"{arm}_seed{s}"][key]
