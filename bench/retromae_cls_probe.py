@@ -2,9 +2,13 @@
 
     .venv/bin/reprolib run params/miniature/retromae.yaml --out outputs/ret712 --jobs 2 --seeds 7,8,9,10,11,12
     .venv/bin/python bench/retromae_cls_probe.py outputs/ret712/miniature_retromae --seeds 7 8 9 10 11 12
+    .venv/bin/python bench/retromae_cls_probe.py outputs/retnsp/miniature_retromae_nsp --seeds 7 8 9 10 11 12 \
+        --arms pretrain_base pretrain_retromae pretrain_mlm pretrain_bert \
+        --out bench/results/retromae_cls_probe_nsp.json                            # bench/retromae_nsp.yaml's run
 
-For every pretrained checkpoint of a finished run (`pretrain_base`, `pretrain_retromae`, `pretrain_mlm` per seed)
-it encodes the 5,000 passages and 2,000 dev queries with [CLS] pooling, as the fine-tuning will, and reports:
+For every pretrained checkpoint of a finished run (`pretrain_base`, `pretrain_retromae`, `pretrain_mlm` per seed;
+`--arms` names others) it encodes the 5,000 passages and 2,000 dev queries with [CLS] pooling, as the fine-tuning
+will, and reports:
   * cls_cosine: the mean cosine between two passages' [CLS] vectors (1.0: every passage the same vector);
   * RR@10 zero-shot on cosines, raw and after subtracting each side's mean vector (centred): centring removes the
     direction every passage shares, so a [CLS] that differs little but informatively still retrieves.
@@ -75,21 +79,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a finished run of params/miniature/retromae.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="the pretraining stages probed")
     parser.add_argument("--out", type=Path, default=RESULTS / "retromae_cls_probe.json")
     args = parser.parse_args()
-    require_run_outputs(args.run_dir, ["data"] + [f"{arm}_seed{s}/model" for arm in ARMS for s in args.seeds],
+    require_run_outputs(args.run_dir, ["data"] + [f"{arm}_seed{s}/model" for arm in args.arms for s in args.seeds],
                         "miniature/retromae.yaml")
     result = header("retromae_cls_probe")
     result.update(run_dir=str(args.run_dir), seeds=args.seeds, checkpoints={})
     dev = read_dev(args.run_dir / "data")
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in args.arms:
             row = probe(args.run_dir / f"{arm}_seed{seed}" / "model", dev)
             result["checkpoints"][f"{arm}_seed{seed}"] = row
             print(f"seed {seed:3d}  {arm:18s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
     result["means"] = {arm: {key: round(statistics.fmean(result["checkpoints"][f"{arm}_seed{s}"][key]
                                                          for s in args.seeds), 4)
-                             for key in ("cls_cosine", "rr10_raw", "rr10_centred")} for arm in ARMS}
+                             for key in ("cls_cosine", "rr10_raw", "rr10_centred")} for arm in args.arms}
     print(result["means"])
     write_json(args.out, result)
 

@@ -236,8 +236,10 @@ class CrossEncoderObjective(Contrastive):
 
 
 class Pretraining:
-    """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone. With
-    decoder_loss_weight 0 (the MLM-only control) no decoder runs, and the log has no decoder_loss column."""
+    """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone (a BertForPreTraining
+    with next-sentence prediction). With
+    decoder_loss_weight 0 (the MLM-only control) no decoder runs, and the log has no decoder_loss column; with
+    nsp_loss_weight > 0 (RetroMAE's objective: BERT's next-sentence prediction) it has an nsp_loss column."""
 
     @classmethod
     def build(cls, config, corpus):
@@ -250,8 +252,8 @@ class Pretraining:
         from reprolib.data.templates import get_template
 
         self.config = config
-        decoder = bool(config.decoder_loss_weight)
-        self.loss_parts = ("encoder_loss", "decoder_loss") if decoder else ("encoder_loss",)
+        decoder, nsp = bool(config.decoder_loss_weight), bool(config.nsp_loss_weight)
+        self.loss_parts = ("encoder_loss",) + ("decoder_loss",) * decoder + ("nsp_loss",) * nsp
         path = _init_model(config, corpus)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         template = get_template(config.template)
@@ -261,11 +263,12 @@ class Pretraining:
         self.examples = PretrainingExamples(sequences, self.tokenizer, config.objective,
                                             encoder_ratio=config.encoder_mask_ratio,
                                             decoder_ratio=config.decoder_mask_ratio, seed=config.seed,
-                                            decoder=decoder)
+                                            decoder=decoder, nsp=nsp)
         if config.objective == "retromae":
             from reprolib.modeling.retromae import RetroMAEForPretraining
 
             self.model = RetroMAEForPretraining.from_pretrained(path, decoder_weight=config.decoder_loss_weight,
+                                                                nsp_weight=config.nsp_loss_weight,
                                                                 new_head=config.new_head, dropout=config.dropout)
         else:
             from reprolib.modeling.lexmae import LexMAEForPretraining
@@ -278,10 +281,9 @@ class Pretraining:
 
     def loss(self, model, items, device):
         batch = {k: v.to(device) for k, v in self.examples.collate(items).items()}
-        loss, encoder_loss, decoder_loss = model(**batch)
-        parts = {"encoder_loss": encoder_loss.item()}
-        if decoder_loss is not None:
-            parts["decoder_loss"] = decoder_loss.item()
+        loss, *losses = model(**batch)            # encoder, decoder (and RetroMAE's next-sentence) losses
+        parts = {name: value.item() for name, value in zip(("encoder_loss", "decoder_loss", "nsp_loss"), losses)
+                 if value is not None}
         return loss, parts
 
     def save(self, model, path):

@@ -98,6 +98,7 @@ class TrainConfig:
     bottleneck: str = "softmax"           # LexMAE: softmax | logits_sat
     bottleneck_layer_norm: bool = False   # LexMAE: b through the embeddings' LayerNorm (not in the recipe)
     decoder_loss_weight: float = 1.0      # 0: the MLM-only control (same masks, data and steps, no decoder)
+    nsp_loss_weight: float = 0.0          # retromae objective: + BERT's next-sentence prediction (sentence pairs)
     pack: bool = False                    # RetroMAE: pack passages into blocks (Wikipedia); False: one per sequence (MS MARCO)
     new_head: str = "random"              # pretraining a checkpoint without an MLM head: random | identity (modeling.autoencoder)
     # optimisation
@@ -191,8 +192,12 @@ class TrainConfig:
             raise ReprolibError(f"{source}: bottleneck must be softmax or logits_sat, not {self.bottleneck!r}")
         if self.new_head not in ("random", "identity"):
             raise ReprolibError(f"{source}: new_head must be random or identity, not {self.new_head!r}")
-        if not self.decoder_loss_weight >= 0:
-            raise ReprolibError(f"{source}: decoder_loss_weight must be >= 0, not {self.decoder_loss_weight}")
+        for name in ("decoder_loss_weight", "nsp_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ReprolibError(f"{source}: {name} must be >= 0, not {getattr(self, name)}")
+        if self.nsp_loss_weight and (self.objective != "retromae" or self.pack or self.decoder_loss_weight):
+            raise ReprolibError(f"{source}: next-sentence prediction (nsp_loss_weight) builds a BERT: the retromae "
+                                "objective with decoder_loss_weight 0 and pack false, pairing one passage's sentences")
         for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
             if not 0 < getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be between 0 and 1, not {getattr(self, name)}")
@@ -239,7 +244,7 @@ class TrainConfig:
 
 
 # options added after runs were trained, with their unset values: unset, they are left out of `digest`
-ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False}
+ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0}
 
 
 # ---------------------------------------------------------------------------- setup

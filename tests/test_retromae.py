@@ -122,7 +122,7 @@ def test_retromae_losses_fall_on_the_synthetic_corpus(synthetic_corpus, tmp_path
             ids = tokenizer(text, truncation=True, max_length=48)["input_ids"]
             examples.append(retromae_example(ids, tokenizer.convert_ids_to_tokens(ids), tokenizer.mask_token_id,
                                              len(tokenizer), rng))
-        loss, encoder_loss, decoder_loss = model(**collate_retromae(examples, tokenizer.pad_token_id))
+        loss, encoder_loss, decoder_loss, _ = model(**collate_retromae(examples, tokenizer.pad_token_id))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -175,7 +175,7 @@ def test_encoder_loss_is_hf_masked_lm_loss_and_decoder_sees_only_its_visible_col
                                          len(tokenizer), rng))
     batch = collate_retromae(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        _, encoder_loss, decoder_loss = model(**batch)
+        _, encoder_loss, decoder_loss, _ = model(**batch)
         reference = model.lm(input_ids=batch["encoder_input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["encoder_labels"]).loss
         assert encoder_loss.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -229,7 +229,7 @@ def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthet
         model.eval()                                                  # no dropout: the two passes are comparable
         model.zero_grad()
         batch = full.examples.collate(items) if weight is not None else control.examples.collate(items)
-        total, encoder_loss, decoder_loss = model(**batch)
+        total, encoder_loss, decoder_loss = model(**batch)[:3]       # RetroMAE adds its NSP loss
         (encoder_loss + weight * decoder_loss if weight is not None else total).backward()
         return encoder_loss.item(), decoder_loss, [p.grad.clone() for p in model.lm.parameters() if p.grad is not None]
 
@@ -247,3 +247,78 @@ def test_decoder_loss_weight_zero_is_the_mlm_only_control(synthetic_dir, synthet
     assert loss.item() == pytest.approx(parts["encoder_loss"] + parts["decoder_loss"], rel=1e-5)
     with pytest.raises(Exception, match="decoder_loss_weight must be >= 0"):
         TrainConfig(model="m", out_dir="o", train_data="d", objective="retromae", decoder_loss_weight=-1).check()
+
+
+def test_next_sentence_pairs_and_loss(synthetic_dir, synthetic_corpus, tmp_path):
+    """BERT's next-sentence prediction, for a "BERT" base that RetroMAE continues: [CLS] A [SEP] B [SEP] with B
+    the passage's own rest (label 0) or another passage's (label 1) about half the time; the masks are drawn
+    from their own stream; the loss reads the labels, trains a head on [CLS] and is logged as nsp_loss."""
+    torch = pytest.importorskip("torch")
+    from reprolib.data.pretraining import split_after_first_sentence
+    from reprolib.objectives import build_objective
+    from reprolib.training import TrainConfig
+
+    def objective(nsp_weight, max_len=64):
+        config = TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "run"), train_data=str(synthetic_dir),
+                             objective="retromae", passage_max_len=max_len, decoder_loss_weight=0.0,
+                             nsp_loss_weight=nsp_weight, seed=0)
+        config.check()
+        return build_objective(config, synthetic_corpus)
+
+    bert, plain = objective(1.0), objective(0.0)
+    assert bert.loss_parts == ("encoder_loss", "nsp_loss") and plain.loss_parts == ("encoder_loss",)
+    tokenizer, examples = bert.tokenizer, bert.examples
+    sep = tokenizer.sep_token_id
+    labels, sentences = [], 0
+    for i in range(200):
+        item, whole = examples[i], examples.sequences[i]
+        ids = np.where(item["encoder_labels"] != IGNORE, item["encoder_labels"], item["encoder_input_ids"])
+        seps = np.flatnonzero(ids == sep)
+        assert len(seps) == 2 and seps[1] == len(ids) - 1, tokenizer.decode(ids)
+        a, b = ids[1:seps[0]], ids[seps[0] + 1:-1]
+        body = whole[1:-1]
+        tokens = tokenizer.convert_ids_to_tokens(body.tolist())
+        assert len(a) == split_after_first_sentence(body, tokens) and (a == body[:len(a)]).all()
+        if "." in tokens[:-1]:
+            assert tokens[len(a) - 1] == "."                           # A is the first sentence
+        sentences += "." in tokens[:-1]
+        assert item["token_type_ids"].tolist() == [0] * (seps[0] + 1) + [1] * (len(ids) - seps[0] - 1)
+        own_rest = whole[1 + len(a):-1]
+        assert (len(b) == len(own_rest) and (b == own_rest).all()) == (item["next_sentence_label"] == 0)
+        labels.append(item["next_sentence_label"])
+    assert 0.35 < np.mean(labels) < 0.65 and sentences > 100
+    short = objective(1.0, max_len=12).examples                         # cut passages: A and B still both fit
+    for i in range(100):
+        item = short[i]
+        ids = np.where(item["encoder_labels"] != IGNORE, item["encoder_labels"], item["encoder_input_ids"])
+        seps = np.flatnonzero(ids == sep)
+        assert len(ids) <= 12 and len(seps) == 2 and 1 < seps[0] < len(ids) - 2, tokenizer.decode(ids)
+
+    batch = examples.collate([examples[i] for i in range(8)])
+    assert batch["token_type_ids"].shape == batch["encoder_input_ids"].shape
+    model = bert.model.eval()
+    total, encoder_loss, decoder_loss, nsp_loss = model(**batch)
+    assert decoder_loss is None and total.item() == pytest.approx(encoder_loss.item() + nsp_loss.item(), rel=1e-5)
+    flipped = dict(batch, next_sentence_label=1 - batch["next_sentence_label"])
+    assert model(**flipped)[3].item() != pytest.approx(nsp_loss.item(), rel=1e-4)       # it reads the labels
+    unlabelled = dict(batch, next_sentence_label=torch.full_like(batch["next_sentence_label"], IGNORE))
+    assert model(**unlabelled)[3].item() == 0                     # no one-word passage's label counts (no NaN)
+    nsp_loss.backward()
+    assert model.lm.bert.pooler.dense.weight.grad.abs().sum() > 0
+    assert model.lm.bert.embeddings.token_type_embeddings.weight.grad[1].abs().sum() > 0   # B's segment trains
+    loss, parts = bert.loss(model, [examples[i] for i in range(8)], "cpu")
+    assert set(parts) == {"encoder_loss", "nsp_loss"}
+    # saved with BERT's next-sentence head: a continuation keeps it, a cross-encoder starts from its pooler
+    bert.save(model, tmp_path / "saved")
+    from reprolib.modeling import CrossEncoder
+    from reprolib.modeling.autoencoder import load_masked_lm
+    pooler = model.lm.bert.pooler.dense.weight
+    again = load_masked_lm(tmp_path / "saved", next_sentence=True)
+    assert torch.equal(again.bert.pooler.dense.weight, pooler)
+    assert torch.equal(again.cls.seq_relationship.weight, model.lm.cls.seq_relationship.weight)
+    assert torch.equal(CrossEncoder.from_pretrained(tmp_path / "saved").model.bert.pooler.dense.weight, pooler)
+    assert not hasattr(load_masked_lm(tmp_path / "saved").cls, "seq_relationship")    # RetroMAE continues it so
+    for wrong in ({"objective": "lexmae"}, {"decoder_loss_weight": 1.0}, {"pack": True}):
+        with pytest.raises(Exception, match="nsp_loss_weight"):
+            TrainConfig(**{"model": "m", "out_dir": "o", "train_data": "d", "objective": "retromae",
+                           "decoder_loss_weight": 0.0, "nsp_loss_weight": 1.0, **wrong}).check()

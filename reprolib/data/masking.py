@@ -168,10 +168,14 @@ def _collate_masked(examples, pad_id):
 
 
 def collate_retromae(examples, pad_id):
-    """Pad a list of `retromae_example`s into tensors; padded columns of the visibility are invisible."""
+    """Pad a list of `retromae_example`s into tensors; padded columns of the visibility are invisible. Examples
+    with sentence pairs (`PretrainingExamples(nsp=True)`) add token_type_ids and next_sentence_label."""
     import torch
 
     batch = _collate_masked(examples, pad_id)
+    if "next_sentence_label" in examples[0]:
+        batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0)
+        batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
     if "decoder_visibility" not in examples[0]:                   # the MLM-only control
         return batch
     width = batch["attention_mask"].shape[1]

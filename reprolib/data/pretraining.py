@@ -12,10 +12,16 @@ LexMAE (§4.1, correction 7): each passage is one sequence `title[SEP]passage` (
 
 `PretrainingExamples[i]` masks sequence i afresh from (seed, epoch, i): every process and every
 resume sees the same masks, as the training groups do.
+
+BERT's next-sentence prediction (RetroMAE's sequences, `nsp=True`, one passage each; RetroMAE continues a BERT
+pretrained with it): each passage is cut after its first sentence into A and B, and half the time B is replaced
+by another passage's B; the example is [CLS] A [SEP] B [SEP] with token types 0 / 1 and `next_sentence_label` 1
+where B was replaced (BERT's labels: 0 = IsNext). The pairing draws from a random stream of its own, so the
+masks' stream is the one drawn without it.
 """
 import numpy as np
 
-from reprolib.data.masking import collate_lexmae, collate_retromae, lexmae_example, retromae_example
+from reprolib.data.masking import IGNORE, collate_lexmae, collate_retromae, lexmae_example, retromae_example
 from reprolib.data.templates import get_template
 
 METHODS = ("retromae", "lexmae")
@@ -106,13 +112,29 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
             for block in pack_blocks(pieces, max_seq_length)]
 
 
+def split_after_first_sentence(body, tokens):
+    """Where to cut a passage's ids (no specials) into A and B: after its first "." that leaves B a token, else
+    at the word boundary nearest the middle; None when the passage is one word."""
+    for i, token in enumerate(tokens[:-1]):
+        if token == ".":
+            return i + 1
+    starts = [i for i, token in enumerate(tokens) if i and not token.startswith("##")]
+    return min(starts, key=lambda i: abs(i - len(body) / 2)) if starts else None
+
+
 class PretrainingExamples:
     """`examples[i]` -> the masked example of sequence i (`retromae_example` or `lexmae_example`)."""
 
-    def __init__(self, sequences, tokenizer, method, encoder_ratio=0.3, decoder_ratio=0.5, seed=42, decoder=True):
-        """decoder=False: the encoder's half of each example only (the MLM-only control, which runs no decoder)."""
+    def __init__(self, sequences, tokenizer, method, encoder_ratio=0.3, decoder_ratio=0.5, seed=42, decoder=True,
+                 nsp=False):
+        """decoder=False: the encoder's half of each example only (the MLM-only control, which runs no decoder).
+        nsp: sentence pairs for BERT's next-sentence prediction (see the module docstring)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if nsp and (method != "retromae" or not isinstance(sequences, PassageSequences)):
+            raise ValueError("next-sentence prediction pairs the sentences of one passage: RetroMAE's "
+                             "sequences, unpacked")
+        self.nsp = nsp
         self.sequences = sequences
         self.tokenizer = tokenizer
         self.method = method
@@ -134,13 +156,46 @@ class PretrainingExamples:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         vocab_size = len(self.tokenizer)
         if self.method == "retromae":
+            pair = self._sentence_pair(ids, index) if self.nsp else None
+            if pair:
+                ids = pair[0]
             tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-            return retromae_example(ids, tokens, self.tokenizer.mask_token_id, vocab_size, rng,
-                                    encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio,
-                                    decoder=self.decoder)
+            example = retromae_example(ids, tokens, self.tokenizer.mask_token_id, vocab_size, rng,
+                                       encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio,
+                                       decoder=self.decoder)
+            if pair:
+                example.update(token_type_ids=pair[1], next_sentence_label=pair[2])
+            return example
         special_mask = np.isin(ids, self.special_ids).astype(np.int64)
         return lexmae_example(ids, special_mask, self.tokenizer.mask_token_id, vocab_size, rng,
                               encoder_ratio=self.encoder_ratio, decoder_ratio=self.decoder_ratio, decoder=self.decoder)
+
+    def _halves(self, ids):
+        """(A, B) of a sequence's body cut to fit a pair's three specials, or None when it cannot be cut."""
+        body = ids[1:-1][:self.sequences.max_seq_length - 3]
+        cut = split_after_first_sentence(body, self.tokenizer.convert_ids_to_tokens(body.tolist()))
+        return (body[:cut], body[cut:]) if cut else None
+
+    def _sentence_pair(self, ids, index):
+        """(ids, token types, label) of [CLS] A [SEP] B [SEP], B replaced by another passage's with probability
+        0.5 (label 1) and cut to the length limit. A one-word passage stays whole, its label ignored."""
+        halves = self._halves(ids)
+        if halves is None:
+            return ids, np.zeros(len(ids), dtype=np.int64), IGNORE
+        a, b = halves                                           # both non-empty, and they fit
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])    # not the masks' stream
+        label = int(rng.random() < 0.5 and len(self.sequences) > 1)
+        if label:
+            other = int(rng.integers(len(self.sequences) - 1))
+            other += other >= index % len(self.sequences)                      # any sequence but this one
+            other_ids = self.sequences[other].astype(np.int64)
+            halves = self._halves(other_ids)
+            b = halves[1] if halves else other_ids[1:-1]
+            b = b[:self.sequences.max_seq_length - 3 - len(a)]
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        pair = np.concatenate([[cls_id], a, [sep_id], b, [sep_id]]).astype(np.int64)
+        types = (np.arange(len(pair)) > len(a) + 1).astype(np.int64)
+        return pair, types, label
 
     def collate(self, examples):
         collate = collate_retromae if self.method == "retromae" else collate_lexmae

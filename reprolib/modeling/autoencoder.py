@@ -11,12 +11,15 @@ from reprolib.data.masking import IGNORE
 NEW_HEADS = ("random", "identity")
 
 
-def load_masked_lm(name_or_path, new_head="random", dropout=None):
+def load_masked_lm(name_or_path, new_head="random", dropout=None, next_sentence=False):
     """A BertForMaskedLM. A checkpoint without an MLM head (all-MiniLM-L6-v2, scratch models) gets transformers'
     random one, or with new_head="identity" the sparse encoder's start: an identity transform and the output
     projection tied to the word embeddings, so that each position first predicts the words its hidden state is
-    closest to (`reprolib.modeling.sparse`). `dropout` sets every dropout probability (None: the config's)."""
-    from transformers import BertConfig, BertForMaskedLM
+    closest to (`reprolib.modeling.sparse`). `dropout` sets every dropout probability (None: the config's).
+    With `next_sentence`, a BertForPreTraining: the same MLM head (`cls.predictions`) and BERT's next-sentence
+    head, its pooler and classifier (kept from the checkpoint, else new), which a sequence classifier (the
+    cross-encoder) loads its pooler from."""
+    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
 
     from reprolib.errors import ReprolibError
     from reprolib.modeling.encoder import set_dropout
@@ -26,8 +29,9 @@ def load_masked_lm(name_or_path, new_head="random", dropout=None):
         raise ReprolibError(f"new_head must be one of {', '.join(NEW_HEADS)}, not {new_head!r}")
     config = set_dropout(BertConfig.from_pretrained(str(name_or_path)), dropout)
     with quiet_load_report():
-        lm, info = BertForMaskedLM.from_pretrained(str(name_or_path), config=config, output_loading_info=True)
-    if any(key.startswith("cls.") for key in info["missing_keys"]):
+        lm, info = (BertForPreTraining if next_sentence else BertForMaskedLM).from_pretrained(
+            str(name_or_path), config=config, output_loading_info=True)
+    if any(key.startswith("cls.predictions") for key in info["missing_keys"]):
         if new_head == "identity":
             _tie_output_projection(lm)
             _identity_transform(lm)
@@ -53,7 +57,8 @@ class MaskedAutoEncoder(nn.Module):
         enable_gradient_checkpointing(self.lm)
 
     def save_pretrained(self, path, tokenizer=None):
-        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding."""
+        """The encoder alone, as an HF BertForMaskedLM (+ tokenizer): the decoder is pretraining scaffolding. (A
+        BertForPreTraining, with next-sentence prediction, is saved with its pooler and classifier.)"""
         self.lm.save_pretrained(str(path))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
@@ -76,7 +81,7 @@ def masked_token_accuracy(lm, examples, batch_size=32):
             masked = labels != IGNORE
             hidden = lm.bert(input_ids=batch["encoder_input_ids"],
                              attention_mask=batch["attention_mask"]).last_hidden_state
-            predicted = lm.cls(hidden[masked]).argmax(-1)
+            predicted = lm.cls.predictions(hidden[masked]).argmax(-1)     # the MLM head of either BERT class
             hits += int((predicted == labels[masked]).sum())
             total += int(masked.sum())
     lm.train(was_training)

@@ -5,18 +5,22 @@
     key/value      H2 = BertEmbeddings(original ids), H2[0] = h
     one new layer  A = LN(H1 + Attn(Q=H1, K=H2, V=H2, visibility)); out = LN(A + FFN(A))
     the encoder's MLM head on `out` -> decoder loss over every token but the first and last
-    loss = encoder MLM + decoder_weight x decoder
+    loss = encoder MLM + decoder_weight x decoder (+ nsp_weight x next-sentence prediction, BERT's, on [CLS])
 With decoder_weight 0 (the MLM-only control) the decoder is not run: its loss would add nothing to the
 encoder's gradient, so the control is MLM pretraining alone, for the same steps, in less time.
 
-Only the BertForMaskedLM is kept (`save_pretrained`); the decoder layer exists for pretraining alone,
-so the saved checkpoint is what `DenseEncoder.from_pretrained` fine-tunes.
+Only the BertForMaskedLM is kept (`save_pretrained`); the decoder layer exists for pretraining alone, so the
+saved checkpoint is what `DenseEncoder.from_pretrained` fine-tunes. A "BERT" pretrained with nsp_weight > 0 is a
+BertForPreTraining, saved with its next-sentence head (pooler and classifier) for a continuation or a
+cross-encoder to start from.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from reprolib.data.masking import IGNORE
 from reprolib.modeling.autoencoder import MaskedAutoEncoder, load_masked_lm
 
 
@@ -60,30 +64,45 @@ class EnhancedDecoderLayer(nn.Module):
 
 
 class RetroMAEForPretraining(MaskedAutoEncoder):
-    def __init__(self, lm, decoder_weight=1.0):
+    def __init__(self, lm, decoder_weight=1.0, nsp_weight=0.0):
         """`lm`: a BertForMaskedLM (its MLM head is shared by the decoder). `decoder_weight` 0 makes the MLM-only
-        control: the same encoder, masks, data and steps, and no decoder."""
+        control: the same encoder, masks, data and steps, and no decoder. `nsp_weight` > 0 adds BERT's
+        next-sentence prediction on sentence pairs (`PretrainingExamples(nsp=True)`); `lm` is then a
+        BertForPreTraining, which holds its head."""
         super().__init__()
         self.lm = lm
-        self.decoder_weight = decoder_weight
+        self.decoder_weight, self.nsp_weight = decoder_weight, nsp_weight
         # none for the control (DDP also refuses parameters that get no gradient)
         self.decoder = EnhancedDecoderLayer(lm.config) if decoder_weight else None
+        if nsp_weight and not hasattr(lm.cls, "seq_relationship"):
+            raise ValueError("next-sentence prediction needs a BertForPreTraining (load_masked_lm(next_sentence=True))")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, decoder_weight=1.0, new_head="random", dropout=None):
+    def from_pretrained(cls, name_or_path, decoder_weight=1.0, nsp_weight=0.0, new_head="random", dropout=None):
         """`new_head`, `dropout`: how a checkpoint without an MLM head starts one, and the dropout
         probability (None: the config's); see `load_masked_lm`. The decoder takes the encoder's."""
-        return cls(load_masked_lm(name_or_path, new_head, dropout), decoder_weight=decoder_weight)
+        return cls(load_masked_lm(name_or_path, new_head, dropout, next_sentence=bool(nsp_weight)),
+                   decoder_weight=decoder_weight, nsp_weight=nsp_weight)
 
     def forward(self, encoder_input_ids, encoder_labels, attention_mask, decoder_input_ids=None,
-                decoder_visibility=None, decoder_labels=None):
-        """Returns (total loss, encoder MLM loss, decoder loss); the decoder loss is None for the MLM-only control."""
-        hidden = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask).last_hidden_state
-        encoder_loss = self.mlm_loss(hidden, encoder_labels, self.lm.cls)
-        if not self.decoder_weight:
-            return encoder_loss, encoder_loss, None
-        decoder_loss = self.decode(hidden[:, :1], decoder_input_ids, decoder_visibility, decoder_labels)
-        return encoder_loss + self.decoder_weight * decoder_loss, encoder_loss, decoder_loss
+                decoder_visibility=None, decoder_labels=None, token_type_ids=None, next_sentence_label=None):
+        """Returns (total loss, encoder MLM loss, decoder loss, next-sentence loss); the decoder loss is None for
+        the MLM-only control, the next-sentence loss None without nsp_weight."""
+        encoded = self.lm.bert(input_ids=encoder_input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids)
+        hidden = encoded.last_hidden_state
+        encoder_loss = self.mlm_loss(hidden, encoder_labels, self.lm.cls.predictions)
+        total, decoder_loss, nsp_loss = encoder_loss, None, None
+        if self.decoder_weight:
+            decoder_loss = self.decode(hidden[:, :1], decoder_input_ids, decoder_visibility, decoder_labels)
+            total = total + self.decoder_weight * decoder_loss
+        if self.nsp_weight:
+            logits = self.lm.cls.seq_relationship(encoded.pooler_output)          # BERT's: tanh(W h_[CLS]) -> 2
+            labelled = next_sentence_label != IGNORE                             # a one-word passage has none
+            nsp_loss = F.cross_entropy(logits[labelled], next_sentence_label[labelled]) if labelled.any() \
+                else logits.sum() * 0.0
+            total = total + self.nsp_weight * nsp_loss
+        return total, encoder_loss, decoder_loss, nsp_loss
 
     def decode(self, h, decoder_input_ids, decoder_visibility, decoder_labels):
         """The decoder's loss rebuilding the passage from the sentence embedding `h` [B, 1, H] (a probe may pass
@@ -93,4 +112,4 @@ class RetroMAEForPretraining(MaskedAutoEncoder):
         length = decoder_input_ids.shape[1]
         query = h + embeddings.position_embeddings.weight[:length].unsqueeze(0)
         decoded = self.decoder(query, key_value, decoder_visibility)
-        return self.mlm_loss(decoded, decoder_labels, self.lm.cls)
+        return self.mlm_loss(decoded, decoder_labels, self.lm.cls.predictions)
