@@ -81,7 +81,7 @@ def masked_token_accuracy(lm, examples, batch_size=32):
             masked = labels != IGNORE
             hidden = lm.bert(input_ids=batch["encoder_input_ids"],
                              attention_mask=batch["attention_mask"]).last_hidden_state
-            predicted = lm.cls.predictions(hidden[masked]).argmax(-1)     # the MLM head of either BERT class
+            predicted = lm.cls(hidden[masked]).argmax(-1)
             hits += int((predicted == labels[masked]).sum())
             total += int(masked.sum())
     lm.train(was_training)
