@@ -237,9 +237,9 @@ class CrossEncoderObjective(Contrastive):
 
 class Pretraining:
     """RetroMAE or LexMAE pretraining (`config.objective`); saves the BertForMaskedLM alone (a BertForPreTraining
-    with next-sentence prediction). With
-    decoder_loss_weight 0 (the MLM-only control) no decoder runs, and the log has no decoder_loss column; with
-    nsp_loss_weight > 0 (RetroMAE's objective: BERT's next-sentence prediction) it has an nsp_loss column."""
+    with next-sentence prediction). With decoder_loss_weight 0 (the MLM-only control) no decoder runs, and the log
+    has no decoder_loss column; with nsp_loss_weight > 0 (the retromae objective only: BERT's next-sentence
+    prediction) it has an nsp_loss column."""
 
     @classmethod
     def build(cls, config, corpus):

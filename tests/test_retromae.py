@@ -278,7 +278,7 @@ def test_next_sentence_pairs_and_loss(synthetic_dir, synthetic_corpus, tmp_path)
         a, b = ids[1:seps[0]], ids[seps[0] + 1:-1]
         body = whole[1:-1]
         tokens = tokenizer.convert_ids_to_tokens(body.tolist())
-        assert len(a) == split_after_first_sentence(body, tokens) and (a == body[:len(a)]).all()
+        assert len(a) == split_after_first_sentence(tokens) and (a == body[:len(a)]).all()
         if "." in tokens[:-1]:
             assert tokens[len(a) - 1] == "."                           # A is the first sentence
         sentences += "." in tokens[:-1]

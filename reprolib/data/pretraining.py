@@ -112,14 +112,14 @@ def build_sequences(corpus, tokenizer, method, max_seq_length, template=None, li
             for block in pack_blocks(pieces, max_seq_length)]
 
 
-def split_after_first_sentence(body, tokens):
-    """Where to cut a passage's ids (no specials) into A and B: after its first "." that leaves B a token, else
+def split_after_first_sentence(tokens):
+    """Where to cut a passage's tokens (no specials) into A and B: after its first "." that leaves B a token, else
     at the word boundary nearest the middle; None when the passage is one word."""
     for i, token in enumerate(tokens[:-1]):
         if token == ".":
             return i + 1
     starts = [i for i, token in enumerate(tokens) if i and not token.startswith("##")]
-    return min(starts, key=lambda i: abs(i - len(body) / 2)) if starts else None
+    return min(starts, key=lambda i: abs(i - len(tokens) / 2)) if starts else None
 
 
 class PretrainingExamples:
@@ -173,7 +173,7 @@ class PretrainingExamples:
     def _halves(self, ids):
         """(A, B) of a sequence's body cut to fit a pair's three specials, or None when it cannot be cut."""
         body = ids[1:-1][:self.sequences.max_seq_length - 3]
-        cut = split_after_first_sentence(body, self.tokenizer.convert_ids_to_tokens(body.tolist()))
+        cut = split_after_first_sentence(self.tokenizer.convert_ids_to_tokens(body.tolist()))
         return (body[:cut], body[cut:]) if cut else None
 
     def _sentence_pair(self, ids, index):
