@@ -200,6 +200,16 @@ def test_run_read(tmp_path):
     assert read_run(path) == {"1": {"10": 2.5, "11": 1.0}, "2": {"10": -0.5}}
 
 
+def test_run_read_folds(tmp_path):
+    """Runs of disjoint queries read as one (a cross-fitted teacher's folds); a shared query is an error."""
+    first = write_bytes(tmp_path / "f0.trec", "1 Q0 10 1 2.5 a\n")
+    second = write_bytes(tmp_path / "f1.trec", "2 Q0 11 1 1.5 b\n2 Q0 10 2 0.5 b\n")
+    assert read_run([first, second]) == {"1": {"10": 2.5}, "2": {"11": 1.5, "10": 0.5}}
+    again = write_bytes(tmp_path / "again.trec", "1 Q0 12 1 0.1 c\n")
+    with pytest.raises(DataError, match=r"again.trec: query '1' is also in .*f0.trec: the runs must not share"):
+        read_run([first, again])
+
+
 def test_run_read_query_by_query(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 bm25\n1 Q0 11 2 1.0 bm25\n2\tQ0\t10\t1\t-0.5\tx\n")
     assert list(iter_run(path)) == list(read_run(path).items())

@@ -6,7 +6,11 @@ moved labels. Dev labels stay right. The Disentangled miniature on this folder (
 by `{dataset: <folder>}`) asks whether a teacher helps when the labels are wrong (bench/README.md, "What the
 teacher adds beyond the labels").
 
-    .venv/bin/python bench/teacher_probes/mislabel.py outputs/gen/mislabel30 0.3
+    .venv/bin/python bench/teacher_probes/mislabel.py outputs/gen/mislabel30 0.3 [--folds 2]
+
+With `--folds N` it also writes N folders `<out>_f0` .. that split the training queries into N seeded, equal folds
+(each keeps its fold's queries, labels and BM25 negatives, and links the rest): a teacher trained on the other folds
+scores a fold's queries without having seen their labels (`cross_fit.yaml`).
 """
 import argparse
 import random
@@ -21,6 +25,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the dataset folder to write")
     parser.add_argument("share", type=float, help="the share of training labels to move, 0 to 1")
+    parser.add_argument("--folds", type=int, default=0, help="also split the training queries into this many folds")
     args = parser.parse_args()
     prepare_synthetic(args.out, num_dev_queries=2000, progress=False)
     path = f"{args.out}/qrels.train.tsv"
@@ -37,6 +42,26 @@ def main():
             f.write(f"{qid}\t{zero}\t{pid}\t{rel}\n")
     write_bm25_negatives(args.out, progress=False)
     print(f"moved {moved:,} of {len(lines):,} training labels")
+    if args.folds:
+        write_folds(Path(args.out), args.folds)
+
+
+def write_folds(dataset, n):
+    """Folders `<dataset>_f0` .. `_f{n-1}`, each with one fold of the training queries (a seeded shuffle)."""
+    qids = [line.split("\t", 1)[0] for line in (dataset / "train.query.txt").read_text().splitlines()]
+    random.Random(11).shuffle(qids)
+    fold = {qid: i % n for i, qid in enumerate(qids)}
+    for k in range(n):
+        out = dataset.with_name(f"{dataset.name}_f{k}")
+        out.mkdir(exist_ok=True)
+        for entry in dataset.iterdir():
+            if entry.name in ("train.query.txt", "qrels.train.tsv", "train.negatives.tsv"):
+                kept = [line for line in entry.read_text().splitlines() if fold[line.split("\t", 1)[0]] == k]
+                with atomic_write(out / entry.name) as f:
+                    f.write("\n".join(kept) + "\n")
+            elif not (out / entry.name).exists():
+                (out / entry.name).symlink_to(entry.resolve())
+        print(f"{out}: {sum(1 for f in fold.values() if f == k):,} training queries")
 
 
 if __name__ == "__main__":

@@ -217,7 +217,17 @@ def write_negatives(path, negatives):
 # ---------------------------------------------------------------- runs
 
 def read_run(path):
-    """qid -> {pid: score} from a TREC run (the rank column is ignored, as trec_eval does)."""
+    """qid -> {pid: score} from a TREC run (the rank column is ignored, as trec_eval does). A list of paths reads
+    runs of disjoint queries as one, such as a cross-fitted teacher's folds, each scored by a model trained on the
+    others; a query in two of them is an error."""
+    if isinstance(path, (list, tuple)):
+        run, seen_in = {}, {}
+        for part in path:
+            for qid, hits in read_run(part).items():
+                if qid in run:
+                    raise DataError(part, None, f"query {qid!r} is also in {seen_in[qid]}: the runs must not share queries")
+                run[qid], seen_in[qid] = hits, part
+        return run
     path = Path(path)
     run = {}
     for number, qid, pid, value in _run_lines(path):
