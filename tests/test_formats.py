@@ -208,6 +208,10 @@ def test_run_read_folds(tmp_path):
     again = write_bytes(tmp_path / "again.trec", "1 Q0 12 1 0.1 c\n")
     with pytest.raises(DataError, match=r"again.trec: query '1' is also in .*f0.trec: the runs must not share"):
         read_run([first, again])
+    with pytest.raises(ReprolibError, match="read_run: no run files given"):
+        read_run([])
+    with pytest.raises(ReprolibError, match="a run file is listed twice"):
+        read_run([str(first), first])
 
 
 def test_run_read_query_by_query(tmp_path):

@@ -2,7 +2,8 @@
 
 Each training query's label moves, with probability `share` (a seeded `random.Random(7)`), to another passage of
 the same entity (pids e*4 .. e*4+3), as a topical but wrong judgement; then BM25 negatives are mined from the
-moved labels. Dev labels stay right. The Disentangled miniature on this folder (its data stage's params replaced
+moved labels. Dev labels stay right; the true training labels are kept beside them in `qrels.train.true.tsv`
+(`label_agreement.py` reads them). The Disentangled miniature on this folder (its data stage's params replaced
 by `{dataset: <folder>}`) asks whether a teacher helps when the labels are wrong (bench/README.md, "What the
 teacher adds beyond the labels").
 
@@ -13,6 +14,7 @@ With `--folds N` it also writes N folders `<out>_f0` .. that split the training 
 scores a fold's queries without having seen their labels (`cross_fit.yaml`).
 """
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -27,9 +29,13 @@ def main():
     parser.add_argument("share", type=float, help="the share of training labels to move, 0 to 1")
     parser.add_argument("--folds", type=int, default=0, help="also split the training queries into this many folds")
     args = parser.parse_args()
+    if args.folds == 1 or args.folds < 0:
+        parser.error("--folds: give 2 or more folds")
     prepare_synthetic(args.out, num_dev_queries=2000, progress=False)
     path = f"{args.out}/qrels.train.tsv"
     lines = Path(path).read_text().splitlines()
+    with atomic_write(f"{args.out}/qrels.train.true.tsv") as f:
+        f.write("\n".join(lines) + "\n")
     rng = random.Random(7)
     moved = 0
     with atomic_write(path) as f:
@@ -59,8 +65,8 @@ def write_folds(dataset, n):
                 kept = [line for line in entry.read_text().splitlines() if fold[line.split("\t", 1)[0]] == k]
                 with atomic_write(out / entry.name) as f:
                     f.write("\n".join(kept) + "\n")
-            elif not (out / entry.name).exists():
-                (out / entry.name).symlink_to(entry.resolve())
+            elif not (out / entry.name).is_symlink():
+                (out / entry.name).symlink_to(os.path.relpath(entry, out))
         print(f"{out}: {sum(1 for f in fold.values() if f == k):,} training queries")
 
 

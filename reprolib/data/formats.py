@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reprolib.errors import DataError
+from reprolib.errors import DataError, ReprolibError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
 
 _WHITESPACE = re.compile(r"\s")   # what str.isspace() calls whitespace
@@ -221,6 +221,10 @@ def read_run(path):
     runs of disjoint queries as one, such as a cross-fitted teacher's folds, each scored by a model trained on the
     others; a query in two of them is an error."""
     if isinstance(path, (list, tuple)):
+        if not path:
+            raise ReprolibError("read_run: no run files given")
+        if len(set(map(str, path))) < len(path):
+            raise ReprolibError(f"read_run: a run file is listed twice in {[str(p) for p in path]}")
         run, seen_in = {}, {}
         for part in path:
             for qid, hits in read_run(part).items():
