@@ -18,6 +18,7 @@ import os
 import random
 from pathlib import Path
 
+from reprolib.data.formats import read_negatives, read_qrels, read_queries, write_negatives, write_qrels, write_queries
 from reprolib.data.prepare import prepare_synthetic, write_bm25_negatives
 from reprolib.data.synthetic import PASSAGES_PER_ENTITY
 from reprolib.fileio import atomic_write
@@ -52,20 +53,23 @@ def main():
         write_folds(Path(args.out), args.folds)
 
 
+FOLD_FILES = {"train.query.txt": (read_queries, write_queries), "qrels.train.tsv": (read_qrels, write_qrels),
+              "train.negatives.tsv": (read_negatives, write_negatives)}
+
+
 def write_folds(dataset, n):
     """Folders `<dataset>_f0` .. `_f{n-1}`, each with one fold of the training queries (a seeded shuffle)."""
-    qids = [line.split("\t", 1)[0] for line in (dataset / "train.query.txt").read_text().splitlines()]
+    tables = {name: read(dataset / name) for name, (read, _) in FOLD_FILES.items()}
+    qids = list(tables["train.query.txt"])
     random.Random(11).shuffle(qids)
     fold = {qid: i % n for i, qid in enumerate(qids)}
     for k in range(n):
         out = dataset.with_name(f"{dataset.name}_f{k}")
         out.mkdir(exist_ok=True)
+        for name, (_, write) in FOLD_FILES.items():
+            write(out / name, {qid: row for qid, row in tables[name].items() if fold[qid] == k})
         for entry in dataset.iterdir():
-            if entry.name in ("train.query.txt", "qrels.train.tsv", "train.negatives.tsv"):
-                kept = [line for line in entry.read_text().splitlines() if fold[line.split("\t", 1)[0]] == k]
-                with atomic_write(out / entry.name) as f:
-                    f.write("\n".join(kept) + "\n")
-            elif not (out / entry.name).is_symlink():
+            if entry.name not in FOLD_FILES and not (out / entry.name).is_symlink():
                 (out / entry.name).symlink_to(os.path.relpath(entry, out))
         print(f"{out}: {sum(1 for f in fold.values() if f == k):,} training queries")
 
