@@ -134,15 +134,15 @@ def pretrain_with_probes(model, examples, order, optimizer, schedule, steps, eve
     `order` lists, with new masks every pass as the pipeline draws them (but one order for every pass, where the
     training loop draws a new one); `probe()` (a dict) is called at step 0 and every `every` steps. Gradients are
     clipped to `max_grad_norm` when given, as the training loop does. Returns the probe points, each
-    {"step": s, **probe()}, as printed along the way."""
+    {"step": s, "loss": the last batch's (from step 1), **probe()}, as printed along the way."""
     import math
 
     import torch
 
-    points = []
+    points, loss = [], None
     for step in range(steps + 1):
         if step % every == 0:
-            points.append({"step": step, **probe()})
+            points.append({"step": step, **({"loss": round(loss, 4)} if step else {}), **probe()})
             print(points[-1], file=sys.stderr, flush=True)
         if step == steps:
             return points
@@ -150,11 +150,12 @@ def pretrain_with_probes(model, examples, order, optimizer, schedule, steps, eve
         examples.set_epoch((step * batch_size) // len(order))
         batch = examples.collate([examples[order[(first + i) % len(order)]] for i in range(batch_size)])
         total = model(**batch)[0]
+        loss = total.item()
         total.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total.item()):
-            sys.exit(f"loss is {total.item()} at step {step}")
+        if not math.isfinite(loss):
+            sys.exit(f"loss is {loss} at step {step}")

@@ -107,6 +107,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None          # overrides epochs
     learning_rate: float = 2e-5
+    encoder_learning_rate: float | None = None   # the checkpoint's body (HF base_model: embeddings, layers, pooler,
+                                          # the tied MLM output projection); the rest (heads, projections,
+                                          # decoders) keeps learning_rate. None: learning_rate; 0: frozen
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     warmup_steps: int = 0                 # overrides warmup_ratio when > 0
@@ -177,6 +180,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.flops_query_weight is None:
             self.flops_query_weight = 0.75 * self.flops_passage_weight
+        if self.encoder_learning_rate is not None:   # 0 and 0.0 (as the saved YAML reads back): one digest
+            self.encoder_learning_rate = float(self.encoder_learning_rate)
 
     def check(self, source="config"):
         for name in ("batch_size", "grad_accum", "epochs", "group_size", "sample_neg_from_topk"):
@@ -186,6 +191,8 @@ class TrainConfig:
             raise ReprolibError(f"{source}: dropout must be in [0, 1), not {self.dropout}")
         if not self.learning_rate > 0:
             raise ReprolibError(f"{source}: learning_rate must be > 0, not {self.learning_rate}")
+        if self.encoder_learning_rate is not None and not self.encoder_learning_rate >= 0:
+            raise ReprolibError(f"{source}: encoder_learning_rate must be >= 0, not {self.encoder_learning_rate}")
         if self.objective not in OBJECTIVES:
             raise ReprolibError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.bottleneck not in ("softmax", "logits_sat"):
@@ -244,20 +251,45 @@ class TrainConfig:
 
 
 # options added after runs were trained, with their unset values: unset, they are left out of `digest`
-ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0}
+ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None}
 
 
 # ---------------------------------------------------------------------------- setup
 
 def _optimizer(model, config):
+    """AdamW over the trainable parameters, without decay on biases and LayerNorm. With `encoder_learning_rate`
+    the transformer body gets its own rate (the schedule scales both alike); at 0 it is frozen (requires_grad
+    off, left so on the model), so its backward is skipped."""
     import torch
 
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    body = _body_parameters(model) if config.encoder_learning_rate is not None else set()
+    if config.encoder_learning_rate == 0:
+        for param in model.parameters():
+            if id(param) in body:
+                param.requires_grad_(False)
+    # (in the body, no decay) -> parameters, in the order of the keys: the rest first, so the log's rate is
+    # learning_rate; unset, these are the two groups of before, in their order, so older checkpoints resume
+    groups = {key: [] for key in ((False, False), (False, True), (True, False), (True, True))}
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)   # no decay on biases and LayerNorm
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
+            groups[id(param) in body, param.ndim < 2].append(param)
+    if body and not groups[False, False] + groups[False, True]:
+        raise ReprolibError("encoder_learning_rate: this model has no head, projection or decoder outside the "
+                            "checkpoint's body to train at learning_rate; set learning_rate instead")
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if no_decay else config.weight_decay,
+          "lr": config.encoder_learning_rate if in_body else config.learning_rate}
+         for (in_body, no_decay), params in groups.items() if params], lr=config.learning_rate)
+
+
+def _body_parameters(model):
+    """ids of the parameters of every transformers model's body (its `base_model`: BertForMaskedLM's `bert`,
+    a BertModel itself), not of the heads, projections and decoders around it. A head tied to the word
+    embeddings (the MLM output projection) shares their parameter, so it is in the body."""
+    from transformers import PreTrainedModel
+
+    return {id(param) for module in model.modules() if isinstance(module, PreTrainedModel)
+            for param in module.base_model.parameters()}
 
 
 def _schedule(optimizer, config, total_steps):

@@ -237,3 +237,54 @@ def test_lexmae_losses_fall_and_the_checkpoint_reloads(synthetic_corpus, micro_b
     assert torch.equal(reloaded.get_input_embeddings().weight, model.lm.get_input_embeddings().weight)
     assert torch.equal(reloaded.cls.predictions.transform.dense.weight, model.lm.cls.predictions.transform.dense.weight)
     assert not any("decoder." in name and "predictions" not in name for name in reloaded.state_dict())
+
+
+@pytest.mark.parametrize("rate", [0.0, 1e-5])
+def test_encoder_learning_rate_moves_the_body_slower_than_the_head_and_at_zero_freezes_it(
+        synthetic_dir, micro_bert, tmp_path, one_thread, rate):
+    """`encoder_learning_rate` (TrainConfig): the checkpoint's body, the tied output projection with it, learns at
+    its own rate while the new MLM head's transform and the decoder learn at learning_rate; at 0 the body is frozen."""
+    from reprolib.modeling.autoencoder import load_masked_lm
+    from reprolib.training import TrainConfig, _optimizer, train
+
+    config = TrainConfig(model=str(micro_bert), out_dir=str(tmp_path / "run"), train_data=str(synthetic_dir),
+                         objective="lexmae", new_head="identity", batch_size=8, max_steps=3, learning_rate=1e-3,
+                         encoder_learning_rate=rate, passage_max_len=48, progress=False, tensorboard=False)
+    train(config, log=lambda *_: None)
+    before = load_masked_lm(micro_bert, "identity").state_dict()   # the identity head: the start, exactly
+    after = load_masked_lm(tmp_path / "run" / "model").state_dict()
+
+    def moved(prefix):
+        return max(float((after[k] - before[k]).abs().max()) for k in before if k.startswith(prefix))
+
+    # Adam moves a weight by about lr a step at most: 3 steps of a linear decay, under 6.3e-5 at 1e-5
+    assert moved("cls.predictions.transform.") > 5e-4
+    assert moved("bert.") == 0 if rate == 0 else 0 < moved("bert.") < 1e-4   # the word embeddings, tied, too
+
+    # the groups themselves: each of the model's trainable parameters once, at its part's rate
+    model = _model(micro_bert)
+    optimizer = _optimizer(model, config)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(rates) == len(trainable) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert rates.get(id(model.lm.bert.embeddings.word_embeddings.weight), rate) == rate
+    assert rates[id(model.decoder_bias)] == rates[id(model.lm.cls.predictions.transform.dense.weight)] == 1e-3
+    assert (rate == 0) == (not model.lm.bert.encoder.layer[0].attention.self.query.weight.requires_grad)
+
+
+def test_without_encoder_learning_rate_every_weight_has_the_one_rate(micro_bert):
+    from reprolib.errors import ReprolibError
+    from reprolib.training import TrainConfig, _optimizer
+
+    config = TrainConfig(model=str(micro_bert), out_dir="unused", train_data="unused", learning_rate=1e-3,
+                         weight_decay=0.01)
+    model = _model(micro_bert)
+    groups = _optimizer(model, config).param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01), (1e-3, 0.0)]   # decayed, then not
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    body_only = TrainConfig(**{**vars(config), "encoder_learning_rate": 1e-5})
+    with pytest.raises(ReprolibError, match="no head, projection or decoder outside"):
+        _optimizer(model.lm.bert, body_only)                          # a BertModel is all body
+    with pytest.raises(ReprolibError, match="encoder_learning_rate must be >= 0"):
+        TrainConfig.from_dict({"model": "m", "out_dir": "o", "train_data": "d", "encoder_learning_rate": -1e-5})
