@@ -1,8 +1,10 @@
 """The `reprolib` command. Every verb exits 2 with one line `error: ...` on bad input."""
 import argparse
+import contextlib
 import ctypes
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -19,12 +21,31 @@ def cmd_run(args):
     options = dict(out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force,
                    seeds=args.seeds)
     if not args.plan:
-        run_pipeline(pipeline_path(args.params), jobs=args.jobs, **options)
+        with _terminate_as_interrupt():
+            run_pipeline(pipeline_path(args.params), jobs=args.jobs, **options)
         return
     plan = plan_pipeline(pipeline_path(args.params), **options)
     width = max(len(sid) for sid, _, _ in plan)
     for sid, action, why in plan:
         print(f"{action:<6}  {sid:<{width}}  {why}")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """`kill PID` (SIGTERM) stops a run as Ctrl-C does: the running stages are interrupted and recorded as such,
+    and their kernels stopped. It is the way to stop a run started with `&` from a script, whose shell has set
+    SIGINT to be ignored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:   # whoever started us wants it ignored
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 def job_count(text):

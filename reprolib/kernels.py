@@ -98,7 +98,10 @@ def _is_this_python(argv):
 # ---- the zygote process ---------------------------------------------------------------------
 
 def _serve(socket_path):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the pipeline's to handle
+    # A Ctrl-C in the terminal, or a SIGTERM to the pipeline's process group (`timeout`, `kill -- -PGID`), is the
+    # pipeline's to handle: it stops the kernels; this process goes when the pipeline closes its stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.path and sys.path[0] == os.getcwd():  # as ipykernel_launcher does: the launch directory is no package
         del sys.path[0]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -135,6 +138,7 @@ def _run_kernel(conn, request):
     """In the forked child: become the kernel the proxy asked for."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupts (forwarded by the proxy) raise again
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setpgid(0, 0)  # out of the terminal's process group, as jupyter_client's own kernels are
     os.chdir(request["cwd"])
     # The kernel process's own output (not the cells': those go to the notebook) is start-up chatter and, when a

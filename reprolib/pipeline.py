@@ -34,6 +34,7 @@ from reprolib.fileio import atomic_write
 from reprolib.kernels import start_zygote
 
 MANIFEST = "manifest.json"
+INTERRUPTED = "not run: the run was interrupted"   # the manifest's error for stages a Ctrl-C or kill kept from running
 LOCK = ".lock"
 METRICS = "metrics.json"
 PER_QUERY = report.PER_QUERY
@@ -655,8 +656,9 @@ def _execute_plan(plan, params, hashes, manifest, run_dir, log, jobs=1):
             try:
                 _run_stage(stage, params[stage.id], hashes, action == "fresh", manifest, run_dir, log,
                            zygote)
-            except BaseException:
-                _mark_not_run(manifest, plan[position + 1:], stage.id)
+            except BaseException as e:
+                why = INTERRUPTED if isinstance(e, KeyboardInterrupt) else None
+                _mark_not_run(manifest, plan[position + 1:], stage.id, why)
                 _write_manifest(run_dir, manifest)
                 raise
     finally:
@@ -674,8 +676,8 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     that nothing else could run beside. The stages due in this run decide it, not timing: the same command on the
     same run folder gets the same threads. (A resume, --from or --only runs fewer stages, and one of them may then
     run alone where the full run shared its cores: the manifest's `threads` says.) After a failure no new stage
-    starts; the running ones finish, then the error is raised. Ctrl-C interrupts the running kernels (they run in
-    sessions of their own).
+    starts; the running ones finish, then the error is raised. Ctrl-C (or kill) interrupts the running kernels
+    (they run in sessions of their own).
 
     Stages run in threads of this process: nothing here may chdir or set os.environ (papermill resolves its own
     paths against the process's working directory, and every path it is given is absolute)."""
@@ -692,7 +694,7 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
     running = {}   # future -> (stage, slots, kernels: the kernel managers its notebook started)
     alone = _alone([stage for stage, _ in waiting])
     failure = None
-    abort = threading.Event()   # after Ctrl-C a kernel about to start does not
+    abort = threading.Event()   # after Ctrl-C (or kill) a kernel about to start does not
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         while waiting or running:
@@ -734,7 +736,8 @@ def _execute_concurrently(plan, params, hashes, manifest, run_dir, log, zygote, 
         for future, (stage, _, _) in running.items():
             with contextlib.suppress(BaseException):   # a stage that finished in time is recorded as done
                 _finish_stage(stage, *future.result(), manifest, run_dir, log)
-        _mark_not_run(manifest, waiting, why="not run: the run was interrupted")
+        _mark_not_run(manifest, waiting, why=INTERRUPTED if isinstance(e, KeyboardInterrupt)
+                      else f"not run: the run stopped on {type(e).__name__}")
         _write_manifest(run_dir, manifest)
         raise
     finally:
@@ -774,7 +777,8 @@ def _processes(params):
 
 def _interrupt(running, grace_s=30):
     """Signal the running stages' kernels until every stage's thread has returned: SIGINT (a KeyboardInterrupt
-    in the running cell), then SIGTERM after `grace_s` or at a second Ctrl-C. A kernel still starting is
+    in the running cell), then SIGTERM after `grace_s` or at a second Ctrl-C (or `kill`, which `reprolib run`
+    turns into one). A kernel still starting is
     signalled once it has a process."""
     import signal
     from concurrent.futures import wait
@@ -784,17 +788,17 @@ def _interrupt(running, grace_s=30):
     while True:
         try:
             _, pending = wait(running, timeout=0.5)
-        except KeyboardInterrupt:
-            deadline, pending = 0, [future for future in running if not future.done()]
-        if not pending:
-            return
-        signum = signal.SIGINT if time.monotonic() < deadline else signal.SIGTERM
-        for future in pending:
-            for km in running[future][2]:
-                process = getattr(getattr(km, "provisioner", None), "process", None)
-                if process is not None and process.poll() is None and (process.pid, signum) not in sent:
-                    process.send_signal(signum)
-                    sent.add((process.pid, signum))
+            if not pending:
+                return
+            signum = signal.SIGINT if time.monotonic() < deadline else signal.SIGTERM
+            for future in pending:
+                for km in running[future][2]:
+                    process = getattr(getattr(km, "provisioner", None), "process", None)
+                    if process is not None and process.poll() is None and (process.pid, signum) not in sent:
+                        process.send_signal(signum)
+                        sent.add((process.pid, signum))
+        except KeyboardInterrupt:   # a second Ctrl-C or kill: stop waiting for the cells to notice
+            deadline = 0
 
 
 def _mark_not_run(manifest, rest, failed_id=None, why=None):

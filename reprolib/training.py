@@ -598,11 +598,19 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=(), num_mach
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     cause = None
-    for line in process.stdout:
-        line = line.rstrip("\n")
-        log(line)
-        if cause is None and ("Error:" in line or line.startswith("error:")):
-            cause = line.split("]: ", 1)[-1]          # the first error a worker printed, without its rank tag
+    try:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            log(line)
+            if cause is None and ("Error:" in line or line.startswith("error:")):
+                cause = line.split("]: ", 1)[-1]      # the first error a worker printed, without its rank tag
+    except BaseException:   # an interrupted stage: its workers must not train on, orphaned (accelerate stops them)
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
     if process.wait() != 0:
         raise ReprolibError(f"training failed (exit {process.returncode}): {cause or ' '.join(command)}")
     if machine_rank > 0:

@@ -165,3 +165,51 @@ def test_only_kernels_of_this_python_are_forked():
     assert kernels._is_this_python(["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
     assert not kernels._is_this_python(["/opt/other/bin/python", "-m", "ipykernel_launcher", "-f", "x"])
     assert not kernels._is_this_python(["R", "--slave", "-e", "IRkernel::main()", "--args", "x"])
+
+
+@pytest.mark.parametrize("jobs, group", [(1, False), (2, False), (2, True)])
+def test_kill_stops_a_run_as_ctrl_c_does(tmp_path, token, jobs, group):
+    """`kill PID` (SIGTERM), the usual way to stop a run started in the background (where the shell has set
+    SIGINT to be ignored), or a SIGTERM to its whole process group (`timeout`, `kill -- -PGID`): the running stage
+    is interrupted, the manifest says so, no kernel is left behind."""
+    import signal
+    import subprocess
+    import time
+
+    path = write_pipeline(tmp_path, [{"id": "slow", "notebook": "probe"},
+                                     {"id": "later", "notebook": "probe", "params": {"x": "${stages.slow.out}"}}])
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('out_dir = ""\nx = ""', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import time\nopen('started', 'w').close()\ntime.sleep(120)")]
+    nbformat.write(nb, tmp_path / "notebooks" / "probe.ipynb")
+    command = [sys.executable, "-m", "reprolib", "run", str(path), "--out", str(tmp_path / "out"), "--jobs", str(jobs)]
+    # SIGINT ignored, as for `cmd &` in a script; a session of its own, so that its group holds only the run
+    pipeline = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        started = tmp_path / "out" / "k" / "slow" / "started"
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert started.exists(), "the stage never started"
+        begin = time.monotonic()
+        if group:
+            os.killpg(pipeline.pid, signal.SIGTERM)
+        else:
+            pipeline.send_signal(signal.SIGTERM)
+        _, err = pipeline.communicate(timeout=60)
+    finally:
+        pipeline.kill()
+        pipeline.wait()
+    assert time.monotonic() - begin < 40     # interrupted, not the 120 s sleep
+    assert pipeline.returncode == 130 and "interrupted" in err
+    stages = json.loads((tmp_path / "out" / "k" / "manifest.json").read_text())["stages"]
+    # one stage at a time the pipeline's own papermill call is interrupted; with --jobs the kernel's cell is
+    assert stages["slow"]["status"] == "failed" and stages["slow"]["error"] == \
+        ("KeyboardInterrupt" if jobs == 1 else "cell 3: KeyboardInterrupt")
+    assert stages["later"]["error"] == "not run: the run was interrupted"
+    deadline = time.monotonic() + 30
+    while kernel_processes(token=token) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert kernel_processes(token=token) == []

@@ -494,3 +494,21 @@ def test_bottleneck_layer_norm_option_reaches_the_lexmae_model(synthetic_dir, tm
     for option in (False, True):
         config = _config(synthetic_dir, tmp_path / str(option), objective="lexmae", bottleneck_layer_norm=option)
         assert build_objective(config, corpus).model.bottleneck_layer_norm is option
+
+
+def test_an_interrupted_launch_stops_its_workers(tmp_path, monkeypatch):
+    """A stage interrupted (Ctrl-C, kill) while `accelerate launch` trains: its workers must not train on, orphaned."""
+    import sys
+
+    pid_file = tmp_path / "pid"
+    worker = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n" \
+             "while True:\n    print('step', flush=True)\n    time.sleep(0.1)"
+    monkeypatch.setattr("reprolib.training.accelerate_command", lambda *a, **k: [sys.executable, "-c", worker])
+
+    def interrupted(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        launch(tmp_path / "config.yaml", num_processes=2, log=interrupted)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
