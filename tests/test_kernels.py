@@ -72,6 +72,16 @@ def token(monkeypatch):
     return f"REPROLIB_TEST_TOKEN={value}"
 
 
+def wait_until_started(marker, timeout_s=120):
+    """Until the stage's notebook has written `marker` (its kernel is running the cell)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marker.exists(), "the stage never started"
+
+
 def socket_of(zygote_parent):
     """The socket path of the zygote started by process `zygote_parent`."""
     for pid in kernel_processes():
@@ -128,11 +138,7 @@ def test_a_killed_pipeline_leaves_no_kernel_behind(tmp_path):
     pipeline = subprocess.Popen([sys.executable, "-m", "reprolib", "run", str(path), "--out", str(tmp_path / "outputs")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        started = tmp_path / "outputs" / "k" / "slow" / "started"
-        deadline = time.monotonic() + 120
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert started.exists(), "the stage never started"
+        wait_until_started(tmp_path / "outputs" / "k" / "slow" / "started")
         socket_path = socket_of(pipeline.pid)
         assert socket_path and len(kernel_processes(socket_path)) == 3    # zygote, proxy and kernel are running
     finally:
@@ -188,11 +194,7 @@ def test_kill_stops_a_run_as_ctrl_c_does(tmp_path, token, jobs, group):
     pipeline = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        started = tmp_path / "out" / "k" / "slow" / "started"
-        deadline = time.monotonic() + 120
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert started.exists(), "the stage never started"
+        wait_until_started(tmp_path / "out" / "k" / "slow" / "started")
         begin = time.monotonic()
         if group:
             os.killpg(pipeline.pid, signal.SIGTERM)
