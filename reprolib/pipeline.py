@@ -778,8 +778,7 @@ def _processes(params):
 def _interrupt(running, grace_s=30):
     """Signal the running stages' kernels until every stage's thread has returned: SIGINT (a KeyboardInterrupt
     in the running cell), then SIGTERM after `grace_s` or at a second Ctrl-C (or `kill`, which `reprolib run`
-    turns into one). A kernel still starting is
-    signalled once it has a process."""
+    turns into one). A kernel still starting is signalled once it has a process."""
     import signal
     from concurrent.futures import wait
 

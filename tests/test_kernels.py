@@ -29,10 +29,10 @@ marker = 1
 """
 
 
-def make_notebook(path, source):
+def make_notebook(path, source, parameters='out_dir = ""'):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('out_dir = ""', metadata={"tags": ["parameters"]}),
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell(source)]
     nbformat.write(nb, path)
 
@@ -184,11 +184,8 @@ def test_kill_stops_a_run_as_ctrl_c_does(tmp_path, token, jobs, group):
 
     path = write_pipeline(tmp_path, [{"id": "slow", "notebook": "probe"},
                                      {"id": "later", "notebook": "probe", "params": {"x": "${stages.slow.out}"}}])
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('out_dir = ""\nx = ""', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import time\nopen('started', 'w').close()\ntime.sleep(120)")]
-    nbformat.write(nb, tmp_path / "notebooks" / "probe.ipynb")
+    make_notebook(tmp_path / "notebooks" / "probe.ipynb", "import time\nopen('started', 'w').close()\ntime.sleep(120)",
+                  parameters='out_dir = ""\nx = ""')
     command = [sys.executable, "-m", "reprolib", "run", str(path), "--out", str(tmp_path / "out"), "--jobs", str(jobs)]
     # SIGINT ignored, as for `cmd &` in a script; a session of its own, so that its group holds only the run
     pipeline = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command], start_new_session=True,
