@@ -171,6 +171,33 @@ def test_second_open_reuses_the_store(tsv3, monkeypatch):
     assert second[0] == first[0]
 
 
+def test_stages_building_one_store_at_once_both_get_it(tsv3, monkeypatch):
+    """Two stages of a `--jobs 2` run opening a new corpus at once once shared one temp folder, and one deleted what
+    the other was writing ("duplicate passage id ''" on SciFact). Here the other stage starts and finishes its
+    build in the middle of this one's."""
+    real = corpus_module._write_store
+    others = []
+
+    def another_stage_meanwhile(source, tmp, progress):
+        monkeypatch.setattr(corpus_module, "_write_store", real)
+        others.append(Corpus.open(tsv3, progress=False))
+        real(source, tmp, progress)
+
+    monkeypatch.setattr(corpus_module, "_write_store", another_stage_meanwhile)
+    corpus = Corpus.open(tsv3, progress=False)
+    assert corpus.store_dir == others[0].store_dir
+    assert [corpus[i] for i in range(len(corpus))] == [others[0][i] for i in range(len(corpus))]
+    assert len(set(corpus.ids)) == len(corpus) == 3
+    assert [p.name for p in corpus.store_dir.parent.iterdir()] == [corpus.store_dir.name]   # no temp folder left
+
+
+def test_a_damaged_store_is_rebuilt(tsv3):
+    store = Corpus.open(tsv3, progress=False).store_dir
+    (store / "meta.json").unlink()     # meta.json is written last: without it the store is not whole
+    corpus = Corpus.open(tsv3, progress=False)
+    assert (store / "meta.json").exists() and corpus[0] == Corpus(store)[0]
+
+
 def test_changing_the_source_rebuilds(tsv3):
     first = Corpus.open(tsv3, progress=False)
     assert len(first) == 3

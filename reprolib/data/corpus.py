@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import shutil
+import tempfile
 from array import array
 from pathlib import Path
 
@@ -76,21 +77,29 @@ class _Blob:
 
 
 def build_store(source, store_dir, progress=True):
-    """Stream `source` into a store at `store_dir` (written to a temp dir, then renamed)."""
+    """Stream `source` into a store at `store_dir`: written to a folder of this process's own, then renamed, so that
+    stages opening the same new corpus at once (`reprolib run --jobs`) neither clash nor see a half-written store."""
     source, store_dir = Path(source), Path(store_dir)
-    tmp = store_dir.with_name(store_dir.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
     try:
-        tmp.mkdir(parents=True)
+        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{store_dir.name}.building-", dir=store_dir.parent))
         _write_store(source, tmp, progress)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):   # a full or read-only cache disk
             raise DataError(store_dir, None, f"cannot build the corpus store of {source} here ({e.strerror or e}); "
                                              "set REPROLIB_CACHE to a folder with room") from None
         raise
-    shutil.rmtree(store_dir, ignore_errors=True)
-    os.replace(tmp, store_dir)
+    try:
+        os.rename(tmp, store_dir)
+    except OSError:   # the folder exists: a store another process finished first, or a damaged one
+        if (store_dir / "meta.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(store_dir, ignore_errors=True)
+            os.rename(tmp, store_dir)
     return store_dir
 
 
