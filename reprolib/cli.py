@@ -21,8 +21,7 @@ def cmd_run(args):
     options = dict(out_root=args.out, sets=args.set, from_stage=args.from_stage, only=args.only, force=args.force,
                    seeds=args.seeds)
     if not args.plan:
-        with _terminate_as_interrupt():
-            run_pipeline(pipeline_path(args.params), jobs=args.jobs, **options)
+        run_pipeline(pipeline_path(args.params), jobs=args.jobs, **options)
         return
     plan = plan_pipeline(pipeline_path(args.params), **options)
     width = max(len(sid) for sid, _, _ in plan)
@@ -32,9 +31,9 @@ def cmd_run(args):
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """`kill PID` (SIGTERM) stops a run as Ctrl-C does: the running stages are interrupted and recorded as such,
-    and their kernels stopped. It is the way to stop a run started with `&` from a script, whose shell has set
-    SIGINT to be ignored."""
+    """`kill PID` (SIGTERM) stops a verb as Ctrl-C does: a pipeline's running stages are interrupted and recorded as
+    such and their kernels stopped; any verb says what it kept and exits 130. It is the way to stop a command started
+    with `&` from a script, whose shell has set SIGINT to be ignored."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -538,7 +537,8 @@ def main(argv=None):
         return e.code
     try:
         _check_outputs(args)
-        args.func(args)
+        with _terminate_as_interrupt():
+            args.func(args)
     except ReprolibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

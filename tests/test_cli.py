@@ -335,6 +335,10 @@ def test_encode_search_evaluate(capsys, tmp_path, synthetic_dir, synthetic_corpu
 
 
 def test_encode_resumes_after_an_interruption(capsys, monkeypatch, tmp_path, synthetic_dir, tiny_model):
+    """`kill PID` while the second shard is being encoded: the verb says what it kept and exits 130; the same
+    command encodes only what is missing."""
+    import signal
+
     from reprolib.modeling.dense import DenseEncoder
 
     index = tmp_path / "index"
@@ -343,19 +347,27 @@ def test_encode_resumes_after_an_interruption(capsys, monkeypatch, tmp_path, syn
     calls, resumed = [], False
     real = DenseEncoder.encode_passages
 
-    class Killed(Exception):
-        pass
-
     def interrupted(self, passages, **kwargs):
         calls.append(len(passages))
         if calls == [700, 700] and not resumed:
-            raise Killed  # the job dies while the second shard is being encoded
+            signal.raise_signal(signal.SIGTERM)
         return real(self, passages, **kwargs)
 
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):   # instead of the default, which would end pytest itself
+        raise Unhandled("the verb let SIGTERM through")
+
     monkeypatch.setattr(DenseEncoder, "encode_passages", interrupted)
-    with pytest.raises(Killed):
-        main(argv)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(argv) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted: what was written so far is kept")
     assert [p.name for p in sorted(index.glob("shard_*"))] == ["shard_00000.npy"]
+    assert not list(index.glob("*.tmp*"))
     assert not json.loads((index / "index.json").read_text())["complete"]
     first = (index / "shard_00000.npy").stat().st_mtime_ns
 
