@@ -37,7 +37,9 @@ def _terminate_as_interrupt():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:   # whoever started us wants it ignored
+    # SIG_IGN: whoever started us wants it ignored. LOCAL_RANK: a worker of `accelerate launch` (torchrun), which
+    # stops its workers with SIGTERM, and one stuck in a collective whose peer died would never see a Python handler
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN or "LOCAL_RANK" in os.environ:
         yield
         return
     previous = signal.signal(signal.SIGTERM, interrupt)

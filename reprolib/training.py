@@ -321,7 +321,8 @@ def _save_checkpoint(accelerator, out_dir, step, digest, limit):
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         # written last: a checkpoint folder without it is incomplete and ignored by resume
-        (path / "trainer_state.json").write_text(json.dumps({"step": step, "config_digest": digest}) + "\n")
+        with atomic_write(path / "trainer_state.json") as f:
+            f.write(json.dumps({"step": step, "config_digest": digest}) + "\n")
         for old in _checkpoints(out_dir)[:-limit] if limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -334,6 +334,22 @@ def test_encode_search_evaluate(capsys, tmp_path, synthetic_dir, synthetic_corpu
     assert (index / "hnsw_M32_efc200.faiss").exists()
 
 
+def test_a_launched_worker_keeps_the_default_sigterm(monkeypatch):
+    """torchrun stops its workers with SIGTERM; a worker waiting in a collective whose peer died would never run a
+    Python handler, so a worker of `accelerate launch` is left to die at once."""
+    import signal
+
+    from reprolib.cli import _terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _terminate_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with _terminate_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_encode_resumes_after_an_interruption(capsys, monkeypatch, tmp_path, synthetic_dir, tiny_model):
     """`kill PID` while the second shard is being encoded: the verb says what it kept and exits 130; the same
     command encodes only what is missing."""
@@ -364,7 +380,7 @@ def test_encode_resumes_after_an_interruption(capsys, monkeypatch, tmp_path, syn
     try:
         assert main(argv) == 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     assert capsys.readouterr().err.splitlines()[-1].startswith("interrupted: what was written so far is kept")
     assert [p.name for p in sorted(index.glob("shard_*"))] == ["shard_00000.npy"]
     assert not list(index.glob("*.tmp*"))

@@ -83,24 +83,59 @@ def build_store(source, store_dir, progress=True):
     tmp = None
     try:
         store_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{store_dir.name}.building-", dir=store_dir.parent))
+        _remove_abandoned_builds(store_dir.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{store_dir.name}{_BUILDING}{os.getpid()}-", dir=store_dir.parent))
         _write_store(source, tmp, progress)
-    except BaseException as e:
+        _rename_into_place(tmp, store_dir)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(store_dir, None, f"cannot build the corpus store of {source} here ({e.strerror or e}); "
+                                         "set REPROLIB_CACHE to a folder with room") from None   # full or read-only
+    finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):   # a full or read-only cache disk
-            raise DataError(store_dir, None, f"cannot build the corpus store of {source} here ({e.strerror or e}); "
-                                             "set REPROLIB_CACHE to a folder with room") from None
-        raise
-    try:
-        os.rename(tmp, store_dir)
-    except OSError:   # the folder exists: a store another process finished first, or a damaged one
-        if (store_dir / "meta.json").exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(store_dir, ignore_errors=True)
-            os.rename(tmp, store_dir)
+            shutil.rmtree(tmp, ignore_errors=True)   # gone already once renamed
     return store_dir
+
+
+_BUILDING = ".building-"   # <store>.building-<pid>-<random>: a build in progress, or one whose process died
+
+
+def _remove_abandoned_builds(folder):
+    """Delete the temp folders of builds whose process is gone (killed outright): each can be gigabytes."""
+    for path in folder.glob(f"*{_BUILDING}*"):
+        pid = path.name.rsplit(_BUILDING, 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
+
+
+def _rename_into_place(tmp, store_dir):
+    """Rename the finished `tmp` to `store_dir`. A store that another process finished first is kept (the same
+    source, so the same content); a damaged one (no meta.json, which is written last) is set aside and replaced."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, store_dir)
+            return
+        except OSError:
+            if (store_dir / "meta.json").exists():
+                return
+            aside = tmp.with_name(tmp.name + "-damaged")   # still ours: a pid-tagged name
+            try:
+                os.rename(store_dir, aside)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, store_dir)   # the folder keeps coming back: let its error be seen
 
 
 def _write_store(source, tmp, progress):
