@@ -169,7 +169,7 @@ def _compare(entry, manifest, run_dir, copies, measured):
         if "within" in entry:
             result["p_value"] = _tost(control, method, entry["within"])
         elif "loses_at_most" in entry:
-            result["p_value"] = _one_sided(control, method, entry["loses_at_most"])
+            result["p_value"] = non_inferiority_p(control, method, entry["loses_at_most"])
     if "loses_at_most" in entry:
         status = non_inferiority_check(result["difference"], result["p_value"], entry["loses_at_most"],
                                        entry.get("alpha", 0.05))
@@ -242,10 +242,10 @@ def format_seed_differences(row):
 
 def _tost(control, method, within):
     """p of two one-sided paired t-tests that the mean difference lies inside (-within, +within)."""
-    return max(_one_sided(control, method, within), _one_sided(method, control, within))
+    return max(non_inferiority_p(control, method, within), non_inferiority_p(method, control, within))
 
 
-def _one_sided(control, method, margin):
+def non_inferiority_p(control, method, margin):
     """p of the one-sided paired t-test that the mean difference method - control is above -margin."""
     import numpy as np
     from scipy import stats
