@@ -199,14 +199,17 @@ def test_a_damaged_store_is_rebuilt(tsv3):
 
 
 def test_builds_whose_process_died_are_cleared(tsv3, reprolib_cache):
-    folder = reprolib_cache / "corpus"
-    dead = folder / "corpus-0123.building-999999999-x1"     # above any pid_max: no such process
-    running = folder / f"corpus-4567.building-{os.getpid()}-x2"
-    for path in (dead, running):
+    import socket
+
+    folder, host = reprolib_cache / "corpus", socket.gethostname()
+    dead = folder / f"corpus-0123.building-{host}-999999999-x1"     # above any pid_max: no such process
+    running = folder / f"corpus-4567.building-{host}-{os.getpid()}-x2"
+    elsewhere = folder / "corpus-89ab.building-another-host-999999999-x3"   # a shared cache: not ours to judge
+    for path in (dead, running, elsewhere):
         path.mkdir(parents=True)
         (path / "text.bin").write_bytes(b"half")
     corpus = Corpus.open(tsv3, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([corpus.store_dir.name, running.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([corpus.store_dir.name, running.name, elsewhere.name])
 
 
 def test_changing_the_source_rebuilds(tsv3):

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import tempfile
 from array import array
 from pathlib import Path
@@ -84,7 +85,7 @@ def build_store(source, store_dir, progress=True):
     try:
         store_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_builds(store_dir.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{store_dir.name}{_BUILDING}{os.getpid()}-", dir=store_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{store_dir.name}{_building_here()}{os.getpid()}-", dir=store_dir.parent))
         _write_store(source, tmp, progress)
         _rename_into_place(tmp, store_dir)
     except OSError as e:
@@ -98,13 +99,17 @@ def build_store(source, store_dir, progress=True):
     return store_dir
 
 
-_BUILDING = ".building-"   # <store>.building-<pid>-<random>: a build in progress, or one whose process died
+def _building_here():
+    """<store>.building-<host>-<pid>-<random>: a build in progress, or one whose process died."""
+    return f".building-{socket.gethostname()}-"
 
 
 def _remove_abandoned_builds(folder):
-    """Delete the temp folders of builds whose process is gone (killed outright): each can be gigabytes."""
-    for path in folder.glob(f"*{_BUILDING}*"):
-        pid = path.name.rsplit(_BUILDING, 1)[1].split("-")[0]
+    """Delete the temp folders of this machine's builds whose process is gone (killed outright): each can be
+    gigabytes. Another machine's, in a cache on a shared disk, are left alone: its pids mean nothing here."""
+    here = _building_here()
+    for path in folder.glob(f"*{here}*"):
+        pid = path.name.rsplit(here, 1)[1].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
