@@ -31,7 +31,7 @@ def main():
 
     def table(spec):
         stage, _, metric = spec.partition("/")
-        values = per_query_mean(Path("/"), [str(run / stage).lstrip("/") for run in runs], metric or args.metric)
+        values = per_query_mean(Path(), [run / stage for run in runs], metric or args.metric)   # absolute paths
         if values is None:
             raise SystemExit(f"seed_runs.py: {stage} lacks a per_query.json with {metric or args.metric} in a run")
         return values

@@ -127,20 +127,15 @@ def _alive(pid):
 def _rename_into_place(tmp, store_dir):
     """Rename the finished `tmp` to `store_dir`. A store that another process finished first is kept (the same
     source, so the same content); a damaged one (no meta.json, which is written last) is set aside and replaced."""
-    for _ in range(3):
-        try:
-            os.rename(tmp, store_dir)
+    try:
+        os.rename(tmp, store_dir)
+    except OSError:
+        if (store_dir / "meta.json").exists():
             return
-        except OSError:
-            if (store_dir / "meta.json").exists():
-                return
-            aside = tmp.with_name(tmp.name + "-damaged")   # still ours: a pid-tagged name
-            try:
-                os.rename(store_dir, aside)
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(aside, ignore_errors=True)
-    os.rename(tmp, store_dir)   # the folder keeps coming back: let its error be seen
+        aside = tmp.with_name(tmp.name + "-damaged")   # still ours: a pid-tagged name
+        os.rename(store_dir, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(tmp, store_dir)
 
 
 def _write_store(source, tmp, progress):
