@@ -36,6 +36,7 @@ import numpy as np
 import scipy.sparse
 from reprolib.progress import tqdm
 
+from reprolib.cpu import name_openblas_kernels
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
 
@@ -277,6 +278,7 @@ def load_meta(index_dir):
 def require_faiss():
     """The faiss module, or a one-line error saying how to install it (an extra, so that conda's faiss-gpu is
     not shadowed by pip's CPU build)."""
+    name_openblas_kernels()   # before faiss's own OpenBLAS loads
     try:
         import faiss
     except ImportError:

@@ -12,7 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from urllib.parse import quote
 
-from reprolib import __version__
+from reprolib import __version__, cpu
 from reprolib.fileio import atomic_write
 
 REPORT = "REPORT.md"
@@ -405,6 +405,8 @@ def _git_commit(directory):
 
 def _hardware():
     parts = [platform.platform(), f"Python {platform.python_version()}", f"{os.cpu_count()} CPUs"]
+    if cpu.describe():
+        parts[-1] += f": {cpu.describe()}"
     return ", ".join(parts + _torch_info())
 
 
