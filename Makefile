@@ -39,6 +39,7 @@ bench: install   # about 70 minutes on 2 cores; results in bench/results/
 	$(BIN)/python bench/encode_rss.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/scifact_zero_shot.py
+	$(BIN)/python bench/faiss_blas.py
 	$(BIN)/python bench/sparse_search.py $(if $(SPARSE_MODEL),--model $(SPARSE_MODEL))
 	$(BIN)/python bench/fusion_teacher.py
 	$(BIN)/python bench/retromae_step.py
