@@ -4,7 +4,7 @@
 
 faiss-cpu bundles its own OpenBLAS, which chooses its kernels from the CPU model when it loads. Version 0.3.15 (in
 faiss-cpu 1.15) does not know the newest Xeons and runs SSE3 kernels there. reprolib.index.require_faiss names
-the kernels first (reprolib.cpu.name_openblas_kernels, from the CPU's flags). Each arm is a fresh process that
+the kernels first (reprolib.cpu.openblas_kernels_named, from the CPU's flags). Each arm is a fresh process that
 imports faiss one way or the other, then times IndexFlatIP.search, the call reprolib's flat search makes per
 shard: one shard of reprolib's default 100,000 rows, 768 dimensions (BERT-base), 1,000 queries, at 1 and 2
 threads, the arms alternated, `--repeats` times (median queries/s).

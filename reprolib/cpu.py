@@ -1,4 +1,5 @@
 """What this machine's CPU can do, read from /proc/cpuinfo (Linux; elsewhere nothing is known)."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,9 @@ SIMD_CAPS = {
     "FAISS_SIMD_LEVEL": "AVX2",             # faiss's distance kernels
 }
 
+# oneDNN's ISA names below AVX512_CORE_BF16, the first with bf16 instructions
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
 # OpenBLAS's kernels by the instructions they need, fastest first
 OPENBLAS_CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
                       ("Haswell", {"avx2", "fma"}))
@@ -31,6 +35,15 @@ def cpu_flags():
     return set(line.split(":", 1)[1].split())
 
 
+def native_bf16():
+    """Whether torch computes bf16 natively on this CPU: the CPU has avx512_bf16 or AMX, and oneDNN, which runs
+    torch's bf16 matmuls, is not capped below them (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA, as
+    bench/slower_kind.py caps it to time the slower kind of machine on a fast one). Emulated bf16 is slow: capped at
+    AVX2, a bf16 matmul took 34 times as long as fp32 (bench/README.md, "The slower kind on a fast machine")."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and cap.upper() not in ONEDNN_ISAS_WITHOUT_BF16
+
+
 def describe():
     """The CPU model and its SPEED_FLAGS, with the SIMD_CAPS set in this process (for REPORT.md); None where
     /proc/cpuinfo is not there."""
@@ -40,20 +53,31 @@ def describe():
         return None
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
                  "CPU")
-    flags = cpu_flags()
-    line = f"{model} ({' '.join(f for f in SPEED_FLAGS if f in flags) or 'no AVX2'})"
+    speed = [flag for flag in SPEED_FLAGS if flag in cpu_flags()]
+    line = model + (f" ({' '.join(speed)})" if speed else "")
     capped = [f"{name}={value}" for name, value in SIMD_CAPS.items() if os.environ.get(name) == value]
     return line + (f", capped: {' '.join(capped)}" if capped else "")
 
 
-def name_openblas_kernels():
-    """Set OPENBLAS_CORETYPE, unless it is set, to the fastest OpenBLAS kernels this CPU runs. Call it before a
-    library that bundles an older OpenBLAS loads: faiss-cpu's own copy (0.3.15 in faiss-cpu 1.15) takes a
-    Sapphire Rapids Xeon for an SSE3 CPU, and its flat search then runs 5x slower (bench/README.md, "faiss's
-    OpenBLAS"). Each OpenBLAS reads the variable once, when it loads; the ones already loaded keep their choice."""
-    if "OPENBLAS_CORETYPE" in os.environ:
-        return
+def openblas_coretype():
+    """The fastest OpenBLAS kernels this CPU runs (an OPENBLAS_CORETYPE value), or None to leave OpenBLAS to choose."""
     flags = cpu_flags()
-    name = next((name for name, needs in OPENBLAS_CORETYPES if needs <= flags), None)
-    if name:
-        os.environ["OPENBLAS_CORETYPE"] = name
+    return next((name for name, needs in OPENBLAS_CORETYPES if needs <= flags), None)
+
+
+@contextlib.contextmanager
+def openblas_kernels_named():
+    """Load a library that bundles an older OpenBLAS inside this: OPENBLAS_CORETYPE then names the kernels, unless it
+    is set already. faiss-cpu's own copy (0.3.15 in faiss-cpu 1.15) takes a Sapphire Rapids Xeon for an SSE3 CPU,
+    and its flat search then runs at a quarter of the speed (bench/README.md, "faiss's OpenBLAS"). An OpenBLAS reads
+    the variable once, when it loads, so it is removed again afterwards: child processes and libraries loaded later
+    make their own choice."""
+    name = openblas_coretype()
+    if "OPENBLAS_CORETYPE" in os.environ or name is None:
+        yield
+        return
+    os.environ["OPENBLAS_CORETYPE"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("OPENBLAS_CORETYPE", None)

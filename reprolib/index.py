@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse
 from reprolib.progress import tqdm
 
-from reprolib.cpu import name_openblas_kernels
+from reprolib.cpu import openblas_kernels_named
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
 
@@ -278,9 +278,9 @@ def load_meta(index_dir):
 def require_faiss():
     """The faiss module, or a one-line error saying how to install it (an extra, so that conda's faiss-gpu is
     not shadowed by pip's CPU build)."""
-    name_openblas_kernels()   # before faiss's own OpenBLAS loads
     try:
-        import faiss
+        with openblas_kernels_named():   # faiss's own OpenBLAS chooses its kernels as it loads
+            import faiss
     except ImportError:
         raise ReprolibError("dense search needs faiss, which is not installed: pip install 'reprolib[faiss]' "
                             "(CPU), or conda install -c conda-forge faiss-gpu") from None

@@ -404,9 +404,9 @@ def _git_commit(directory):
 
 
 def _hardware():
-    parts = [platform.platform(), f"Python {platform.python_version()}", f"{os.cpu_count()} CPUs"]
-    if cpu.describe():
-        parts[-1] += f": {cpu.describe()}"
+    described = cpu.describe()
+    cpus = f"{os.cpu_count()} CPUs" + (f": {described}" if described else "")
+    parts = [platform.platform(), f"Python {platform.python_version()}", cpus]
     return ", ".join(parts + _torch_info())
 
 

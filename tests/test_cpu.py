@@ -26,23 +26,31 @@ def test_cpu_flags_is_empty_where_unknown(monkeypatch):
     assert cpu.cpu_flags() == set()
 
 
+@pytest.fixture
+def no_coretype(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "recorded")     # so that monkeypatch puts back what was there, if anything
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+
+
 @pytest.mark.parametrize("flags, expected", [
     ("avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl amx_bf16", "SkylakeX"),
     ("avx avx2 fma", "Haswell"),
     ("avx2 fma avx512f", "Haswell"),       # AVX-512 without BW/DQ/VL (Knights Landing): not SkylakeX's kernels
     ("sse4_2 avx", None),
 ])
-def test_openblas_gets_the_fastest_kernels_the_cpu_runs(monkeypatch, flags, expected):
+def test_openblas_gets_the_fastest_kernels_the_cpu_runs_while_a_library_loads(monkeypatch, no_coretype, flags,
+                                                                               expected):
     fake_cpuinfo(monkeypatch, flags)
-    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
-    cpu.name_openblas_kernels()
-    assert os.environ.get("OPENBLAS_CORETYPE") == expected
+    with cpu.openblas_kernels_named():
+        assert os.environ.get("OPENBLAS_CORETYPE") == expected
+    assert "OPENBLAS_CORETYPE" not in os.environ        # child processes and later libraries choose for themselves
 
 
 def test_a_chosen_coretype_is_kept(monkeypatch):
     fake_cpuinfo(monkeypatch, "avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl")
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")     # bench/slower_kind.py's, or the user's
-    cpu.name_openblas_kernels()
+    with cpu.openblas_kernels_named():
+        assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
     assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
 
 
@@ -50,15 +58,16 @@ def test_faiss_loads_its_openblas_with_the_named_kernels():
     """faiss-cpu's own OpenBLAS (0.3.15) takes a Sapphire Rapids Xeon for an SSE3 CPU when left to itself."""
     pytest.importorskip("faiss")
     pytest.importorskip("threadpoolctl")
-    if not cpu.cpu_flags() >= {"avx2", "fma"}:
+    if cpu.openblas_coretype() is None:
         pytest.skip("a CPU without AVX2: OpenBLAS is left to detect it")
     code = ("import os, threadpoolctl\nfrom reprolib.index import require_faiss\nrequire_faiss()\n"
-            "print(os.environ['OPENBLAS_CORETYPE'], *sorted({p['architecture'] for p in threadpoolctl.threadpool_info()"
-            " if p['internal_api'] == 'openblas' and 'faiss' in p['filepath']}))")
+            "print(*sorted({p['architecture'] for p in threadpoolctl.threadpool_info()"
+            " if p['internal_api'] == 'openblas' and 'faiss' in p['filepath']}), 'OPENBLAS_CORETYPE' in os.environ)")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     said = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    named, *loaded = said.stdout.split()
-    assert loaded in ([], [named])          # [] where this faiss links no OpenBLAS of its own
+    *loaded, still_set = said.stdout.split()
+    assert loaded in ([], [cpu.openblas_coretype()])     # [] where this faiss links no OpenBLAS of its own
+    assert still_set == "False"
 
 
 def test_describe_names_the_speed_flags_and_the_caps_set(monkeypatch):
@@ -67,6 +76,6 @@ def test_describe_names_the_speed_flags_and_the_caps_set(monkeypatch):
     for name in cpu.SIMD_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert cpu.describe() == "Some Xeon (avx2 avx512f amx_bf16)"
-    monkeypatch.setenv("OPENBLAS_CORETYPE", "SkylakeX")             # what name_openblas_kernels sets: no cap
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "SkylakeX")             # not the cap's value
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert cpu.describe() == "Some Xeon (avx2 avx512f amx_bf16), capped: ONEDNN_MAX_CPU_ISA=AVX2"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reprolib.cpu import cpu_flags
+from reprolib import cpu
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
 
@@ -28,25 +28,12 @@ SIDES = ("query", "passage")
 
 
 def native_bf16(device):
-    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
-    AMX (read from /proc/cpuinfo; elsewhere assumed not) whose oneDNN may use them. On an AVX2-only CPU bf16 is
-    emulated, and slower."""
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16 or AMX
+    that oneDNN may use (`reprolib.cpu.native_bf16`). On an AVX2-only CPU bf16 is emulated, and slower."""
     device = torch.device(device)
     if device.type == "cuda":   # Ampere and newer; is_bf16_supported() also counts emulation on older GPUs
         return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type != "cpu":
-        return False
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and _onednn_bf16()
-
-
-def _onednn_bf16():
-    """Whether oneDNN, which runs torch's bf16 matmuls on a CPU, may use AVX-512 code. A process started with
-    ONEDNN_MAX_CPU_ISA=AVX2 (as bench/slower_kind.py starts one, to time the slower kind of machine on a fast one)
-    emulates bf16, about 40 times slower than fp32 (bench/README.md, "The slower kind on a fast machine")."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except AttributeError:   # a torch built without oneDNN: its CPU bf16 is not the native kind either
-        return False
+    return device.type == "cpu" and cpu.native_bf16()
 
 
 # the endings of the config fields that hold a dropout probability (BERT's hidden_dropout_prob, T5's dropout_rate,
