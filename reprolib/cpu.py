@@ -25,14 +25,18 @@ OPENBLAS_CORETYPES = (("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq
                       ("Haswell", {"avx2", "fma"}))
 
 
-def cpu_flags():
-    """The CPU's feature flags as the kernel reports them (avx2, avx512f, amx_bf16, ...); empty where unknown."""
+def _cpuinfo(key):
+    """The value of the first /proc/cpuinfo line that starts with `key` ("flags", "model name"); None where unknown."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "flags :")
-    return set(line.split(":", 1)[1].split())
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), None)
+
+
+def cpu_flags():
+    """The CPU's feature flags as the kernel reports them (avx2, avx512f, amx_bf16, ...); empty where unknown."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def native_bf16():
@@ -46,17 +50,14 @@ def native_bf16():
 
 def describe():
     """The CPU model and its SPEED_FLAGS, with the SIMD_CAPS set in this process (for REPORT.md); None where
-    /proc/cpuinfo is not there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    /proc/cpuinfo does not name the model."""
+    model = _cpuinfo("model name")
+    if model is None:
         return None
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                 "CPU")
     speed = [flag for flag in SPEED_FLAGS if flag in cpu_flags()]
-    line = model + (f" ({' '.join(speed)})" if speed else "")
     capped = [f"{name}={value}" for name, value in SIMD_CAPS.items() if os.environ.get(name) == value]
-    return line + (f", capped: {' '.join(capped)}" if capped else "")
+    return (model + (f" ({' '.join(speed)})" if speed else "")
+            + (f", capped: {' '.join(capped)}" if capped else ""))
 
 
 def openblas_coretype():
