@@ -71,13 +71,18 @@ def seed_list(text):
     return seeds
 
 
+def _parsed(text, cast, expected):
+    """`cast(text)`, or the argparse error saying what was expected."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def positive_int(text):
     """A count that must be at least 1 (--topk, --batch-size, --depth, ...): 0 and negatives are refused, not
     read as "all" or as a Python slice."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    value = _parsed(text, int, "a positive integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -85,10 +90,7 @@ def positive_int(text):
 
 def scale_fraction(text):
     """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _parsed(text, float, "a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return value
@@ -96,10 +98,7 @@ def scale_fraction(text):
 
 def non_negative_float(text):
     """A finite float >= 0 (BM25's k1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _parsed(text, float, "a number")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
