@@ -12,7 +12,10 @@ the separate session jupyter_client gives each kernel.
 jupyter_client launches, signals and kills one process per kernel. Here that process is a small proxy
 (`python -m reprolib.kernels proxy ...`): it asks the zygote for a kernel, forwards interrupts to it and
 exits when it ends. The proxy holds one end of a socket and the kernel the other, so each notices when the
-other is gone. Where the zygote cannot serve (not Linux, or it died), the proxy becomes an ordinary kernel.
+other is gone. The kernel is the zygote's child, not the proxy's, so the proxy asks the zygote how it ended and
+writes a kernel killed by a signal (the out-of-memory killer's SIGKILL) or exiting with an error status to the
+stage's kernel.log, where the pipeline's error message reads it. Where the zygote cannot serve (not Linux, or it
+died), the proxy becomes an ordinary kernel.
 """
 import json
 import os
@@ -41,6 +44,7 @@ def start_zygote():
 
 
 KERNEL_LOG = "kernel.log"   # in the stage folder (the kernel's working directory)
+KERNEL_END = "reprolib: the kernel "   # starts the line the proxy adds to KERNEL_LOG when its kernel dies
 
 
 class Zygote:
@@ -113,12 +117,15 @@ def _serve(socket_path):
             __import__(module)
         except Exception:  # the notebook reports it, where a student can read it
             pass
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # kernels are reaped by the system, not waited for
     while True:
         conn, _ = listener.accept()
         try:
             request = json.loads(conn.makefile("r").readline())
         except ValueError:  # a proxy that died before it asked
+            conn.close()
+            continue
+        if "status_of" in request:  # a kernel has closed its socket: its proxy asks how it ended
+            conn.sendall((json.dumps(_wait_status(request["status_of"])) + "\n").encode())
             conn.close()
             continue
         pid = os.fork()
@@ -129,6 +136,23 @@ def _serve(socket_path):
         conn.close()
 
 
+def _wait_status(pid, timeout_s=5.0):
+    """The wait status of the zygote's child `pid` (which reaps it), or None when it is not known. Its socket
+    has closed, so it is exiting; a kernel whose proxy was killed and never asks stays a zombie until the run
+    ends and the zygote with it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
 def _exit_with_stdin():
     sys.stdin.buffer.read()
     os._exit(0)
@@ -136,7 +160,6 @@ def _exit_with_stdin():
 
 def _run_kernel(conn, request):
     """In the forked child: become the kernel the proxy asked for."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # interrupts (forwarded by the proxy) raise again
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setpgid(0, 0)  # out of the terminal's process group, as jupyter_client's own kernels are
@@ -208,6 +231,37 @@ def _proxy(socket_path, kernel_args):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: _forward(pid, signum))
     while conn.recv(64):  # until the kernel closes its end: it has exited
+        pass
+    _log_kernel_end(pid, _ask_status(socket_path, pid))
+
+
+def _ask_status(socket_path, pid):
+    """How the kernel `pid` ended (a wait status), as the zygote that forked it saw; None if it cannot say."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(socket_path)
+            conn.sendall((json.dumps({"status_of": pid}) + "\n").encode())
+            return json.loads(conn.makefile("r").readline())
+    except (OSError, ValueError):
+        return None
+
+
+def _log_kernel_end(pid, status):
+    """A line in the stage's kernel.log (the proxy runs in the stage folder) for a kernel that did not end well."""
+    if status is None or status == 0:
+        return
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        how = f"was killed by {signal.Signals(signum).name}"
+        if signum == signal.SIGKILL:
+            how += (" (on Linux usually the out-of-memory killer: run fewer stages at once with --jobs, or give the"
+                    " stage a smaller batch_size)")
+    else:
+        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+    try:
+        with open(KERNEL_LOG, "a", encoding="utf-8") as log:
+            log.write(f"{KERNEL_END}(pid {pid}) {how}\n")
+    except OSError:
         pass
 
 

@@ -935,11 +935,15 @@ def _stage_error(sid, error, executed):
     if isinstance(error, PapermillExecutionError):
         return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
     if isinstance(error, (NoSuchKernel, DeadKernelError)) or _died_at_start(error):
-        from reprolib.kernels import KERNEL_LOG
+        from reprolib.kernels import KERNEL_END, KERNEL_LOG
 
         log = Path(executed).parent / KERNEL_LOG
-        see = f"{executed} and {log}" if log.exists() and log.stat().st_size else str(executed)
-        return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {see})")
+        text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+        see = f"{executed} and {log}" if text else str(executed)
+        # how the kernel ended, where its proxy could tell (a signal such as the out-of-memory killer's SIGKILL)
+        ends = [line[len(KERNEL_END):] for line in text.splitlines() if line.startswith(KERNEL_END)]
+        how = f"; the kernel {ends[-1]}" if ends else ""
+        return ReprolibError(f"stage '{sid}' failed: {_describe(error)}{how} (see {see})")
     return error
 
 

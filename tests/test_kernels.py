@@ -120,7 +120,19 @@ def test_a_second_run_in_the_same_process_forks_its_first_stage_too(tmp_path):
 def test_a_kernel_that_dies_fails_its_stage_and_leaves_nothing(tmp_path, token):
     path = write_pipeline(tmp_path, [{"id": "dies", "notebook": "die"}])
 
-    with pytest.raises(ReprolibError, match="stage 'dies' failed"):
+    with pytest.raises(ReprolibError, match=r"stage 'dies' failed: .*; the kernel \(pid \d+\) exited with status 3"):
+        run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
+
+    assert kernel_processes(token=token) == []
+
+
+def test_a_kernel_killed_like_the_out_of_memory_killer_does_is_named_in_the_error(tmp_path, token):
+    """SIGKILL leaves no Python error and no output: only the zygote, the kernel's parent, sees how it ended."""
+    path = write_pipeline(tmp_path, [{"id": "oom", "notebook": "killed"}])
+    make_notebook(tmp_path / "notebooks" / "killed.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+
+    with pytest.raises(ReprolibError, match=r"stage 'oom' failed: .*; the kernel \(pid \d+\) was killed by SIGKILL "
+                                            r"\(on Linux usually the out-of-memory killer: .*--jobs.*batch_size\)"):
         run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
 
     assert kernel_processes(token=token) == []
