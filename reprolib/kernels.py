@@ -44,7 +44,7 @@ def start_zygote():
 
 
 KERNEL_LOG = "kernel.log"   # in the stage folder (the kernel's working directory)
-KERNEL_END = "reprolib: the kernel "   # starts the line the proxy adds to KERNEL_LOG when its kernel dies
+KERNEL_END_PREFIX = "reprolib: the kernel "   # starts the line the proxy adds to KERNEL_LOG when its kernel dies
 
 
 class Zygote:
@@ -125,18 +125,25 @@ def _serve(socket_path):
             conn.close()
             continue
         if "status_of" in request:  # a kernel has closed its socket: its proxy asks how it ended
-            conn.sendall((json.dumps(_wait_status(request["status_of"])) + "\n").encode())
-            conn.close()
+            _reply(conn, json.dumps(_wait_status(request["status_of"])))
             continue
         pid = os.fork()
         if pid == 0:
             listener.close()
             _run_kernel(conn, request)  # never returns
-        conn.sendall(f"{pid}\n".encode())
-        conn.close()
+        _reply(conn, str(pid))
 
 
-def _wait_status(pid, timeout_s=5.0):
+def _reply(conn, line):
+    """Answer a proxy; one killed meanwhile (jupyter_client's hard shutdown) must not end the zygote."""
+    try:
+        conn.sendall(f"{line}\n".encode())
+    except OSError:
+        pass
+    conn.close()
+
+
+def _wait_status(pid, timeout_s=1.0):
     """The wait status of the zygote's child `pid` (which reaps it), or None when it is not known. Its socket
     has closed, so it is exiting; a kernel whose proxy was killed and never asks stays a zombie until the run
     ends and the zygote with it."""
@@ -252,15 +259,15 @@ def _log_kernel_end(pid, status):
         return
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        how = f"was killed by {signal.Signals(signum).name}"
-        if signum == signal.SIGKILL:
-            how += (" (on Linux usually the out-of-memory killer: run fewer stages at once with --jobs, or give the"
-                    " stage a smaller batch_size)")
+        try:
+            how = f"was killed by {signal.Signals(signum).name}"
+        except ValueError:  # a real-time signal has no name
+            how = f"was killed by signal {signum}"
     else:
         how = f"exited with status {os.waitstatus_to_exitcode(status)}"
     try:
         with open(KERNEL_LOG, "a", encoding="utf-8") as log:
-            log.write(f"{KERNEL_END}(pid {pid}) {how}\n")
+            log.write(f"{KERNEL_END_PREFIX}(pid {pid}) {how}\n")
     except OSError:
         pass
 

@@ -31,7 +31,7 @@ import yaml
 from reprolib import report
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
-from reprolib.kernels import start_zygote
+from reprolib.kernels import KERNEL_END_PREFIX, KERNEL_LOG, start_zygote
 
 MANIFEST = "manifest.json"
 INTERRUPTED = "not run: the run was interrupted"   # the manifest's error for stages a Ctrl-C or kill kept from running
@@ -869,13 +869,16 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
     manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
                                     kernels if kernels is not None else [], abort)
+    kernel_log = Path(stage_dir) / KERNEL_LOG
     for attempt in range(1, KERNEL_START_TRIES + 1):
+        log_start = kernel_log.stat().st_size if kernel_log.exists() else 0   # a rerun appends to the last one's
         try:
             papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params,
                                        kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(),
                                        kernel_manager_class=manager)
             return
-        except RuntimeError as e:
+        except RuntimeError as e:  # also nbclient's DeadKernelError
+            e.kernel_end = _kernel_end(kernel_log, log_start)
             # No cell has run, so starting again is safe. The usual cause is a race on the kernel's TCP ports:
             # jupyter_client picks free ones and closes them, and before the new kernel binds them another
             # connection (a stage beside it, any process on the machine) may take one.
@@ -886,6 +889,19 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
 
 
 KERNEL_START_TRIES = 3
+
+
+def _kernel_end(kernel_log, start):
+    """How this attempt's kernel died, where its proxy could tell (reprolib.kernels writes it to kernel.log):
+    "(pid N) was killed by SIGKILL", ...; None otherwise."""
+    try:
+        with open(kernel_log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    ends = [line[len(KERNEL_END_PREFIX):] for line in text.splitlines() if line.startswith(KERNEL_END_PREFIX)]
+    return ends[-1] if ends else None
 
 
 def _died_at_start(error):
@@ -922,7 +938,14 @@ def _describe(error):
         evalue = " ".join(str(error.evalue).split())
         return f"cell {cell}: {error.ename}: {evalue}" if evalue else f"cell {cell}: {error.ename}"
     message = " ".join(str(error).split())
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    described = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    end = getattr(error, "kernel_end", None)
+    if end:
+        described += f"; the kernel {end}"
+        if end.endswith("killed by SIGKILL"):
+            described += (" (on Linux usually the out-of-memory killer: run fewer stages at once with --jobs, or give"
+                          " the stage a smaller batch_size)")
+    return described
 
 
 def _stage_error(sid, error, executed):
@@ -935,15 +958,9 @@ def _stage_error(sid, error, executed):
     if isinstance(error, PapermillExecutionError):
         return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
     if isinstance(error, (NoSuchKernel, DeadKernelError)) or _died_at_start(error):
-        from reprolib.kernels import KERNEL_END, KERNEL_LOG
-
         log = Path(executed).parent / KERNEL_LOG
-        text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-        see = f"{executed} and {log}" if text else str(executed)
-        # how the kernel ended, where its proxy could tell (a signal such as the out-of-memory killer's SIGKILL)
-        ends = [line[len(KERNEL_END):] for line in text.splitlines() if line.startswith(KERNEL_END)]
-        how = f"; the kernel {ends[-1]}" if ends else ""
-        return ReprolibError(f"stage '{sid}' failed: {_describe(error)}{how} (see {see})")
+        see = f"{executed} and {log}" if log.exists() and log.stat().st_size else str(executed)
+        return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {see})")
     return error
 
 

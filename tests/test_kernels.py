@@ -134,7 +134,15 @@ def test_a_kernel_killed_like_the_out_of_memory_killer_does_is_named_in_the_erro
     with pytest.raises(ReprolibError, match=r"stage 'oom' failed: .*; the kernel \(pid \d+\) was killed by SIGKILL "
                                             r"\(on Linux usually the out-of-memory killer: .*--jobs.*batch_size\)"):
         run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
+    manifest = json.loads((tmp_path / "outputs" / "k" / "manifest.json").read_text())
+    assert "was killed by SIGKILL" in manifest["stages"]["oom"]["error"]   # REPORT.md's stage table shows it too
 
+    # The rerun dies otherwise (a status the proxy cannot see): the first death's line, still in the appended
+    # kernel.log, is not reported as the cause.
+    make_notebook(tmp_path / "notebooks" / "killed.ipynb", "import os\nos._exit(0)")
+    with pytest.raises(ReprolibError, match="stage 'oom' failed") as failed:
+        run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
+    assert "SIGKILL" not in str(failed.value)
     assert kernel_processes(token=token) == []
 
 
