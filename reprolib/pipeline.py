@@ -885,7 +885,9 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
             if not _died_at_start(e) or (abort is not None and abort.is_set()):
                 raise
             if attempt == KERNEL_START_TRIES:
-                raise RuntimeError(f"{e} ({KERNEL_START_TRIES} tries)") from e
+                last = RuntimeError(f"{e} ({KERNEL_START_TRIES} tries)")
+                last.kernel_end = e.kernel_end
+                raise last from e
 
 
 KERNEL_START_TRIES = 3
@@ -900,7 +902,8 @@ def _kernel_end(kernel_log, start):
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    ends = [line[len(KERNEL_END_PREFIX):] for line in text.splitlines() if line.startswith(KERNEL_END_PREFIX)]
+    # the kernel may have died mid-line, leaving the proxy's line glued to its last output
+    ends = [line.rsplit(KERNEL_END_PREFIX, 1)[1] for line in text.splitlines() if KERNEL_END_PREFIX in line]
     return ends[-1] if ends else None
 
 
@@ -942,7 +945,7 @@ def _describe(error):
     end = getattr(error, "kernel_end", None)
     if end:
         described += f"; the kernel {end}"
-        if end.endswith("killed by SIGKILL"):
+        if end.endswith("killed by SIGKILL"):   # reprolib.kernels._log_kernel_end's wording
             described += (" (on Linux usually the out-of-memory killer: run fewer stages at once with --jobs, or give"
                           " the stage a smaller batch_size)")
     return described

@@ -135,7 +135,7 @@ def test_a_kernel_killed_like_the_out_of_memory_killer_does_is_named_in_the_erro
                                             r"\(on Linux usually the out-of-memory killer: .*--jobs.*batch_size\)"):
         run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
     manifest = json.loads((tmp_path / "outputs" / "k" / "manifest.json").read_text())
-    assert "was killed by SIGKILL" in manifest["stages"]["oom"]["error"]   # REPORT.md's stage table shows it too
+    assert "was killed by SIGKILL" in manifest["stages"]["oom"]["error"]   # what REPORT.md and `--status` show
 
     # The rerun dies otherwise (a status the proxy cannot see): the first death's line, still in the appended
     # kernel.log, is not reported as the cause.
@@ -232,3 +232,23 @@ def test_kill_stops_a_run_as_ctrl_c_does(tmp_path, token, jobs, group):
     while kernel_processes(token=token) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert kernel_processes(token=token) == []
+
+
+def test_a_kernel_that_never_starts_keeps_how_it_died_after_the_last_try(tmp_path, monkeypatch):
+    """The tries' own error replaces the last kernel's: it must still say how that kernel ended."""
+    from types import SimpleNamespace
+
+    import papermill
+
+    from reprolib import pipeline
+
+    def dies(*args, **kwargs):
+        with open(tmp_path / kernels.KERNEL_LOG, "a") as log:
+            log.write(f"{kernels.KERNEL_END_PREFIX}(pid 7) exited with status 1\n")
+        raise RuntimeError("Kernel died before replying to kernel_info")
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies)
+    stage = SimpleNamespace(notebook=tmp_path / "nb.ipynb", kernel="python3")
+    with pytest.raises(RuntimeError, match=r"\(3 tries\)") as died:
+        pipeline._execute(stage, tmp_path / "out.ipynb", {}, tmp_path)
+    assert pipeline._describe(died.value).endswith("(3 tries); the kernel (pid 7) exited with status 1")
