@@ -257,19 +257,24 @@ def _log_kernel_end(pid, status):
     """A line in the stage's kernel.log (the proxy runs in the stage folder) for a kernel that did not end well."""
     if status is None or status == 0:
         return
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        try:
-            how = f"was killed by {signal.Signals(signum).name}"
-        except ValueError:  # a real-time signal has no name
-            how = f"was killed by signal {signum}"
-    else:
-        how = f"exited with status {os.waitstatus_to_exitcode(status)}"
     try:
         with open(KERNEL_LOG, "a", encoding="utf-8") as log:
-            log.write(f"{KERNEL_END_PREFIX}(pid {pid}) {how}\n")
+            log.write(f"{KERNEL_END_PREFIX}{describe_end(pid, os.waitstatus_to_exitcode(status))}\n")
     except OSError:
         pass
+
+
+def describe_end(pid, code):
+    """How a kernel process ended, from its exit code as subprocess gives it (-N: killed by signal N):
+    "(pid 12) was killed by SIGKILL", "(pid 12) exited with status 3"."""
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal has no name
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with status {code}"
+    return f"(pid {pid}) {how}"
 
 
 def _forward(pid, signum):

@@ -31,7 +31,7 @@ import yaml
 from reprolib import report
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write
-from reprolib.kernels import KERNEL_END_PREFIX, KERNEL_LOG, start_zygote
+from reprolib.kernels import KERNEL_END_PREFIX, KERNEL_LOG, describe_end, start_zygote
 
 MANIFEST = "manifest.json"
 INTERRUPTED = "not run: the run was interrupted"   # the manifest's error for stages a Ctrl-C or kill kept from running
@@ -867,18 +867,20 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
     from reprolib.progress import STAGE_ENVIRONMENT
 
     # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
+    processes = []   # the processes this stage's kernel managers started, newest last
     manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
-                                    kernels if kernels is not None else [], abort)
+                                    kernels if kernels is not None else [], processes, abort)
     kernel_log = Path(stage_dir) / KERNEL_LOG
     for attempt in range(1, KERNEL_START_TRIES + 1):
         log_start = kernel_log.stat().st_size if kernel_log.exists() else 0   # a rerun appends to the last one's
+        started = len(processes)
         try:
             papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params,
                                        kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(),
                                        kernel_manager_class=manager)
             return
         except RuntimeError as e:  # also nbclient's DeadKernelError
-            e.kernel_end = _kernel_end(kernel_log, log_start)
+            e.kernel_end = _kernel_end(kernel_log, log_start) or _process_end(processes[started:])
             # No cell has run, so starting again is safe. The usual cause is a race on the kernel's TCP ports:
             # jupyter_client picks free ones and closes them, and before the new kernel binds them another
             # connection (a stage beside it, any process on the machine) may take one.
@@ -907,15 +909,24 @@ def _kernel_end(kernel_log, start):
     return ends[-1] if ends else None
 
 
+def _process_end(processes):
+    """How the last of `processes` (subprocess.Popen) ended, if it did not end well; None otherwise. This is
+    the kernel itself where no zygote forks kernels (REPROLIB_FORK_KERNELS=0, not Linux); with a zygote it is
+    the proxy, which exits 0 once it has written how its kernel ended to kernel.log."""
+    code = processes[-1].poll() if processes else None
+    return describe_end(processes[-1].pid, code) if code else None
+
+
 def _died_at_start(error):
     """jupyter_client's error for a kernel that exited before it answered its first request."""
     return isinstance(error, RuntimeError) and "before replying to kernel_info" in str(error)
 
 
-def _stage_kernel_manager(zygote, stage_dir, env, kernels, abort=None):
+def _stage_kernel_manager(zygote, stage_dir, env, kernels, processes, abort=None):
     """The kernel manager class of one stage: the zygote's (forked kernels) or jupyter_client's. It starts its
     kernel in `stage_dir` with `env` added to this process's environment, and neither is set in this process
-    (papermill's own `cwd` would chdir it): stages may run in parallel threads."""
+    (papermill's own `cwd` would chdir it): stages may run in parallel threads. Each manager is appended to
+    `kernels` and the process it launched to `processes` (kept past jupyter_client's cleanup, for its exit code)."""
     if zygote:
         base = zygote.kernel_manager_class
     else:
@@ -927,7 +938,10 @@ def _stage_kernel_manager(zygote, stage_dir, env, kernels, abort=None):
                 raise KeyboardInterrupt
             kw.update(cwd=str(stage_dir), env={**kw.get("env", os.environ), **env})
             kernels.append(self)
-            return await super().start_kernel(**kw)
+            await super().start_kernel(**kw)
+            process = getattr(self.provisioner, "process", None)   # a LocalProvisioner's subprocess.Popen
+            if process is not None:
+                processes.append(process)
 
     return StageKernelManager
 

@@ -252,3 +252,14 @@ def test_a_kernel_that_never_starts_keeps_how_it_died_after_the_last_try(tmp_pat
     with pytest.raises(RuntimeError, match=r"\(3 tries\)") as died:
         pipeline._execute(stage, tmp_path / "out.ipynb", {}, tmp_path)
     assert pipeline._describe(died.value).endswith("(3 tries); the kernel (pid 7) exited with status 1")
+
+
+@pytest.mark.parametrize("notebook, cause", [("die", r"exited with status 3"), ("killed", r"was killed by SIGKILL")])
+def test_without_forked_kernels_how_the_kernel_ended_is_named_too(tmp_path, monkeypatch, notebook, cause):
+    """No zygote, no proxy: the kernel is jupyter_client's own child process, and its exit code says how it ended."""
+    monkeypatch.setenv("REPROLIB_FORK_KERNELS", "0")
+    path = write_pipeline(tmp_path, [{"id": "ends", "notebook": notebook}])
+    make_notebook(tmp_path / "notebooks" / "killed.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+
+    with pytest.raises(ReprolibError, match=rf"stage 'ends' failed: .*; the kernel \(pid \d+\) {cause}"):
+        run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
