@@ -880,7 +880,9 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
                                        kernel_manager_class=manager)
             return
         except RuntimeError as e:  # also nbclient's DeadKernelError
-            e.kernel_end = _kernel_end(kernel_log, log_start) or _process_end(processes[started:])
+            e.kernel_end = _kernel_end(kernel_log, log_start)
+            if e.kernel_end is None and _died_by_itself(e):
+                e.kernel_end = _process_end(processes[started:])
             # No cell has run, so starting again is safe. The usual cause is a race on the kernel's TCP ports:
             # jupyter_client picks free ones and closes them, and before the new kernel binds them another
             # connection (a stage beside it, any process on the machine) may take one.
@@ -911,10 +913,18 @@ def _kernel_end(kernel_log, start):
 
 def _process_end(processes):
     """How the last of `processes` (subprocess.Popen) ended, if it did not end well; None otherwise. This is
-    the kernel itself where no zygote forks kernels (REPROLIB_FORK_KERNELS=0, not Linux); with a zygote it is
-    the proxy, which exits 0 once it has written how its kernel ended to kernel.log."""
+    the kernel's own process, unless its kernelspec went through reprolib.kernels' proxy (which exits 0 once
+    it has written how the forked kernel ended to kernel.log)."""
     code = processes[-1].poll() if processes else None
     return describe_end(processes[-1].pid, code) if code else None
+
+
+def _died_by_itself(error):
+    """The kernel was dead when nbclient noticed: jupyter_client stopped nothing (after a start timeout it
+    stops a live kernel with SIGINT, SIGTERM, then SIGKILL, which must not read as the cause)."""
+    from nbclient.exceptions import DeadKernelError
+
+    return isinstance(error, DeadKernelError) or _died_at_start(error)
 
 
 def _died_at_start(error):
@@ -959,7 +969,7 @@ def _describe(error):
     end = getattr(error, "kernel_end", None)
     if end:
         described += f"; the kernel {end}"
-        if end.endswith("killed by SIGKILL"):   # reprolib.kernels._log_kernel_end's wording
+        if end.endswith("killed by SIGKILL"):   # reprolib.kernels.describe_end's wording
             described += (" (on Linux usually the out-of-memory killer: run fewer stages at once with --jobs, or give"
                           " the stage a smaller batch_size)")
     return described

@@ -263,3 +263,25 @@ def test_without_forked_kernels_how_the_kernel_ended_is_named_too(tmp_path, monk
 
     with pytest.raises(ReprolibError, match=rf"stage 'ends' failed: .*; the kernel \(pid \d+\) {cause}"):
         run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
+
+
+@pytest.mark.parametrize("error, named", [("DeadKernelError", True), ("Kernel didn't respond in 60 seconds", False)])
+def test_a_kernel_that_jupyter_client_stopped_itself_is_not_named_as_the_cause(tmp_path, monkeypatch, error, named):
+    """After a start timeout jupyter_client stops the live kernel (SIGINT, SIGTERM, SIGKILL): its exit code then
+    tells what jupyter_client did, not why the stage failed."""
+    from types import SimpleNamespace
+
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+
+    from reprolib import pipeline
+
+    def fails(*args, **kwargs):
+        raise DeadKernelError("Kernel died") if error == "DeadKernelError" else RuntimeError(error)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fails)
+    monkeypatch.setattr(pipeline, "_process_end", lambda processes: "(pid 7) was killed by SIGKILL")
+    stage = SimpleNamespace(notebook=tmp_path / "nb.ipynb", kernel="python3")
+    with pytest.raises(RuntimeError) as failed:
+        pipeline._execute(stage, tmp_path / "out.ipynb", {}, tmp_path)
+    assert ("the kernel (pid 7) was killed by SIGKILL" in pipeline._describe(failed.value)) == named
