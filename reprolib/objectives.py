@@ -223,7 +223,7 @@ class CrossEncoderObjective(Contrastive):
         from reprolib.modeling.cross_encoder import CrossEncoder
 
         model = CrossEncoder.from_pretrained(_init_model(config, corpus), max_len=config.passage_max_len,
-                                             dropout=config.dropout)
+                                             dropout=config.dropout, exact_match=config.exact_match)
         return cls(config, model, load_groups(config, model.sep_token))
 
     def loss(self, model, items, device):

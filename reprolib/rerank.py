@@ -149,7 +149,8 @@ def _request_digest(cross_encoder, pairs, template):
     """(digest of the model, template and pairs, number of pairs): one pass over `pairs`."""
     from reprolib.index import model_fingerprint
 
-    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}\n".encode())
+    match = "|exact_match" if getattr(cross_encoder, "exact_match", False) else ""   # the same weights score otherwise
+    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}{match}|{template}\n".encode())
     total = 0
     for qid, pids in pairs:
         digest.update(f"{qid}\t{','.join(pids)}\n".encode())

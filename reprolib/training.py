@@ -88,6 +88,8 @@ class TrainConfig:
     contrastive_weight: float = 1.0       # RetroMAE 1e-4, LexMAE stage 3 0.2, Disentangled Margin-MSE 0
     # cross-encoder
     cross_encoder_loss: str = "listwise"  # listwise (CE over the group) | bce
+    exact_match: bool | None = None       # DrQA's exact-match feature in the token types (modeling.cross_encoder);
+                                          # None: the saved cross-encoder's own setting (a new one: off)
     # sparse (LexMAE fine-tuning: λ_d 0.002 stage 1, 0.008 stage 2; λ_q = 0.75 λ_d)
     flops_passage_weight: float = 0.002
     flops_query_weight: float | None = None   # default 0.75 x flops_passage_weight
@@ -231,6 +233,8 @@ class TrainConfig:
                                 f"not {self.without_negatives!r}")
         if self.cross_encoder_loss not in ("listwise", "bce"):
             raise ReprolibError(f"{source}: cross_encoder_loss must be listwise or bce, not {self.cross_encoder_loss!r}")
+        if self.exact_match and self.objective != "cross_encoder":
+            raise ReprolibError(f"{source}: exact_match is a cross-encoder's input feature, not the {self.objective} objective's")
         if self.schedule not in SCHEDULES:
             raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
@@ -251,7 +255,8 @@ class TrainConfig:
 
 
 # options added after runs were trained, with their unset values: unset, they are left out of `digest`
-ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None}
+ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None,
+               "exact_match": None}
 
 
 # ---------------------------------------------------------------------------- setup

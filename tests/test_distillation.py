@@ -199,6 +199,47 @@ def test_cross_encoder_head_stays_float32_under_bf16_autocast(cross_encoder_dir)
     assert any(float(torch.tensor(s).bfloat16().float()) != s for s in half)
 
 
+def test_exact_match_marks_the_pieces_the_two_texts_share(cross_encoder_dir):
+    from reprolib.modeling import CrossEncoder
+
+    plain = CrossEncoder.from_pretrained(cross_encoder_dir / "model")
+    matched = CrossEncoder.from_pretrained(cross_encoder_dir / "model", exact_match=True)
+    batch = matched.tokenize([("the red river", "a red city on the river"), ("blue", "no match here")], "passage")
+    tokens = [matched.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"]]
+    types = {(tok, int(t)) for tok, t in zip(tokens[0], batch["token_type_ids"][0]) if tok != "[PAD]"}
+    assert types == {("[CLS]", 0), ("the", 2), ("red", 2), ("river", 2), ("[SEP]", 0),
+                     ("a", 1), ("red", 3), ("city", 1), ("on", 1), ("the", 3), ("river", 3), ("[SEP]", 1)}
+    assert int(batch["token_type_ids"][1].max()) == 1            # nothing shared, padding and specials never match
+    assert matched.embed(batch).shape == (2,)                      # embed recomputes the same types (idempotent)
+    # the new type rows start as copies of the old ones: the model scores as before until it is trained
+    pairs = [("the red river", "a red city on the river"), ("a query", "a passage about it")]
+    np.testing.assert_allclose(matched.score(pairs), plain.score(pairs), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_match_is_trained_saved_and_checked(synthetic_dir, tmp_path):
+    from reprolib.modeling import CrossEncoder
+    from reprolib.modeling.cross_encoder import _add_match_types
+
+    config = _config(synthetic_dir, tmp_path, objective="cross_encoder", pooling=None, normalize=None,
+                     passage_max_len=64, max_steps=2, exact_match=True)
+    train(config, log=lambda *_: None)
+    from transformers import AutoModel
+
+    model = CrossEncoder.from_pretrained(tmp_path / "model")        # exact_match read from the saved config
+    assert model.exact_match and model.model.config.type_vocab_size == 4
+    rows = model.model.base_model.embeddings.token_type_embeddings.weight
+    start = AutoModel.from_pretrained(tmp_path / "init").embeddings.token_type_embeddings.weight
+    # the match rows began as copies of the segment rows; without weight decay only their gradient moves them
+    assert not torch.equal(rows[2:], start)
+    assert not CrossEncoder.from_pretrained(tmp_path / "model", exact_match=False).exact_match   # an explicit override
+    with pytest.raises(ReprolibError, match="exact_match is a cross-encoder's input feature"):
+        TrainConfig(model="m", out_dir="o", train_data="d", exact_match=True).check()
+    no_types = torch.nn.Module()
+    no_types.base_model = torch.nn.Module()
+    with pytest.raises(ReprolibError, match="exact_match needs a BERT-style model"):
+        _add_match_types(no_types)
+
+
 def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_corpus, synthetic_dir, tmp_path):
     from reprolib.data.layout import load_queries
     from reprolib.modeling import CrossEncoder

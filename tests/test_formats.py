@@ -3,8 +3,8 @@ import gzip
 
 import pytest
 
-from reprolib.data.formats import (iter_run, read_negatives, read_qrels, read_queries, read_run, write_negatives, write_qrels,
-                                   write_queries, write_run)
+from reprolib.data.formats import (iter_run, read_hits, read_negatives, read_qrels, read_queries, read_run, write_negatives,
+                                   write_qrels, write_queries, write_run)
 from reprolib.errors import DataError, ReprolibError
 
 
@@ -198,6 +198,19 @@ def test_negatives_duplicate_query(tmp_path):
 def test_run_read(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 bm25\n1 Q0 11 2 1.0 bm25\n2\tQ0\t10\t1\t-0.5\tx\n")
     assert read_run(path) == {"1": {"10": 2.5, "11": 1.0}, "2": {"10": -0.5}}
+
+
+def test_hits_read_from_a_run_or_a_teacher_scores_file(tmp_path):
+    """A cross-encoder's scored training pairs fuse like a run (notebook 41)."""
+    run = write_bytes(tmp_path / "run.trec", "1 Q0 10 1 2.5 ce\n1 Q0 11 2 1.0 ce\n")
+    scores = write_bytes(tmp_path / "teacher_scores.tsv", "1\t10\t2.5\n1\t11\t1\n")
+    assert read_hits(run) == read_hits(scores) == {"1": {"10": 2.5, "11": 1.0}}
+    assert read_hits([run]) == read_run(run)
+    commented = write_bytes(tmp_path / "commented.trec", "# bm25 run\n1 Q0 10 1 2.5 ce\n")
+    assert read_hits(commented) == {"1": {"10": 2.5}}
+    bad = write_bytes(tmp_path / "bad.tsv", "1\t10\t2.5\n1 Q0 11 2 1.0 ce\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected 3 fields"):
+        read_hits(bad)
 
 
 def test_run_read_folds(tmp_path):

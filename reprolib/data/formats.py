@@ -241,6 +241,18 @@ def read_run(path):
     return run
 
 
+def read_hits(path):
+    """{qid: {pid: score}} of a TREC run or of a teacher-scores file (`qid pid score`, notebook 60's scored training
+    pairs), told apart by the first line; a list of paths is `read_run`'s union of disjoint runs."""
+    if isinstance(path, (list, tuple)):
+        return read_run(path)
+    path = Path(path)
+    if path.name.endswith((".pkl", ".pkl.gz")):
+        return read_scores(path)
+    first = next((line for _, line in iter_lines(path) if not line.lstrip().startswith("#")), "").split()
+    return read_scores(path) if len(first) == 3 else read_run(path)
+
+
 class NotGrouped(DataError):
     """A file read query by query lists some query's lines apart; read it whole instead."""
 
