@@ -452,7 +452,7 @@ def test_a_new_run_does_not_take_an_earlier_runs_best(synthetic_dir, tmp_path, m
 
 
 @pytest.mark.parametrize("option", [{"dropout": 0.0}, {"bottleneck_layer_norm": True}, {"nsp_loss_weight": 1.0},
-                                    {"encoder_learning_rate": 0.0}])
+                                    {"encoder_learning_rate": 0.0}, {"exact_match": True}])
 def test_options_added_later_change_the_digest_only_when_set(synthetic_dir, tmp_path, option):
     """Unset, an option added later leaves the digest as it was before the option existed: a run trained then is
     not trained again."""
@@ -462,7 +462,7 @@ def test_options_added_later_change_the_digest_only_when_set(synthetic_dir, tmp_
     assert _config(synthetic_dir, tmp_path / "run", **option).digest() != base.digest()
     old = dataclasses.asdict(base)
     for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress", "dropout",
-                "bottleneck_layer_norm", "nsp_loss_weight", "encoder_learning_rate"):
+                "bottleneck_layer_norm", "nsp_loss_weight", "encoder_learning_rate", "exact_match"):
         old.pop(key)
     assert base.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     with pytest.raises(ReprolibError, match="dropout must be in"):
