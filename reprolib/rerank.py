@@ -7,6 +7,7 @@ appended to `<out>.partial`, a rerun continues from there, and the file is renam
 `score_pairs` scores in memory (reranking).
 """
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -146,11 +147,12 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
 
 
 def _request_digest(cross_encoder, pairs, template):
-    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`."""
+    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`. The model is its weights
+    and its settings (`config_dict`: the pair's max_len, exact_match), for the same weights score otherwise."""
     from reprolib.index import model_fingerprint
 
-    match = "|exact_match" if getattr(cross_encoder, "exact_match", False) else ""   # the same weights score otherwise
-    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}{match}|{template}\n".encode())
+    settings = json.dumps(cross_encoder.config_dict(), sort_keys=True)
+    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{settings}|{template}\n".encode())
     total = 0
     for qid, pids in pairs:
         digest.update(f"{qid}\t{','.join(pids)}\n".encode())
