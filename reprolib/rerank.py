@@ -89,8 +89,8 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
 
     Chunks of `queries_per_chunk` queries are appended to `<out_path>.partial` as they are scored; a rerun skips
     the queries found there (less the last, which a crash may have cut short), and the finished file replaces
-    `out_path` at the end. `<out_path>.request` records what the scores are of (the model's weights, the pairs,
-    the template): an output or partial file of another request is scored afresh, never returned as this one.
+    `out_path` at the end. `<out_path>.request` records what the scores are of (the model's weights and settings,
+    the pairs, the template): an output or partial file of another request is scored afresh, never returned as this one.
     """
     from reprolib.progress import tqdm
 
