@@ -105,8 +105,9 @@ def _valid_shard(path, rows, dtype, dim, finite=True):
 
 
 def model_fingerprint(encoder):
-    """A digest of the encoder's weights: an index is bound to the model that wrote it (None for an encoder
-    that is not a torch module)."""
+    """A digest of the encoder's weights and settings (its `config_dict`: pooling, max lengths, ...), for the same
+    weights encode or score otherwise under other settings: an index, or a file of scores, is bound to the model
+    that wrote it (None for an encoder that is not a torch module)."""
     import torch
 
     if not isinstance(encoder, torch.nn.Module):
@@ -115,6 +116,8 @@ def model_fingerprint(encoder):
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if hasattr(encoder, "config_dict"):
+        digest.update(json.dumps(encoder.config_dict(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -156,6 +159,7 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
     meta = {"kind": kind, "num_passages": num_passages, "dim": None, "dtype": dtype, "shard_size": shard_size,
             "num_shards": num_shards, "corpus_store": str(store) if store is not None else None,
             "corpus_fingerprint": getattr(corpus, "fingerprint", None), "model_fingerprint": model_fingerprint(encoder),
+            "passage_max_len": max_length or getattr(encoder, "passage_max_len", None),
             "template": _template_name(template), "complete": False}
 
     meta_path = out_dir / INDEX_FILE
@@ -165,8 +169,8 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
-        changed = [what for key, what in (("corpus_fingerprint", "corpus"), ("model_fingerprint", "model"))
-                   if old.get(key) != meta[key]]
+        changed = [what for key, what in (("corpus_fingerprint", "corpus"), ("model_fingerprint", "model"),
+                                          ("passage_max_len", "passage max length")) if old.get(key) != meta[key]]
         if changed:   # same shape, other content: the old shards would pass every check and be wrong
             logger.warning("%s: the %s changed since its shards were written; encoding every shard again",
                            out_dir, " and the ".join(changed))

@@ -7,7 +7,6 @@ appended to `<out>.partial`, a rerun continues from there, and the file is renam
 `score_pairs` scores in memory (reranking).
 """
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -147,12 +146,11 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
 
 
 def _request_digest(cross_encoder, pairs, template):
-    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`. The model is its weights
-    and its settings (`config_dict`: the pair's max_len, exact_match), for the same weights score otherwise."""
+    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`. The model's fingerprint
+    covers its settings (the pair's max_len, exact_match) beside its weights."""
     from reprolib.index import model_fingerprint
 
-    settings = json.dumps(cross_encoder.config_dict(), sort_keys=True)
-    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{settings}|{template}\n".encode())
+    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}\n".encode())
     total = 0
     for qid, pids in pairs:
         digest.update(f"{qid}\t{','.join(pids)}\n".encode())
