@@ -89,7 +89,8 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
     Chunks of `queries_per_chunk` queries are appended to `<out_path>.partial` as they are scored; a rerun skips
     the queries found there (less the last, which a crash may have cut short), and the finished file replaces
     `out_path` at the end. `<out_path>.request` records what the scores are of (the model's weights and settings,
-    the pairs, the template): an output or partial file of another request is scored afresh, never returned as this one.
+    the pairs and their query texts, the corpus, the template): an output or partial file of another request is
+    scored afresh, never returned as this one.
     """
     from reprolib.progress import tqdm
 
@@ -99,7 +100,7 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
     out_path = Path(out_path)
     partial = out_path.with_name(out_path.name + ".partial")
     request_path = out_path.with_name(out_path.name + ".request")
-    request, total = _request_digest(cross_encoder, pairs, template)
+    request, total = _request_digest(cross_encoder, pairs, template, corpus, queries)
     recorded = request_path.read_text().strip() if request_path.exists() else None
     if recorded == request and out_path.exists():
         return _count_scores(out_path)
@@ -145,15 +146,16 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
                        progress=progress)
 
 
-def _request_digest(cross_encoder, pairs, template):
-    """(digest of the model, template and pairs, number of pairs): one pass over `pairs`. The model's fingerprint
-    covers its settings (the pair's max_len, exact_match) beside its weights."""
+def _request_digest(cross_encoder, pairs, template, corpus, queries):
+    """(digest of the model, template, corpus and pairs with their query texts, number of pairs): one pass over
+    `pairs`. The model's fingerprint covers its settings (the pair's max_len, exact_match) beside its weights."""
     from reprolib.index import model_fingerprint
 
-    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}\n".encode())
+    corpus_fingerprint = getattr(corpus, "fingerprint", None)
+    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}|{corpus_fingerprint}\n".encode())
     total = 0
     for qid, pids in pairs:
-        digest.update(f"{qid}\t{','.join(pids)}\n".encode())
+        digest.update(f"{qid}\t{queries.get(qid)}\t{','.join(pids)}\n".encode())
         total += len(pids)
     return digest.hexdigest()[:16], total
 

@@ -13,9 +13,9 @@ its own `batch_size` examples of a global batch; with `cross_device` the passage
 every process are negatives for every query.
 
 Resume: every `save_steps` the optimizer, schedule, model and RNG states are saved under
-checkpoints/step-N. A re-run with the same config continues from the newest one, with the same
-data order: an epoch's example order and each example (its group, its masks) depend only on
-(seed, epoch, index).
+checkpoints/step-N. A re-run with the same config, input files and processes (`run_digest`) continues from the
+newest one, with the same data order: an epoch's example order and each example (its group, its masks) depend only
+on (seed, epoch, index).
 """
 from __future__ import annotations
 
@@ -244,7 +244,8 @@ class TrainConfig:
                 raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
 
     def digest(self):
-        """Hash of everything that changes the trained weights (not logging or progress options)."""
+        """Hash of the options that change the trained weights (not logging or progress options); `run_digest` adds
+        the input files and the number of processes."""
         data = dataclasses.asdict(self)
         for key in ("out_dir", "save_steps", "save_total_limit", "log_steps", "tensorboard", "progress"):
             data.pop(key)
@@ -257,6 +258,33 @@ class TrainConfig:
 # options added after runs were trained, with their unset values: unset, they are left out of `digest`
 ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None,
                "exact_match": None}
+INPUTS = ("model", "train_data", "corpus", "negatives", "teacher_scores", "eval_data", "eval_candidates")
+
+
+def run_digest(config, world):
+    """What a trained model in out_dir is of: the config, the number of processes (the global batch and the
+    cross-device negatives depend on it) and the files the config names, by size and modification time. A teacher
+    rescored, or negatives mined again, into the same path is a new training, not a finished one to skip or a
+    checkpoint to resume."""
+    out_dir, files = Path(config.out_dir).resolve(), []
+    for key in INPUTS:
+        for value in (getattr(config, key) if isinstance(getattr(config, key), list) else [getattr(config, key)]):
+            path = Path(str(value)) if value else None
+            if path is None or not path.exists():   # unset, a hub name or "scratch:<size>"
+                continue
+            found = [path] if path.is_file() else sorted(
+                p for p in path.rglob("*") if p.is_file() and _is_input(p.relative_to(path), p, out_dir))
+            files += [f"{key}:{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                      for p in found]
+    blob = json.dumps({"config": config.digest(), "processes": world, "inputs": files})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_input(relative, path, out_dir):
+    """Not a hidden file (JupyterLab's .ipynb_checkpoints), an executed notebook beside a stage's data, or anything
+    the training itself writes."""
+    return (not any(part.startswith(".") for part in relative.parts) and path.suffix != ".ipynb"
+            and out_dir not in path.resolve().parents)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -354,7 +382,7 @@ def train(config, num_processes=1, log=print, **machines):
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(dict(config))
     out_dir = Path(config.out_dir)
-    digest = config.digest()
+    digest = run_digest(config, process_state().num_processes)
     summary_path = out_dir / SUMMARY_FILE
     if summary_path.exists() and json.loads(summary_path.read_text()).get("config_digest") == digest:
         log(f"{out_dir} already holds a model trained with this config; skipping")
@@ -399,8 +427,8 @@ def train(config, num_processes=1, log=print, **machines):
     if checkpoints:
         state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
         if state.get("config_digest") != digest:
-            raise ReprolibError(f"{checkpoints[-1]} was written by a different training config; "
-                                "use a fresh out_dir or delete its checkpoints/")
+            raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files or "
+                                "number of processes; use a fresh out_dir or delete its checkpoints/")
         accelerator.load_state(str(checkpoints[-1]))
         start_step = state["step"]
         log(f"resuming from {checkpoints[-1]} (step {start_step} of {total_steps})")

@@ -166,11 +166,14 @@ def evaluate_dataset(encoder, dataset, data_dir, out_dir, settings, batch_size=1
     """The results of `encoder` on `dataset`: read from out_dir/<name>/results.json when saved there with
     the same settings, else prepared, encoded, searched, scored and saved. A dataset of several forums
     scores the mean over them (each forum's own results are kept under "subsets")."""
-    folder = Path(out_dir) / dataset.name
-    saved = load_results(folder, dataset, settings)
+    from reprolib.index import model_fingerprint
+
+    folder, fingerprint = Path(out_dir) / dataset.name, model_fingerprint(encoder)
+    saved = load_results(folder, dataset, settings, fingerprint)
     if saved:
         return saved
-    results = {"dataset": dataset.source, "split": dataset.split, "settings": asdict(settings)}
+    results = {"dataset": dataset.source, "split": dataset.split, "settings": asdict(settings),
+               "model_fingerprint": fingerprint}
     _write_json(folder / RESULTS, results)  # the settings go first: they name what the index will hold
     parts = subsets(dataset_dir(dataset, data_dir, progress=progress))
     single = len(parts) == 1
@@ -190,10 +193,11 @@ def _write_json(path, data):
         json.dump(data, f, indent=2)
 
 
-def load_results(folder, dataset, settings):
-    """The results saved in folder/results.json for this split and these settings, else None (also while
-    they are not complete). Settings of another model (or template, or max length) are an error: the
-    index beside them was encoded with it."""
+def load_results(folder, dataset, settings, fingerprint=None):
+    """The results saved in folder/results.json for this dataset, split, settings and model (`fingerprint`: its
+    weights and settings, so a model retrained at the same path is evaluated again), else None (also while they are
+    not complete). Settings of another model (or template, or max length) are an error: the index beside them was
+    encoded with it."""
     path = Path(folder) / RESULTS
     if not path.exists():
         return None
@@ -204,7 +208,8 @@ def load_results(folder, dataset, settings):
         was = ", ".join(f"{key}={before.get(key)!r}" for key in changed)
         raise ReprolibError(f"{folder} holds an index encoded with another {' and '.join(changed)} ({was}); "
                             "use a fresh out_dir or delete that folder")
-    same = saved["split"] == dataset.split and before == asdict(settings)
+    same = (saved["split"] == dataset.split and saved.get("dataset") == dataset.source
+            and saved.get("model_fingerprint") == fingerprint and before == asdict(settings))
     return saved if same and "metrics" in saved else None
 
 

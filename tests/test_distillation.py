@@ -293,6 +293,9 @@ def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_
     model.passage_max_len = 8   # the same weights, pairs cut shorter: other scores, so another request
     write_teacher_scores(model, fewer, synthetic_corpus, queries, out, progress=False)
     assert calls == [6, 6, 6]
+    reworded = {**queries, qids[0]: queries[qids[0]] + " please"}   # the same qids and pairs, another query text
+    write_teacher_scores(model, fewer, synthetic_corpus, reworded, out, progress=False)
+    assert calls == [6, 6, 6, 6]
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
     with pytest.raises(ReprolibError, match="goes over its pairs twice"):   # an iterator would score nothing

@@ -14,7 +14,7 @@ pytest.importorskip("accelerate")
 
 from reprolib.data.groups import TrainGroups, epoch_order  # noqa: E402
 from reprolib.errors import ReprolibError  # noqa: E402
-from reprolib.training import SUMMARY_FILE, TrainConfig, launch, read_log, train  # noqa: E402
+from reprolib.training import SUMMARY_FILE, TrainConfig, launch, read_log, run_digest, train  # noqa: E402
 
 
 class ListCorpus:
@@ -263,6 +263,30 @@ def test_resume_refuses_a_checkpoint_from_another_config(synthetic_dir, tmp_path
     os.remove(tmp_path / "run" / SUMMARY_FILE)
     with pytest.raises(ReprolibError, match="different training config"):
         train(_config(synthetic_dir, tmp_path / "run", save_steps=3, learning_rate=5e-4), log=lambda *_: None)
+
+
+def test_new_input_at_the_same_path_trains_again(synthetic_dir, tmp_path):
+    """Negatives mined again (or a teacher rescored) into the same file: a new training, neither a finished one to
+    skip nor a checkpoint to resume."""
+    lines = (synthetic_dir / "train.negatives.tsv").read_text().splitlines()
+    negatives = tmp_path / "negatives.tsv"
+    negatives.write_text("".join(line + "\n" for line in lines))
+    config = _config(synthetic_dir, tmp_path / "run", negatives=str(negatives))
+    train(config, log=lambda *_: None)
+    first = _weights(tmp_path / "run" / "model")
+    checkpointed = _config(synthetic_dir, tmp_path / "killed", negatives=str(negatives), save_steps=3)
+    train(checkpointed, log=lambda *_: None)
+    shallow = [f"{qid}\t{','.join(pids.split(',')[:3])}\n" for qid, pids in (line.split("\t") for line in lines)]
+    negatives.write_text("".join(shallow))     # mined again, 3 deep
+    messages = []
+    train(config, log=messages.append)
+    assert not any("skipping" in m or "resuming" in m for m in messages)
+    second = _weights(tmp_path / "run" / "model")
+    assert any(not torch.equal(first[key], second[key]) for key in first)
+    os.remove(tmp_path / "killed" / SUMMARY_FILE)   # as if killed after a checkpoint, before the file changed
+    with pytest.raises(ReprolibError, match="input files"):
+        train(checkpointed, log=lambda *_: None)
+    assert run_digest(config, 1) != run_digest(config, 2)   # another world size: another global batch
 
 
 @pytest.mark.slow

@@ -188,6 +188,29 @@ def test_an_interrupted_dataset_resumes_but_only_with_its_model(tmp_path):
     assert found["metrics"]["nDCG@10"] == 1.0
 
 
+class RetrainedFruit(FruitEncoder):
+    """The "fruit" model trained again at the same path: it ranks cherry first for every query."""
+
+    def encode_queries(self, texts, **_):
+        return np.array([VECTORS["cherry"] for _ in texts], dtype=np.float32)
+
+
+def test_saved_results_are_of_one_model_and_one_dataset(tmp_path, monkeypatch):
+    from reprolib import index
+
+    monkeypatch.setattr(index, "model_fingerprint", lambda encoder: type(encoder).__name__)   # its weights, in a model
+    out, settings = tmp_path / "out", Settings("fruit", metrics="nDCG@10")
+    dataset = zero_shot.parse_dataset(str(write_beir(tmp_path / "arguana", [("a", "c"), ("q2", "b")])))
+    assert zero_shot.evaluate_dataset(FruitEncoder(), dataset, None, out, settings, progress=False)["metrics"][
+        "nDCG@10"] == 1.0
+    retrained = zero_shot.evaluate_dataset(RetrainedFruit(), dataset, None, out, settings, progress=False)
+    assert retrained["metrics"]["nDCG@10"] == pytest.approx((1 + 1 / np.log2(4)) / 2)   # q2 finds b at rank 3
+    # another folder of the same name: its own qrels, not the saved numbers
+    other = zero_shot.parse_dataset(str(write_beir(tmp_path / "elsewhere" / "arguana", [("a", "c"), ("q2", "a")])))
+    found = zero_shot.evaluate_dataset(RetrainedFruit(), other, None, out, settings, progress=False)
+    assert found["dataset"] == other.source and found["metrics"]["nDCG@10"] != retrained["metrics"]["nDCG@10"]
+
+
 def test_summary_averages_over_datasets_and_flattens_for_save_metrics():
     results = {"scifact": {"split": "test", "passages": 5183, "queries": 300, "seconds": 10.0,
                            "metrics": {"nDCG@10": 0.6, "R@100": 0.9}},
