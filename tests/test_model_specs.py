@@ -120,6 +120,23 @@ def test_t5_scaled_spec_keeps_the_vectors_and_shrinks_the_weights(synthetic_corp
     assert ratio(lambda m: m.encoder.block[0].layer[0].SelfAttention.q) == pytest.approx(1, rel=1e-6)
 
 
+def test_an_init_folder_holds_the_last_build_only(synthetic_corpus, tmp_path):
+    """A training's init folder built from "scratch:t5-tiny", then "t5-scaled:...", then "scratch:t5-tiny" again:
+    the third must be the scratch model, not the scaled weights left under the first build's marker."""
+    import torch
+    from transformers import T5Model
+
+    from reprolib.modeling.scratch import build_scratch_model
+    from reprolib.modeling.specs import resolve_model
+
+    plain = build_scratch_model(synthetic_corpus, tmp_path / "t5", size="t5-tiny", seed=0)
+    init = tmp_path / "init"
+    resolve_model("scratch:t5-tiny", synthetic_corpus, init, seed=0)
+    resolve_model(f"t5-scaled:{plain}", synthetic_corpus, init)
+    again = resolve_model("scratch:t5-tiny", synthetic_corpus, init, seed=0)
+    assert torch.equal(T5Model.from_pretrained(again).shared.weight, T5Model.from_pretrained(plain).shared.weight)
+
+
 def test_prepare_links_a_local_dataset_directory(tmp_path):
     source = tmp_path / "beir"
     (source / "qrels").mkdir(parents=True)

@@ -10,6 +10,7 @@ A model spec "scratch:<size>" (e.g. model="scratch:tiny" in a notebook) means "b
 (reprolib.modeling.specs).
 """
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +74,7 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
     manifest = out_dir / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == recipe:
         return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)   # another build's files (a scaled T5's) must not outlive it
     vocab_size, hidden, layers, heads, intermediate, min_word_count = SIZES[size]
 
     step = max(1, len(corpus) // max_texts)

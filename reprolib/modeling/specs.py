@@ -8,6 +8,7 @@
 """
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from reprolib.errors import ReprolibError
@@ -76,6 +77,7 @@ def build_scaled_t5(name_or_path, build_dir):
     recipe = {"source": str(name_or_path)}
     if built_from.exists() and json.loads(built_from.read_text()) == recipe:
         return build_dir
+    shutil.rmtree(build_dir, ignore_errors=True)   # another build's files (a scratch model's) must not outlive it
     source = package_path(name_or_path)
     scale_t5_weights(T5ForConditionalGeneration.from_pretrained(source)).save_pretrained(build_dir)
     AutoTokenizer.from_pretrained(source).save_pretrained(build_dir)
