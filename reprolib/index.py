@@ -172,8 +172,9 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
         changed = [what for key, what in (("corpus_fingerprint", "corpus"), ("model_fingerprint", "model"),
                                           ("passage_max_len", "passage max length")) if old.get(key) != meta[key]]
         if changed:   # same shape, other content: the old shards would pass every check and be wrong
-            logger.warning("%s: the %s changed since its shards were written; encoding every shard again",
-                           out_dir, " and the ".join(changed))
+            why = (f"the {' and the '.join(changed)} changed since its shards were written" if "passage_max_len" in old
+                   else "its shards were written before the model's settings were recorded")
+            logger.warning("%s: %s; encoding every shard again", out_dir, why)
             state.wait_for_everyone()   # every process has compared before the main one removes the shards
             if state.is_main_process:
                 for number in range(old.get("num_shards", 0)):

@@ -259,32 +259,74 @@ class TrainConfig:
 ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None,
                "exact_match": None}
 INPUTS = ("model", "train_data", "corpus", "negatives", "teacher_scores", "eval_data", "eval_candidates")
+NOT_INPUTS = ("params.json", "metrics.json", "kernel.log")   # a pipeline stage's bookkeeping beside its data
 
 
 def run_digest(config, world):
     """What a trained model in out_dir is of: the config, the number of processes (the global batch and the
     cross-device negatives depend on it) and the files the config names, by size and modification time. A teacher
-    rescored, or negatives mined again, into the same path is a new training, not a finished one to skip or a
-    checkpoint to resume."""
-    out_dir, files = Path(config.out_dir).resolve(), []
+    rescored, or negatives mined again, into the same path is another training: a finished one is not skipped, nor a
+    checkpoint of it resumed."""
+    from reprolib.modeling.specs import package_path
+
+    files = []
     for key in INPUTS:
-        for value in (getattr(config, key) if isinstance(getattr(config, key), list) else [getattr(config, key)]):
-            path = Path(str(value)) if value else None
-            if path is None or not path.exists():   # unset, a hub name or "scratch:<size>"
-                continue
-            found = [path] if path.is_file() else sorted(
-                p for p in path.rglob("*") if p.is_file() and _is_input(p.relative_to(path), p, out_dir))
-            files += [f"{key}:{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                      for p in found]
+        values = getattr(config, key)
+        for value in values if isinstance(values, list) else [values]:
+            path = Path(package_path(str(value))) if value else None
+            if path is not None and path.exists():   # not unset, a hub name or "scratch:<size>"
+                files += [f"{key}:{name}:{size}:{mtime}" for name, size, mtime in _stamps(path, config.out_dir)]
     blob = json.dumps({"config": config.digest(), "processes": world, "inputs": files})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _is_input(relative, path, out_dir):
-    """Not a hidden file (JupyterLab's .ipynb_checkpoints), an executed notebook beside a stage's data, or anything
-    the training itself writes."""
-    return (not any(part.startswith(".") for part in relative.parts) and path.suffix != ".ipynb"
-            and out_dir not in path.resolve().parents)
+def _stamps(path, out_dir):
+    """(name under `path`, size, mtime_ns) of the file `path`, or of each file in the folder `path` (through its
+    links, as `link_local` makes them), less hidden ones (JupyterLab's .ipynb_checkpoints), a stage's notebook, plots
+    and bookkeeping, and whatever lies under out_dir, which the training writes."""
+    if path.is_file():
+        return [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
+    out_dir, seen, found = Path(out_dir).resolve(), set(), []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = Path(root).resolve()
+        if real in seen or real == out_dir or out_dir in real.parents:   # a link cycle, or the training's own files
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or name in NOT_INPUTS or name.endswith((".ipynb", ".png")):
+                continue
+            try:
+                stat = (Path(root) / name).stat()
+            except OSError:   # removed while we looked, or a dangling link: not an input
+                continue
+            found.append(((Path(root) / name).relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def _finished_training(out_dir, digest, config, log):
+    """The summary of this training when out_dir holds it finished; else None, after clearing a finished training of
+    another config or other inputs (its summary and checkpoints: nothing of it is to be resumed)."""
+    path = Path(out_dir) / SUMMARY_FILE
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if _of_this_training(summary, digest, config):
+        log(f"{out_dir} already holds a model trained with this config and input files; skipping")
+        return summary
+    log(f"{out_dir} holds a model trained with another config or other input files; training again")
+    path.unlink()
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+    return None
+
+
+def _of_this_training(record, digest, config):
+    """Whether a summary or checkpoint `record` is of this training. One written before run digests were recorded
+    has only its config's digest: the same config counts as the same training, as it did then."""
+    if "run_digest" in record:
+        return record["run_digest"] == digest
+    return record.get("config_digest") == config.digest()
 
 
 # ---------------------------------------------------------------------------- setup
@@ -349,13 +391,13 @@ def _checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
-def _save_checkpoint(accelerator, out_dir, step, digest, limit):
+def _save_checkpoint(accelerator, out_dir, step, digests, limit):
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         # written last: a checkpoint folder without it is incomplete and ignored by resume
         with atomic_write(path / "trainer_state.json") as f:
-            f.write(json.dumps({"step": step, "config_digest": digest}) + "\n")
+            f.write(json.dumps({"step": step, **digests}) + "\n")
         for old in _checkpoints(out_dir)[:-limit] if limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -382,18 +424,23 @@ def train(config, num_processes=1, log=print, **machines):
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(dict(config))
     out_dir = Path(config.out_dir)
-    digest = run_digest(config, process_state().num_processes)
-    summary_path = out_dir / SUMMARY_FILE
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("config_digest") == digest:
-        log(f"{out_dir} already holds a model trained with this config; skipping")
-        return json.loads(summary_path.read_text())
+    processes = process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
+    digest = finished = None
+    if processes.is_main_process:
+        digest = run_digest(config, processes.num_processes)
+        finished = _finished_training(out_dir, digest, config, log)
+    if processes.num_processes > 1:   # one decides for all: machines with copies of the data see other mtimes
+        from accelerate.utils import broadcast_object_list
+        digest, finished = broadcast_object_list([digest, finished])
+    if finished is not None:
+        return finished
+    digests = {"config_digest": config.digest(), "run_digest": digest}   # both recorded: see _of_this_training
 
     # Accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
     # notebook kernel (or a test session) that trains twice must be able to change it. The process group
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    state = process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision, state.device))
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.mixed_precision, processes.device))
     main = accelerator.is_main_process
     world = accelerator.num_processes
     set_seed(config.seed)
@@ -426,7 +473,7 @@ def train(config, num_processes=1, log=print, **machines):
     checkpoints = _checkpoints(out_dir)
     if checkpoints:
         state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-        if state.get("config_digest") != digest:
+        if not _of_this_training(state, digest, config):
             raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files or "
                                 "number of processes; use a fresh out_dir or delete its checkpoints/")
         accelerator.load_state(str(checkpoints[-1]))
@@ -493,14 +540,14 @@ def train(config, num_processes=1, log=print, **machines):
                     best = _evaluate(dev, objective, accelerator.unwrap_model(model), done, best, out_dir, log)
                 accelerator.wait_for_everyone()
             if config.save_steps and done % config.save_steps == 0 and done < total_steps:
-                _save_checkpoint(accelerator, out_dir, done, digest, config.save_total_limit)
+                _save_checkpoint(accelerator, out_dir, done, digests, config.save_total_limit)
     finally:
         bar.close()
         if writer:
             writer.close()
 
     accelerator.wait_for_everyone()
-    summary = {"config_digest": digest, "objective": config.objective, "steps": total_steps,
+    summary = {**digests, "objective": config.objective, "steps": total_steps,
                "epochs": round(total_steps / steps_per_epoch, 4), **objective.summary(),
                "processes": world, "global_batch": global_batch * config.grad_accum,
                "seconds": round(time.perf_counter() - started, 2),
@@ -513,7 +560,7 @@ def train(config, num_processes=1, log=print, **machines):
             shutil.copytree(out_dir / BEST_DIR, out_dir / "model", ignore=shutil.ignore_patterns(DEV_FILE))
         else:
             objective.save(accelerator.unwrap_model(model), out_dir / "model")
-        with atomic_write(summary_path) as f:
+        with atomic_write(out_dir / SUMMARY_FILE) as f:
             json.dump(summary, f, indent=2)
         log(f"saved {out_dir / 'model'} after {total_steps} steps ({summary['seconds']} s)")
     accelerator.wait_for_everyone()

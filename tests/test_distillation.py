@@ -241,6 +241,7 @@ def test_exact_match_is_trained_saved_and_checked(synthetic_dir, tmp_path):
 
 
 def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_corpus, synthetic_dir, tmp_path):
+    from reprolib.data import Corpus
     from reprolib.data.layout import load_queries
     from reprolib.modeling import CrossEncoder
     from reprolib.rerank import score_pairs, write_teacher_scores
@@ -296,6 +297,11 @@ def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_
     reworded = {**queries, qids[0]: queries[qids[0]] + " please"}   # the same qids and pairs, another query text
     write_teacher_scores(model, fewer, synthetic_corpus, reworded, out, progress=False)
     assert calls == [6, 6, 6, 6]
+    lines = (synthetic_dir / "corpus.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "edited.tsv").write_text(lines[0].replace("\t", "\tedited ", 1) + "".join(lines[1:]))
+    edited = Corpus.open(tmp_path / "edited.tsv", progress=False)   # the same ids, one passage reworded
+    write_teacher_scores(model, fewer, edited, reworded, out, progress=False)
+    assert calls == [6, 6, 6, 6, 6]
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
     with pytest.raises(ReprolibError, match="goes over its pairs twice"):   # an iterator would score nothing

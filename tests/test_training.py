@@ -3,6 +3,7 @@ order) and the multi-process launcher, on the synthetic data set with a micro BE
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +248,7 @@ def test_resume_continues_with_the_same_data_order(synthetic_dir, tmp_path):
     train(resumed, log=lambda *_: None)
     for name in ("model", SUMMARY_FILE):
         path = resumed_dir / name
-        (os.remove(path) if path.is_file() else __import__("shutil").rmtree(path))
+        (os.remove(path) if path.is_file() else shutil.rmtree(path))
     messages = []
     summary = train(resumed, log=messages.append)
     assert summary["resumed_from_step"] == 3 and any("resuming from" in m for m in messages)
@@ -266,27 +267,63 @@ def test_resume_refuses_a_checkpoint_from_another_config(synthetic_dir, tmp_path
 
 
 def test_new_input_at_the_same_path_trains_again(synthetic_dir, tmp_path):
-    """Negatives mined again (or a teacher rescored) into the same file: a new training, neither a finished one to
-    skip nor a checkpoint to resume."""
+    """Negatives mined again (or a teacher rescored) into the same file: another training. A finished one is trained
+    again, its checkpoints dropped; a killed one is not resumed on the new input."""
     lines = (synthetic_dir / "train.negatives.tsv").read_text().splitlines()
     negatives = tmp_path / "negatives.tsv"
     negatives.write_text("".join(line + "\n" for line in lines))
-    config = _config(synthetic_dir, tmp_path / "run", negatives=str(negatives))
+    config = _config(synthetic_dir, tmp_path / "run", negatives=str(negatives), save_steps=3)
     train(config, log=lambda *_: None)
     first = _weights(tmp_path / "run" / "model")
-    checkpointed = _config(synthetic_dir, tmp_path / "killed", negatives=str(negatives), save_steps=3)
-    train(checkpointed, log=lambda *_: None)
+    killed = _config(synthetic_dir, tmp_path / "killed", negatives=str(negatives), save_steps=3)
+    train(killed, log=lambda *_: None)
+    os.remove(tmp_path / "killed" / SUMMARY_FILE)   # as if killed after its last checkpoint
+
     shallow = [f"{qid}\t{','.join(pids.split(',')[:3])}\n" for qid, pids in (line.split("\t") for line in lines)]
     negatives.write_text("".join(shallow))     # mined again, 3 deep
     messages = []
-    train(config, log=messages.append)
-    assert not any("skipping" in m or "resuming" in m for m in messages)
+    summary = train(config, log=messages.append)
+    assert any("training again" in m for m in messages) and summary["resumed_from_step"] == 0
     second = _weights(tmp_path / "run" / "model")
     assert any(not torch.equal(first[key], second[key]) for key in first)
-    os.remove(tmp_path / "killed" / SUMMARY_FILE)   # as if killed after a checkpoint, before the file changed
     with pytest.raises(ReprolibError, match="input files"):
-        train(checkpointed, log=lambda *_: None)
+        train(killed, log=lambda *_: None)
     assert run_digest(config, 1) != run_digest(config, 2)   # another world size: another global batch
+
+
+def test_runs_recorded_before_input_files_are_skipped_and_resumed_as_then(synthetic_dir, tmp_path):
+    """A summary or checkpoint written before run digests has its config's digest only: the same config is the same
+    training, as it was then (no finished model is trained again, no killed run restarted, by an upgrade)."""
+    config = _config(synthetic_dir, tmp_path / "run", save_steps=3)
+    train(config, log=lambda *_: None)
+    for path in [tmp_path / "run" / SUMMARY_FILE, *(tmp_path / "run" / "checkpoints").glob("*/trainer_state.json")]:
+        record = json.loads(path.read_text())
+        del record["run_digest"]
+        path.write_text(json.dumps(record))
+    messages = []
+    train(config, log=messages.append)
+    assert "skipping" in messages[0]
+    os.remove(tmp_path / "run" / SUMMARY_FILE)   # as if killed after the step-3 checkpoint
+    assert train(config, log=lambda *_: None)["resumed_from_step"] == 3
+
+
+def test_run_digest_reads_through_links_and_past_bookkeeping(tmp_path):
+    real = tmp_path / "real_qrels"
+    real.mkdir()
+    (real / "train.tsv").write_text("q1\t0\tp1\t1\n")
+    data = tmp_path / "data"   # as link_local makes a dataset folder: a link to a folder of qrels
+    data.mkdir()
+    (data / "qrels").symlink_to(real, target_is_directory=True)
+    (data / "corpus.tsv").write_text("p1\tt\ttext\n")
+    config = TrainConfig(model="scratch:micro", out_dir=str(data / "run"), train_data=str(data))
+    before = run_digest(config, 1)
+    for name in ("metrics.json", "params.json", "kernel.log", "lengths.png", "00_prepare_data.ipynb",
+                 ".ipynb_checkpoints/00_prepare_data-checkpoint.ipynb", "run/train_log.csv"):
+        (data / name).parent.mkdir(exist_ok=True)
+        (data / name).write_text("written beside the data, not read by the training")
+    assert run_digest(config, 1) == before
+    (real / "train.tsv").write_text("q1\t0\tp2\t1\n")   # seen through the link
+    assert run_digest(config, 1) != before
 
 
 @pytest.mark.slow
