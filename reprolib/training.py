@@ -425,13 +425,18 @@ def train(config, num_processes=1, log=print, **machines):
         config = TrainConfig.from_dict(dict(config))
     out_dir = Path(config.out_dir)
     processes = process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
-    digest = finished = None
+    digest = finished = error = None
     if processes.is_main_process:
-        digest = run_digest(config, processes.num_processes)
-        finished = _finished_training(out_dir, digest, config, log)
+        try:
+            digest = run_digest(config, processes.num_processes)
+            finished = _finished_training(out_dir, digest, config, log)
+        except Exception as e:   # raised by every process below, not by this one alone while the others wait
+            error = e
     if processes.num_processes > 1:   # one decides for all: machines with copies of the data see other mtimes
         from accelerate.utils import broadcast_object_list
-        digest, finished = broadcast_object_list([digest, finished])
+        digest, finished, error = broadcast_object_list([digest, finished, error])
+    if error is not None:
+        raise error
     if finished is not None:
         return finished
     digests = {"config_digest": config.digest(), "run_digest": digest}   # both recorded: see _of_this_training

@@ -69,8 +69,8 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
     if size not in SIZES:
         raise ReprolibError(f"unknown scratch size {size!r}; choose from {', '.join(SIZES)}")
     out_dir = Path(out_dir)
-    recipe = {"size": size, "seed": int(seed), "corpus_store": str(getattr(corpus, "store_dir", "")),
-              "num_passages": len(corpus)}
+    # the corpus by content, not by its store's path: machines with copies of the data must agree that a build is done
+    recipe = {"size": size, "seed": int(seed), "corpus": getattr(corpus, "fingerprint", None), "num_passages": len(corpus)}
     manifest = out_dir / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) == recipe:
         return out_dir
