@@ -1,4 +1,5 @@
-"""Reading text files line by line with precise errors, and writing files atomically."""
+"""Reading text files line by line with precise errors, writing files atomically, and stamping the files a run
+reads (to tell whether they changed since)."""
 import contextlib
 import gzip
 import os
@@ -78,3 +79,32 @@ def atomic_write(path, mode="w", encoding="utf-8"):
         if isinstance(e, OSError) and e.filename in (None, tmp, str(path)):   # the write itself failed (disk full, ...)
             raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
         raise
+
+
+NOT_INPUTS = ("params.json", "metrics.json", "kernel.log")   # a pipeline stage's bookkeeping beside its data
+
+
+def file_stamps(path, skip_under=None):
+    """(name under `path`, size, mtime_ns) of the file `path`, or of each file in the folder `path` (through its
+    links, as `link_local` makes them), less hidden ones (JupyterLab's .ipynb_checkpoints), a stage's notebook, plots
+    and bookkeeping, and whatever lies under `skip_under` (a training's out_dir: what it writes is not its input)."""
+    path = Path(path)
+    if path.is_file():
+        return [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
+    skip, seen, found = Path(skip_under).resolve() if skip_under else None, set(), []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = Path(root).resolve()
+        if real in seen or (skip is not None and (real == skip or skip in real.parents)):   # a link cycle, or skipped
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or name in NOT_INPUTS or name.endswith((".ipynb", ".png")):
+                continue
+            try:
+                stat = (Path(root) / name).stat()
+            except OSError:   # removed while we looked, or a dangling link: not an input
+                continue
+            found.append(((Path(root) / name).relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return found

@@ -147,12 +147,14 @@ def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", bat
 
 
 def _request_digest(cross_encoder, pairs, template, corpus, queries):
-    """(digest of the model, template, corpus and pairs with their query texts, number of pairs): one pass over
-    `pairs`. The model's fingerprint covers its settings (the pair's max_len, exact_match) beside its weights."""
+    """(digest of the model, the precision it scores in, the template, corpus and pairs with their query texts,
+    number of pairs): one pass over `pairs`. The model's fingerprint covers its settings (the pair's max_len,
+    exact_match) beside its weights."""
     from reprolib.index import model_fingerprint
+    from reprolib.modeling.encoder import matmul_precision
 
-    corpus_fingerprint = getattr(corpus, "fingerprint", None)
-    digest = hashlib.sha256(f"{model_fingerprint(cross_encoder)}|{template}|{corpus_fingerprint}\n".encode())
+    model = f"{model_fingerprint(cross_encoder)}|{matmul_precision(getattr(cross_encoder, 'device', 'cpu'))}"
+    digest = hashlib.sha256(f"{model}|{template}|{getattr(corpus, 'fingerprint', None)}\n".encode())
     total = 0
     for qid, pids in pairs:
         digest.update(f"{qid}\t{queries.get(qid)}\t{','.join(pids)}\n".encode())

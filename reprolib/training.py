@@ -37,7 +37,7 @@ import yaml
 from reprolib.data.groups import WITHOUT_NEGATIVES
 from reprolib.dev_eval import DevEval
 from reprolib.errors import ReprolibError
-from reprolib.fileio import atomic_write
+from reprolib.fileio import atomic_write, file_stamps
 from reprolib.modeling.encoder import resolve_precision
 from reprolib.objectives import OBJECTIVES, Contrastive
 
@@ -259,7 +259,6 @@ class TrainConfig:
 ADDED_LATER = {"dropout": None, "bottleneck_layer_norm": False, "nsp_loss_weight": 0.0, "encoder_learning_rate": None,
                "exact_match": None}
 INPUTS = ("model", "train_data", "corpus", "negatives", "teacher_scores", "eval_data", "eval_candidates")
-NOT_INPUTS = ("params.json", "metrics.json", "kernel.log")   # a pipeline stage's bookkeeping beside its data
 
 
 def run_digest(config, world):
@@ -267,42 +266,17 @@ def run_digest(config, world):
     cross-device negatives depend on it) and the files the config names, by size and modification time. A teacher
     rescored, or negatives mined again, into the same path is another training: a finished one is not skipped, nor a
     checkpoint of it resumed."""
-    from reprolib.modeling.specs import package_path
+    from reprolib.modeling.specs import local_source
 
     files = []
     for key in INPUTS:
         values = getattr(config, key)
         for value in values if isinstance(values, list) else [values]:
-            path = Path(package_path(str(value))) if value else None
+            path = Path(local_source(str(value))) if value else None
             if path is not None and path.exists():   # not unset, a hub name or "scratch:<size>"
-                files += [f"{key}:{name}:{size}:{mtime}" for name, size, mtime in _stamps(path, config.out_dir)]
+                files += [f"{key}:{name}:{size}:{mtime}" for name, size, mtime in file_stamps(path, config.out_dir)]
     blob = json.dumps({"config": config.digest(), "processes": world, "inputs": files})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _stamps(path, out_dir):
-    """(name under `path`, size, mtime_ns) of the file `path`, or of each file in the folder `path` (through its
-    links, as `link_local` makes them), less hidden ones (JupyterLab's .ipynb_checkpoints), a stage's notebook, plots
-    and bookkeeping, and whatever lies under out_dir, which the training writes."""
-    if path.is_file():
-        return [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
-    out_dir, seen, found = Path(out_dir).resolve(), set(), []
-    for root, dirs, names in os.walk(path, followlinks=True):
-        real = Path(root).resolve()
-        if real in seen or real == out_dir or out_dir in real.parents:   # a link cycle, or the training's own files
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if name.startswith(".") or name in NOT_INPUTS or name.endswith((".ipynb", ".png")):
-                continue
-            try:
-                stat = (Path(root) / name).stat()
-            except OSError:   # removed while we looked, or a dangling link: not an input
-                continue
-            found.append(((Path(root) / name).relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return found
 
 
 def _finished_training(out_dir, digest, config, log):

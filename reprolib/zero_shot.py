@@ -63,8 +63,9 @@ def parse_dataset(entry, split="test"):
     if at and QUERY_SET.fullmatch(tail):  # an "@" inside a directory path is left alone
         source, query_set = head, tail
     parts = source.split("/")
-    if Path(source).is_dir():
-        name = Path(source).resolve().name
+    if Path(source).is_dir():   # resolved: a folder named relatively or absolutely is one dataset, its results reused
+        source = str(Path(source).resolve())
+        name = Path(source).name
     elif parts[0] == "beir" and len(parts) == 2:
         name = parts[1]
     elif parts[0] == "lotte" and len(parts) == 3:

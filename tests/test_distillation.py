@@ -302,6 +302,9 @@ def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_
     edited = Corpus.open(tmp_path / "edited.tsv", progress=False)   # the same ids, one passage reworded
     write_teacher_scores(model, fewer, edited, reworded, out, progress=False)
     assert calls == [6, 6, 6, 6, 6]
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # the same request scored in bf16: other last bits
+        write_teacher_scores(model, fewer, edited, reworded, out, progress=False)
+    assert calls == [6, 6, 6, 6, 6, 6]
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
     with pytest.raises(ReprolibError, match="goes over its pairs twice"):   # an iterator would score nothing

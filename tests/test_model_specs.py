@@ -120,6 +120,24 @@ def test_t5_scaled_spec_keeps_the_vectors_and_shrinks_the_weights(synthetic_corp
     assert ratio(lambda m: m.encoder.block[0].layer[0].SelfAttention.q) == pytest.approx(1, rel=1e-6)
 
 
+def test_a_t5_trained_again_at_the_same_path_is_scaled_again(synthetic_corpus, tmp_path):
+    """The scaled build is of the source's files, not its path: notebook 20 retraining the T5 at the same path must
+    not leave its old weights, scaled, under the new name."""
+    import torch
+    from transformers import T5Model
+
+    from reprolib.modeling.scratch import build_scratch_model
+    from reprolib.modeling.specs import resolve_model
+
+    source = tmp_path / "t5"
+    build_scratch_model(synthetic_corpus, source, size="t5-tiny", seed=0)
+    resolve_model(f"t5-scaled:{source}", synthetic_corpus, tmp_path / "scaled")
+    build_scratch_model(synthetic_corpus, source, size="t5-tiny", seed=1)   # trained again, as it were
+    scaled = resolve_model(f"t5-scaled:{source}", synthetic_corpus, tmp_path / "scaled")
+    assert torch.allclose(T5Model.from_pretrained(scaled).shared.weight * 100,
+                          T5Model.from_pretrained(source).shared.weight)
+
+
 def test_an_init_folder_holds_the_last_build_only(synthetic_corpus, tmp_path):
     """A training's init folder built from "scratch:t5-tiny", then "t5-scaled:...", then "scratch:t5-tiny" again:
     the third must be the scratch model, not the scaled weights left under the first build's marker."""

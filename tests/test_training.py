@@ -326,6 +326,16 @@ def test_run_digest_reads_through_links_and_past_bookkeeping(tmp_path):
     assert run_digest(config, 1) != before
 
 
+def test_run_digest_stamps_the_t5_a_scaled_spec_reads(tmp_path):
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "model.safetensors").write_text("weights")
+    config = TrainConfig(model=f"t5-scaled:{t5}", out_dir=str(tmp_path / "run"), train_data=str(tmp_path / "data"))
+    before = run_digest(config, 1)
+    (t5 / "model.safetensors").write_text("weights trained again")
+    assert run_digest(config, 1) != before
+
+
 @pytest.mark.slow
 def test_launch_two_cpu_processes_from_python(synthetic_dir, tmp_path):
     """What a notebook does for multi-GPU training: `accelerate launch` in a subprocess, log streamed back."""

@@ -205,6 +205,12 @@ def test_saved_results_are_of_one_model_and_one_dataset(tmp_path, monkeypatch):
         "nDCG@10"] == 1.0
     retrained = zero_shot.evaluate_dataset(RetrainedFruit(), dataset, None, out, settings, progress=False)
     assert retrained["metrics"]["nDCG@10"] == pytest.approx((1 + 1 / np.log2(4)) / 2)   # q2 finds b at rank 3
+    # the same folder named relatively: the same dataset, its saved results returned without encoding
+    monkeypatch.chdir(tmp_path)
+    relative = zero_shot.parse_dataset("arguana")
+    with monkeypatch.context() as patch:
+        patch.setattr(RetrainedFruit, "encode_queries", None)
+        assert zero_shot.evaluate_dataset(RetrainedFruit(), relative, None, out, settings, progress=False) == retrained
     # another folder of the same name: its own qrels, not the saved numbers
     other = zero_shot.parse_dataset(str(write_beir(tmp_path / "elsewhere" / "arguana", [("a", "c"), ("q2", "a")])))
     found = zero_shot.evaluate_dataset(RetrainedFruit(), other, None, out, settings, progress=False)

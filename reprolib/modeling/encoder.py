@@ -79,6 +79,14 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
+def matmul_precision(device):
+    """The precision matmuls on `device` run in at this point: "bf16" or "fp16" inside an `autocast`, else "no".
+    Recorded with an index and with teacher scores, so that a resume under another precision starts afresh rather
+    than mixing the two in one file."""
+    probe = torch.ones(1, 1, device=device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get((probe @ probe).dtype, "no")
+
+
 def _check_tokenizer(model, tokenizer):
     """Refuse a tokenizer that cannot be the model's: a folder without its tokenizer files can load one with a
     handful of tokens, which turns every word into [UNK] and trains or indexes nonsense without an error.

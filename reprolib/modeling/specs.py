@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from reprolib.errors import ReprolibError
+from reprolib.fileio import file_stamps
 
 PACKAGE_PREFIX = "package:"
 T5_SCALED_PREFIX = "t5-scaled:"
@@ -29,6 +30,14 @@ def package_path(spec):
     if not path.exists():
         raise ReprolibError(f"model {spec!r}: {path} does not exist")
     return str(path)
+
+
+def local_source(spec):
+    """What a model spec reads from disk: a package's folder, or the T5 that a "t5-scaled:" spec scales; any other
+    value (a path, a hub name, "scratch:<size>") is returned unchanged."""
+    if isinstance(spec, str) and spec.startswith(T5_SCALED_PREFIX):
+        spec = spec[len(T5_SCALED_PREFIX):]
+    return package_path(spec)
 
 
 def resolve_model(model, corpus, build_dir, seed=42):
@@ -72,13 +81,17 @@ def build_scaled_t5(name_or_path, build_dir):
     """Save `name_or_path` (a T5) with `scale_t5_weights` applied into build_dir (once) and return it."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+    from reprolib.data.download import file_digest
+
     build_dir = Path(build_dir)
     built_from = build_dir / "t5_scaled.json"   # what the folder holds, so that another source rebuilds it
+    source = package_path(name_or_path)
     recipe = {"source": str(name_or_path)}
+    if Path(source).is_dir():   # by content: a T5 trained again at the same path is another source, a copy the same
+        recipe["files"] = {name: file_digest(Path(source) / name, "sha256") for name, _, _ in file_stamps(source)}
     if built_from.exists() and json.loads(built_from.read_text()) == recipe:
         return build_dir
     shutil.rmtree(build_dir, ignore_errors=True)   # another build's files (a scratch model's) must not outlive it
-    source = package_path(name_or_path)
     scale_t5_weights(T5ForConditionalGeneration.from_pretrained(source)).save_pretrained(build_dir)
     AutoTokenizer.from_pretrained(source).save_pretrained(build_dir)
     built_from.write_text(json.dumps(recipe))   # last: a folder without it is rebuilt
