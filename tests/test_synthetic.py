@@ -151,6 +151,22 @@ def test_unlabelled_twins_restate_facts_labelled_once_in_train_and_all_in_dev(tm
     assert json.loads((tmp_path / "synthetic.json").read_text())["unlabelled_twins"] == 0.5
 
 
+@pytest.mark.parametrize("per_fact", [2, 3])
+def test_a_fact_restated_by_several_passages_is_judged_in_each_and_labelled_in_one(tmp_path, per_fact):
+    # As on MS MARCO, where a query's mined "negatives" hold several passages that answer it: every fact is stated
+    # by 1 + per_fact of its entity's 4 passages; dev judges them all, train labels one of them at random.
+    synthetic.generate(tmp_path, num_passages=1000, seed=SEED, unlabelled_twins=1.0, twins_per_fact=per_fact,
+                       progress=False)
+    dev = defaultdict(list)
+    for qid, pid in read_qrels(tmp_path / "qrels.dev.tsv"):
+        dev[qid].append(pid)
+    assert all(len(set(pids)) == 1 + per_fact and len({pid // 4 for pid in pids}) == 1
+               for pids in dev.values())
+    train = read_qrels(tmp_path / "qrels.train.tsv")
+    assert len(train) == len(dict(train))
+    assert json.loads((tmp_path / "synthetic.json").read_text())["twins_per_fact"] == per_fact
+
+
 def test_last_entity_may_be_cut_short(tmp_path):
     # 1002 passages: 250 whole entities (6 facts each) + 2 passages of the last one (2 + 2 facts)
     stats = synthetic.generate(tmp_path, num_passages=1002, num_train_queries=1404, num_dev_queries=100, progress=False)
@@ -169,6 +185,7 @@ def test_last_entity_may_be_cut_short(tmp_path):
     ({"num_passages": 1000, "num_dev_queries": -1}, "num_dev_queries must be"),
     ({"num_passages": 1000, "seed": -3}, "seed must be"),
     ({"num_passages": 1000, "unlabelled_twins": 1.5}, "unlabelled_twins is a share of the facts, from 0 to 1"),
+    ({"num_passages": 1000, "unlabelled_twins": 1.0, "twins_per_fact": 4}, "twins_per_fact is how many .* 1 to 3"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, message):
     with pytest.raises(ReprolibError, match=message):

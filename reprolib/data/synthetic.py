@@ -15,8 +15,9 @@ What makes it a useful teaching set:
   * learnable synonymy: synonyms fill identical template slots across the corpus, so MLM
     pretraining can learn that they are interchangeable.
   * sparse labels, on request (`unlabelled_twins`): a share of the facts is restated by another passage
-    of the same entity; dev judges both passages, train labels one of them at random, as MS MARCO's
-    annotators marked one answering passage of several. Off by default (the corpus is then unchanged).
+    (or `twins_per_fact` others) of the same entity; dev judges every passage that states the fact, train labels
+    one of them at random, as MS MARCO's annotators marked one answering passage of several. Off by default (the
+    corpus is then unchanged).
 
 Content is drawn from RNGs seeded by (seed, stream, index), so entity e can be generated alone:
 the corpus is streamed to disk and memory stays bounded at any size up to 10M passages.
@@ -467,15 +468,16 @@ def _passages(rng, ref, attributes, twins=(), twin_rng=None):
     return texts
 
 
-def _twins(rng, share, num_passages):
-    """(fact position, passage slot) pairs: each fact, with probability `share`, restated in another of the
-    entity's `num_passages` passages."""
+def _twins(rng, share, num_passages, per_fact=1):
+    """(fact position, passage slot) pairs: each fact, with probability `share`, restated in `per_fact` others of
+    the entity's `num_passages` passages (as many as there are, if fewer)."""
     twins = []
     for position in range(ATTRIBUTES_PER_ENTITY):
         stated = SLOT_OF_FACT[position] < num_passages   # the last entity may be cut short of this fact's passage
         others = [slot for slot in range(num_passages) if slot != SLOT_OF_FACT[position]] if stated else []
         if rng.random() < share and others:
-            twins.append((position, rng.choice(others)))
+            slots = [rng.choice(others)] if per_fact == 1 else rng.sample(others, min(per_fact, len(others)))
+            twins += [(position, slot) for slot in slots]
     return twins
 
 
@@ -525,14 +527,15 @@ def _pick_facts(seed, num_facts, num_train, num_dev):
 # The generator.
 # ---------------------------------------------------------------------------------------------
 def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, unlabelled_twins=0.0,
-             progress=True):
+             twins_per_fact=1, progress=True):
     """Write the dataset into `out_dir` in MS MARCO layout and return its stats.
 
     Files: corpus.tsv (pid, title, text), {train,dev}.query.txt (qid, text), qrels.{train,dev}.tsv
     (qid 0 pid 1) and synthetic.json. Each query asks for one fact, so it has exactly one relevant
     passage; train and dev ask about different facts; qids are unique across both splits.
-    `unlabelled_twins` (0 to 1): the share of facts restated by a second passage of the same entity; a dev
-    query's qrels then list both passages, a train query's one of them, picked at random.
+    `unlabelled_twins` (0 to 1): the share of facts restated by `twins_per_fact` (1 to 3) other passages of the
+    same entity; a dev query's qrels then list every passage that states its fact, a train query's one of them,
+    picked at random.
     Defaults: num_train_queries = min(num_passages, 500k), num_dev_queries = 10% in [100, 7000].
     """
     num_passages = _non_negative_int("num_passages", num_passages)
@@ -546,6 +549,9 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     if isinstance(unlabelled_twins, bool) or not isinstance(unlabelled_twins, numbers.Real) \
             or not 0 <= unlabelled_twins <= 1:
         raise ReprolibError(f"synthetic: unlabelled_twins is a share of the facts, from 0 to 1, got {unlabelled_twins!r}")
+    if isinstance(twins_per_fact, bool) or twins_per_fact not in range(1, PASSAGES_PER_ENTITY):
+        raise ReprolibError(f"synthetic: twins_per_fact is how many other passages of the entity restate a fact, "
+                            f"1 to {PASSAGES_PER_ENTITY - 1}, got {twins_per_fact!r}")
     _check_sizes(num_passages, num_train_queries, num_dev_queries)
 
     start = time.perf_counter()
@@ -566,7 +572,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
             first_pid = e * PASSAGES_PER_ENTITY
             n = min(PASSAGES_PER_ENTITY, num_passages - first_pid)
             twin_rng = _rng(seed, _TWIN, e)
-            twins = _twins(twin_rng, unlabelled_twins, n) if unlabelled_twins else []
+            twins = _twins(twin_rng, unlabelled_twins, n, twins_per_fact) if unlabelled_twins else []
             texts = _passages(rng, ref, attributes, twins, twin_rng)
             corpus.write("".join(f"{first_pid + i}\t{ref.name}\t{texts[i]}\n" for i in range(n)))
             bar.update(n)
@@ -594,6 +600,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
         "entities_per_family": ENTITIES_PER_FAMILY,
         "types": [t.name for t in TYPES],
         **({"unlabelled_twins": unlabelled_twins} if unlabelled_twins else {}),
+        **({"twins_per_fact": twins_per_fact} if unlabelled_twins and twins_per_fact > 1 else {}),
     }
     with atomic_write(out_dir / "synthetic.json") as f:
         json.dump(stats, f, indent=2)
