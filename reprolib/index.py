@@ -5,7 +5,9 @@
     out_dir/shard_00000.npy, shard_00001.npy, ...   (rows, dim) float16/float32, row r of shard s is
                                                     passage s * shard_size + r of the corpus
     out_dir/index.json                              kind, num_passages, dim, dtype, shard_size, num_shards,
-                                                    corpus store path, template, complete
+                                                    corpus store path, template, complete, and what the
+                                                    vectors are of: the corpus and model fingerprints, the
+                                                    passage max length and the autocast precision
 
 A sparse encoder (kind "sparse", reprolib.modeling.sparse) writes shard_00000.npz, ... instead: scipy CSR
 matrices (rows, vocabulary size) of float32 weights (scipy.sparse.save_npz), and index.json adds how many
@@ -47,7 +49,6 @@ DTYPES = ("float16", "float32")
 # what the vectors of an index depend on beyond its shape: a change re-encodes every shard
 VECTORS_OF = (("corpus_fingerprint", "corpus"), ("model_fingerprint", "model"),
               ("passage_max_len", "passage max length"), ("precision", "precision"))
-RECORDED_LATER = (("passage_max_len", "the model's settings"), ("precision", "the precision"))   # not in older ones
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 HNSW_EF_CONSTRUCTION = 200  # build-time beam width: wider than faiss's 40, a better graph for a slower build
 PQ_BITS = 8                 # one byte per sub-vector code, the setting every faiss PQ kernel supports
@@ -145,7 +146,7 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
     and wait_for_everyone(); this process encodes the shards number % num_processes == process_index
     with `encoder`, which the caller has put on this process's device.
     """
-    from reprolib.modeling.encoder import matmul_precision
+    from reprolib.modeling.encoder import autocast_precision
 
     kind = getattr(encoder, "kind", "dense")
     dtype = dtype or ("float32" if kind == "sparse" else "float16")
@@ -166,7 +167,7 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             "num_shards": num_shards, "corpus_store": str(store) if store is not None else None,
             "corpus_fingerprint": getattr(corpus, "fingerprint", None), "model_fingerprint": model_fingerprint(encoder),
             "passage_max_len": max_length or getattr(encoder, "passage_max_len", None),
-            "precision": matmul_precision(getattr(encoder, "device", "cpu")),
+            "precision": autocast_precision(getattr(encoder, "device", "cpu")),
             "template": _template_name(template), "complete": False}
 
     meta_path = out_dir / INDEX_FILE
@@ -176,11 +177,11 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
             if old.get(key) != meta[key]:
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
+        old.setdefault("precision", "no")   # recorded since 2026-12-06; before, nearly every index was float32
         changed = [what for key, what in VECTORS_OF if old.get(key) != meta[key]]
         if changed:   # same shape, other content: the old shards would pass every check and be wrong
-            unrecorded = [what for key, what in RECORDED_LATER if key not in old]
-            why = (f"its shards were written before index.json recorded {' and '.join(unrecorded)}" if unrecorded
-                   else f"the {' and the '.join(changed)} changed since its shards were written")
+            why = (f"the {' and the '.join(changed)} changed since its shards were written" if "passage_max_len" in old
+                   else "its shards were written before the model's settings were recorded")
             logger.warning("%s: %s; encoding every shard again", out_dir, why)
             state.wait_for_everyone()   # every process has compared before the main one removes the shards
             if state.is_main_process:

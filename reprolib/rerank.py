@@ -106,7 +106,8 @@ def write_teacher_scores(cross_encoder, pairs, corpus, queries, out_path, templa
         return _count_scores(out_path)
     if recorded != request:
         if out_path.exists() or partial.exists():
-            logger.warning("%s was scored for another model, candidates or template: scoring afresh", out_path)
+            logger.warning("%s was scored for another model, precision, candidates or template: scoring afresh",
+                           out_path)
         partial.unlink(missing_ok=True)
         out_path.unlink(missing_ok=True)   # never returned as this request's, should this run stop early
         with atomic_write(request_path) as f:
@@ -151,9 +152,11 @@ def _request_digest(cross_encoder, pairs, template, corpus, queries):
     number of pairs): one pass over `pairs`. The model's fingerprint covers its settings (the pair's max_len,
     exact_match) beside its weights."""
     from reprolib.index import model_fingerprint
-    from reprolib.modeling.encoder import matmul_precision
+    from reprolib.modeling.encoder import autocast_precision
 
-    model = f"{model_fingerprint(cross_encoder)}|{matmul_precision(getattr(cross_encoder, 'device', 'cpu'))}"
+    model, precision = model_fingerprint(cross_encoder), autocast_precision(getattr(cross_encoder, "device", "cpu"))
+    if precision != "no":   # named only when half: a file scored in float32 before it was recorded is still this one
+        model = f"{model}|{precision}"
     digest = hashlib.sha256(f"{model}|{template}|{getattr(corpus, 'fingerprint', None)}\n".encode())
     total = 0
     for qid, pids in pairs:

@@ -209,9 +209,14 @@ def load_results(folder, dataset, settings, fingerprint=None):
         was = ", ".join(f"{key}={before.get(key)!r}" for key in changed)
         raise ReprolibError(f"{folder} holds an index encoded with another {' and '.join(changed)} ({was}); "
                             "use a fresh out_dir or delete that folder")
-    same = (saved["split"] == dataset.split and saved.get("dataset") == dataset.source
+    same = (saved["split"] == dataset.split and _source(saved.get("dataset")) == dataset.source
             and saved.get("model_fingerprint") == fingerprint and before == asdict(settings))
     return saved if same and "metrics" in saved else None
+
+
+def _source(saved):
+    """A saved dataset source as `parse_dataset` gives it now: a folder saved relatively (before 2026-12-06), resolved."""
+    return str(Path(saved).resolve()) if saved and Path(saved).is_dir() else saved
 
 
 def _mean(rows):

@@ -9,7 +9,7 @@ import torch
 
 from reprolib.errors import ReprolibError
 from reprolib.modeling import encoder
-from reprolib.modeling.encoder import autocast, matmul_precision, resolve_precision
+from reprolib.modeling.encoder import autocast, autocast_precision, resolve_precision
 
 
 @pytest.mark.parametrize("flags, onednn_cap, expected", [
@@ -54,9 +54,9 @@ def test_autocast_resolves_auto_and_refuses_unknown_precisions():
         autocast("fp8", "cpu")
 
 
-def test_matmul_precision_reads_the_autocast_in_effect():
-    assert matmul_precision("cpu") == "no"
+def test_autocast_precision_reads_the_autocast_in_effect():
+    assert autocast_precision("cpu") == "no"
     with autocast("bf16", "cpu"):
-        assert matmul_precision("cpu") == "bf16"
+        assert autocast_precision("cpu") == "bf16"
         with torch.autocast("cpu", enabled=False):   # as the cross-encoder's head runs
-            assert matmul_precision("cpu") == "no"
+            assert autocast_precision("cpu") == "no"

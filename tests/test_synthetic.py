@@ -160,7 +160,7 @@ def test_a_fact_restated_by_several_passages_is_judged_in_each_and_labelled_in_o
     dev = defaultdict(list)
     for qid, pid in read_qrels(tmp_path / "qrels.dev.tsv"):
         dev[qid].append(pid)
-    assert all(len(set(pids)) == 1 + per_fact and len({pid // 4 for pid in pids}) == 1
+    assert all(len(set(pids)) == 1 + per_fact and len({pid // synthetic.PASSAGES_PER_ENTITY for pid in pids}) == 1
                for pids in dev.values())
     train = read_qrels(tmp_path / "qrels.train.tsv")
     assert len(train) == len(dict(train))
@@ -186,6 +186,7 @@ def test_last_entity_may_be_cut_short(tmp_path):
     ({"num_passages": 1000, "seed": -3}, "seed must be"),
     ({"num_passages": 1000, "unlabelled_twins": 1.5}, "unlabelled_twins is a share of the facts, from 0 to 1"),
     ({"num_passages": 1000, "unlabelled_twins": 1.0, "twins_per_fact": 4}, "twins_per_fact is how many .* 1 to 3"),
+    ({"num_passages": 1000, "unlabelled_twins": 1.0, "twins_per_fact": 2.0}, "twins_per_fact is how many"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, message):
     with pytest.raises(ReprolibError, match=message):

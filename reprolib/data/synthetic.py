@@ -549,7 +549,8 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     if isinstance(unlabelled_twins, bool) or not isinstance(unlabelled_twins, numbers.Real) \
             or not 0 <= unlabelled_twins <= 1:
         raise ReprolibError(f"synthetic: unlabelled_twins is a share of the facts, from 0 to 1, got {unlabelled_twins!r}")
-    if isinstance(twins_per_fact, bool) or twins_per_fact not in range(1, PASSAGES_PER_ENTITY):
+    if isinstance(twins_per_fact, bool) or not isinstance(twins_per_fact, numbers.Integral) \
+            or not 1 <= twins_per_fact < PASSAGES_PER_ENTITY:
         raise ReprolibError(f"synthetic: twins_per_fact is how many other passages of the entity restate a fact, "
                             f"1 to {PASSAGES_PER_ENTITY - 1}, got {twins_per_fact!r}")
     _check_sizes(num_passages, num_train_queries, num_dev_queries)

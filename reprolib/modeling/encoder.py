@@ -79,10 +79,10 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
-def matmul_precision(device):
-    """The precision matmuls on `device` run in at this point: "bf16" or "fp16" inside an `autocast`, else "no".
-    Recorded with an index and with teacher scores, so that a resume under another precision starts afresh rather
-    than mixing the two in one file."""
+def autocast_precision(device):
+    """The precision an enclosing torch.autocast runs `device`'s matmuls in: "bf16" or "fp16", else "no". Recorded
+    with an index and with teacher scores, so that a resume under another precision starts afresh rather than
+    mixing the two in one file."""
     probe = torch.ones(1, 1, device=device)
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get((probe @ probe).dtype, "no")
 

@@ -88,7 +88,8 @@ def build_scaled_t5(name_or_path, build_dir):
     source = package_path(name_or_path)
     recipe = {"source": str(name_or_path)}
     if Path(source).is_dir():   # by content: a T5 trained again at the same path is another source, a copy the same
-        recipe["files"] = {name: file_digest(Path(source) / name, "sha256") for name, _, _ in file_stamps(source)}
+        recipe["files"] = {name: file_digest(Path(source) / name, "sha256")
+                           for name, _, _ in file_stamps(source, skip_under=build_dir)}
     if built_from.exists() and json.loads(built_from.read_text()) == recipe:
         return build_dir
     shutil.rmtree(build_dir, ignore_errors=True)   # another build's files (a scratch model's) must not outlive it
