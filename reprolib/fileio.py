@@ -1,6 +1,7 @@
 """Reading text files line by line with precise errors, writing files atomically, and stamping the files a run
 reads (to tell whether they changed since)."""
 import contextlib
+import filecmp
 import gzip
 import os
 import tempfile
@@ -61,7 +62,9 @@ def split_fields(path, number, line, counts, sep="\t"):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", encoding="utf-8"):
-    """Open a temp file beside `path`; rename it over `path` only if the block succeeds."""
+    """Open a temp file beside `path`; rename it over `path` only if the block succeeds. A file written again with
+    the same bytes is left as it was, its modification time too: what reads it (a training's `run_digest`, the
+    corpus store) sees no new input when a stage is rerun by hand to the same result."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,9 @@ def atomic_write(path, mode="w", encoding="utf-8"):
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
             yield f
+        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            os.unlink(tmp)
+            return
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException as e:

@@ -279,6 +279,19 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["q.tsv"]
 
 
+def test_atomic_write_of_the_same_bytes_leaves_the_file_as_it_was(tmp_path):
+    """Notebook 00 or 50 rerun by hand to the same result: no new input for the trainings that read the files."""
+    import os
+
+    path = tmp_path / "q.tsv"
+    write_queries(path, {"1": "old"})
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    write_queries(path, {"1": "old"})
+    assert path.stat().st_mtime_ns == 1_000_000_000 and [p.name for p in tmp_path.iterdir()] == ["q.tsv"]
+    write_queries(path, {"1": "new"})
+    assert path.stat().st_mtime_ns != 1_000_000_000 and read_queries(path) == {"1": "new"}
+
+
 def test_run_comments_and_extra_fields_ignored(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 t extra\n")
     assert read_run(path) == {"1": {"10": 2.5}}

@@ -326,6 +326,19 @@ def test_run_digest_reads_through_links_and_past_bookkeeping(tmp_path):
     assert run_digest(config, 1) != before
 
 
+def test_data_prepared_again_to_the_same_files_is_the_same_input(tmp_path):
+    from reprolib.data.prepare import prepare_synthetic
+
+    data = tmp_path / "data"
+    prepare_synthetic(data, num_passages=1000, progress=False)
+    config = TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "run"), train_data=str(data))
+    before = run_digest(config, 1)
+    prepare_synthetic(data, num_passages=1000, progress=False)   # notebook 00 run again by hand
+    assert run_digest(config, 1) == before
+    prepare_synthetic(data, num_passages=1000, seed=7, progress=False)
+    assert run_digest(config, 1) != before
+
+
 def test_run_digest_stamps_the_t5_a_scaled_spec_reads(tmp_path):
     t5 = tmp_path / "t5"
     t5.mkdir()
