@@ -61,10 +61,12 @@ def split_fields(path, number, line, counts, sep="\t"):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="w", encoding="utf-8"):
+def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
     """Open a temp file beside `path`; rename it over `path` only if the block succeeds. A file written again with
-    the same bytes is left as it was, its modification time too: what reads it (a training's `run_digest`, the
-    corpus store) sees no new input when a stage is rerun by hand to the same result."""
+    the same bytes is left as it was, its modification time too (`keep_unchanged`): what reads it (a training's
+    `run_digest`, the corpus store) sees no new input when a stage is rerun by hand to the same result. A caller
+    that goes on to change the file in place (append to it) passes keep_unchanged=False: the file it gets is then
+    its own, never another's through a link."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,7 @@ def atomic_write(path, mode="w", encoding="utf-8"):
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
             yield f
-        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+        if keep_unchanged and _same_bytes(tmp, path):
             os.unlink(tmp)
             return
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
@@ -85,6 +87,14 @@ def atomic_write(path, mode="w", encoding="utf-8"):
         if isinstance(e, OSError) and e.filename in (None, tmp, str(path)):   # the write itself failed (disk full, ...)
             raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
         raise
+
+
+def _same_bytes(new, old):
+    """Whether the file `old` exists and holds the bytes of `new`; an old file that cannot be read counts as other."""
+    try:
+        return old.is_file() and filecmp.cmp(new, old, shallow=False)
+    except OSError:
+        return False
 
 
 NOT_INPUTS = ("params.json", "metrics.json", "kernel.log")   # a pipeline stage's bookkeeping beside its data

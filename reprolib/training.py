@@ -581,7 +581,7 @@ class _Logger:
         self.columns = columns
         rows = read_log(self.path) if self.path.exists() else []
         rows = [r for r in rows if r["step"] <= resume_step]      # drop steps that will be redone
-        with atomic_write(self.path) as f:
+        with atomic_write(self.path, keep_unchanged=False) as f:   # appended to below: a file of its own
             out = csv.DictWriter(f, columns, extrasaction="ignore")
             out.writeheader()
             out.writerows(rows)

@@ -292,6 +292,21 @@ def test_atomic_write_of_the_same_bytes_leaves_the_file_as_it_was(tmp_path):
     assert path.stat().st_mtime_ns != 1_000_000_000 and read_queries(path) == {"1": "new"}
 
 
+
+def test_atomic_write_over_a_file_it_cannot_read_replaces_it(tmp_path, monkeypatch):
+    import filecmp
+
+    path = tmp_path / "q.tsv"
+    write_queries(path, {"1": "old"})
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(filecmp, "cmp", unreadable)   # a write-only old file: comparing it fails, writing does not
+    write_queries(path, {"1": "new"})
+    assert read_queries(path) == {"1": "new"}
+
+
 def test_run_comments_and_extra_fields_ignored(tmp_path):
     path = write_bytes(tmp_path / "run.trec", "# a comment\n1 Q0 10 1 2.5 t extra\n")
     assert read_run(path) == {"1": {"10": 2.5}}

@@ -339,6 +339,25 @@ def test_data_prepared_again_to_the_same_files_is_the_same_input(tmp_path):
     assert run_digest(config, 1) != before
 
 
+def test_a_resumed_log_is_its_own_file_never_another_runs_through_a_link(tmp_path):
+    """train_log.csv is rewritten up to the resumed step, then appended to: with a run folder copied as hard links
+    (cp -al), appending to the kept file would write into the other run's log."""
+    from reprolib.training import _Logger
+
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    log = _Logger(first, ["step", "loss"], tensorboard=False)
+    log.write(step=10, loss=1.5)
+    log.close()
+    copy.mkdir()
+    os.link(first / "train_log.csv", copy / "train_log.csv")
+    before = (first / "train_log.csv").read_text()
+    log = _Logger(copy, ["step", "loss"], resume_step=10, tensorboard=False)   # the same rows: the same bytes
+    log.write(step=20, loss=1.0)
+    log.close()
+    assert (first / "train_log.csv").read_text() == before
+    assert [row["step"] for row in read_log(copy / "train_log.csv")] == [10, 20]
+
+
 def test_run_digest_stamps_the_t5_a_scaled_spec_reads(tmp_path):
     t5 = tmp_path / "t5"
     t5.mkdir()
