@@ -63,8 +63,8 @@ def parse_dataset(entry, split="test"):
     if at and QUERY_SET.fullmatch(tail):  # an "@" inside a directory path is left alone
         source, query_set = head, tail
     parts = source.split("/")
-    if Path(source).is_dir():   # resolved: a folder named relatively or absolutely is one dataset, its results reused
-        source = str(Path(source).resolve())
+    source = _resolved(source)   # a folder named relatively or absolutely is one dataset, its results reused
+    if Path(source).is_dir():
         name = Path(source).name
     elif parts[0] == "beir" and len(parts) == 2:
         name = parts[1]
@@ -209,14 +209,14 @@ def load_results(folder, dataset, settings, fingerprint=None):
         was = ", ".join(f"{key}={before.get(key)!r}" for key in changed)
         raise ReprolibError(f"{folder} holds an index encoded with another {' and '.join(changed)} ({was}); "
                             "use a fresh out_dir or delete that folder")
-    same = (saved["split"] == dataset.split and _source(saved.get("dataset")) == dataset.source
+    same = (saved["split"] == dataset.split and _resolved(saved.get("dataset")) == dataset.source
             and saved.get("model_fingerprint") == fingerprint and before == asdict(settings))
     return saved if same and "metrics" in saved else None
 
 
-def _source(saved):
-    """A saved dataset source as `parse_dataset` gives it now: a folder saved relatively (before 2026-12-06), resolved."""
-    return str(Path(saved).resolve()) if saved and Path(saved).is_dir() else saved
+def _resolved(source):
+    """A dataset folder as its absolute path (also one saved relatively, before 2026-12-06); a name unchanged."""
+    return str(Path(source).resolve()) if source and Path(source).is_dir() else source
 
 
 def _mean(rows):

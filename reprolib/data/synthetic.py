@@ -476,6 +476,7 @@ def _twins(rng, share, num_passages, per_fact=1):
         stated = SLOT_OF_FACT[position] < num_passages   # the last entity may be cut short of this fact's passage
         others = [slot for slot in range(num_passages) if slot != SLOT_OF_FACT[position]] if stated else []
         if rng.random() < share and others:
+            # one twin by choice(), as before twins_per_fact existed: the same draws, the same corpus
             slots = [rng.choice(others)] if per_fact == 1 else rng.sample(others, min(per_fact, len(others)))
             twins += [(position, slot) for slot in slots]
     return twins
