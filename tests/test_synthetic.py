@@ -167,6 +167,25 @@ def test_a_fact_restated_by_several_passages_is_judged_in_each_and_labelled_in_o
     assert json.loads((tmp_path / "synthetic.json").read_text())["twins_per_fact"] == per_fact
 
 
+def test_fixed_wording_says_each_fact_one_way_and_changes_nothing_else(tmp_path, data):
+    # RetroMAE's [CLS] must hold what its decoder needs to rebuild the passage: with fixed wording that is the
+    # passage's content alone. The facts (values), fillers, queries and labels are those of the varied corpus.
+    synthetic.generate(tmp_path, num_passages=3000, seed=SEED, fixed_wording=True, progress=False)
+    for name in FILES[1:5]:
+        assert (tmp_path / name).read_bytes() == (data[0] / name).read_bytes(), name
+    varied, fixed = read_tsv(data[0] / "corpus.tsv", 3), read_tsv(tmp_path / "corpus.tsv", 3)
+    assert [row[:2] for row in fixed] == [row[:2] for row in varied]
+    assert all(re.findall(r"\d+", a[2]) == re.findall(r"\d+", b[2]) for a, b in zip(varied, fixed))   # the values
+    def synonyms(rows):   # words that are a synonym set's other members ("home" is also a template's own word)
+        return sum(word in synthetic.CANONICAL and synthetic.CANONICAL[word] != word
+                   for _, _, text in rows for word in re.findall(r"[a-z]+", text.lower()))
+    assert synonyms(fixed) < 0.05 * synonyms(varied)
+    assert sum(a[2] != b[2] for a, b in zip(varied, fixed)) > 0.9 * len(fixed)
+    assert sum(synthetic.canonicalize(a[2]) != b[2].lower() for a, b in zip(varied, fixed)) > 0.3 * len(fixed)  # shapes
+    assert json.loads((tmp_path / "synthetic.json").read_text())["fixed_wording"] is True
+    assert "fixed_wording" not in json.loads((data[0] / "synthetic.json").read_text())
+
+
 def test_last_entity_may_be_cut_short(tmp_path):
     # 1002 passages: 250 whole entities (6 facts each) + 2 passages of the last one (2 + 2 facts)
     stats = synthetic.generate(tmp_path, num_passages=1002, num_train_queries=1404, num_dev_queries=100, progress=False)
@@ -187,6 +206,7 @@ def test_last_entity_may_be_cut_short(tmp_path):
     ({"num_passages": 1000, "unlabelled_twins": 1.5}, "unlabelled_twins is a share of the facts, from 0 to 1"),
     ({"num_passages": 1000, "unlabelled_twins": 1.0, "twins_per_fact": 4}, "twins_per_fact is how many .* 1 to 3"),
     ({"num_passages": 1000, "unlabelled_twins": 1.0, "twins_per_fact": 2.0}, "twins_per_fact is how many"),
+    ({"num_passages": 1000, "fixed_wording": "yes"}, "fixed_wording is true or false"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, message):
     with pytest.raises(ReprolibError, match=message):

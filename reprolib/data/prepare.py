@@ -49,12 +49,12 @@ def link_local(source, out_dir):
 
 
 def prepare_synthetic(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42,
-                      unlabelled_twins=0.0, twins_per_fact=1, bm25_depth=200, progress=True):
+                      unlabelled_twins=0.0, twins_per_fact=1, fixed_wording=False, bm25_depth=200, progress=True):
     """Generate the synthetic dataset, then BM25 negatives for its train queries (as MS MARCO ships)."""
     out_dir = Path(out_dir)
     stats = synthetic.generate(out_dir, num_passages=num_passages, num_train_queries=num_train_queries,
                                num_dev_queries=num_dev_queries, seed=seed, unlabelled_twins=unlabelled_twins,
-                               twins_per_fact=twins_per_fact, progress=progress)
+                               twins_per_fact=twins_per_fact, fixed_wording=fixed_wording, progress=progress)
     write_bm25_negatives(out_dir, split="train", depth=bm25_depth, progress=progress)
     return stats
 

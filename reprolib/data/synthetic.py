@@ -445,26 +445,51 @@ def _filler(rng, other_attributes):
     return None
 
 
-def _passages(rng, ref, attributes, twins=(), twin_rng=None):
+class _Canonical:
+    """Renders fixed wording: every choice is the first option, the canonical one, and draws nothing."""
+
+    @staticmethod
+    def choice(options):
+        return options[0]
+
+
+def _pick(options, rng, fixed_wording):
+    drawn = rng.choice(options)
+    return options[0] if fixed_wording else drawn
+
+
+def _say(template, canonical, rng, slots, fixed_wording):
+    """`template` rendered from `rng`; with fixed wording the same draws are made (so the values and everything
+    after are those of the varied corpus) and `canonical` is said instead, in canonical words."""
+    text = _sentence(template, rng, slots)
+    return _sentence(canonical, _Canonical, slots) if fixed_wording else text
+
+
+def _passages(rng, ref, attributes, twins=(), twin_rng=None, fixed_wording=False):
     """The entity's passages: the first sentence names the entity, later ones say "the <type>". `twins`:
     (fact position, passage slot) pairs; that passage ends by stating that fact again, with the same value
-    (sentences drawn from `twin_rng`, so the rest of the corpus is the same with or without twins)."""
+    (sentences drawn from `twin_rng`, so the rest of the corpus is the same with or without twins).
+    `fixed_wording`: every sentence in its first shape and every synonym set by its canonical word."""
     type_words = SYNONYMS[ref.type]
     texts, values = [], {}
     for a, b in SLOTS:
         sentences = []
         for position, attribute in enumerate(attributes[a:b], a):
-            subj = ref.name if not sentences else "the " + rng.choice(type_words)
+            subj = ref.name if not sentences else "the " + _pick(type_words, rng, fixed_wording)
             values[position] = attribute.value(rng)
             slots = {"subj": subj, "value": values[position], "type": type_words}
-            sentences.append(_sentence(rng.choice(attribute.passage), rng, slots))
+            template = rng.choice(attribute.passage)
+            sentences.append(_say(template, attribute.passage[0], rng, slots, fixed_wording))
         filler = _filler(rng, attributes[:a] + attributes[b:])
         if filler:
-            sentences.append(_sentence(filler, rng, {"subj": "the " + rng.choice(type_words)}))
+            slots = {"subj": "the " + _pick(type_words, rng, fixed_wording)}
+            sentences.append(_say(filler, filler, rng, slots, fixed_wording))
         texts.append(" ".join(sentences))
     for position, slot in twins:
-        slots = {"subj": "the " + twin_rng.choice(type_words), "value": values[position], "type": type_words}
-        texts[slot] += " " + _sentence(twin_rng.choice(attributes[position].passage), twin_rng, slots)
+        slots = {"subj": "the " + _pick(type_words, twin_rng, fixed_wording), "value": values[position],
+                 "type": type_words}
+        template = twin_rng.choice(attributes[position].passage)
+        texts[slot] += " " + _say(template, attributes[position].passage[0], twin_rng, slots, fixed_wording)
     return texts
 
 
@@ -528,7 +553,7 @@ def _pick_facts(seed, num_facts, num_train, num_dev):
 # The generator.
 # ---------------------------------------------------------------------------------------------
 def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, unlabelled_twins=0.0,
-             twins_per_fact=1, progress=True):
+             twins_per_fact=1, fixed_wording=False, progress=True):
     """Write the dataset into `out_dir` in MS MARCO layout and return its stats.
 
     Files: corpus.tsv (pid, title, text), {train,dev}.query.txt (qid, text), qrels.{train,dev}.tsv
@@ -537,6 +562,8 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     `unlabelled_twins` (0 to 1): the share of facts restated by `twins_per_fact` (1 to 3) other passages of the
     same entity; a dev query's qrels then list every passage that states its fact, a train query's one of them,
     picked at random.
+    `fixed_wording`: passages say each thing one way (their first sentence shape, canonical words); the facts, the
+    fillers and the queries are those of the varied corpus, and the queries still paraphrase.
     Defaults: num_train_queries = min(num_passages, 500k), num_dev_queries = 10% in [100, 7000].
     """
     num_passages = _non_negative_int("num_passages", num_passages)
@@ -554,6 +581,8 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
             or not 1 <= twins_per_fact < PASSAGES_PER_ENTITY:
         raise ReprolibError(f"synthetic: twins_per_fact is how many other passages of the entity restate a fact, "
                             f"1 to {PASSAGES_PER_ENTITY - 1}, got {twins_per_fact!r}")
+    if not isinstance(fixed_wording, bool):
+        raise ReprolibError(f"synthetic: fixed_wording is true or false, got {fixed_wording!r}")
     _check_sizes(num_passages, num_train_queries, num_dev_queries)
 
     start = time.perf_counter()
@@ -575,7 +604,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
             n = min(PASSAGES_PER_ENTITY, num_passages - first_pid)
             twin_rng = _rng(seed, _TWIN, e)
             twins = _twins(twin_rng, unlabelled_twins, n, twins_per_fact) if unlabelled_twins else []
-            texts = _passages(rng, ref, attributes, twins, twin_rng)
+            texts = _passages(rng, ref, attributes, twins, twin_rng, fixed_wording)
             corpus.write("".join(f"{first_pid + i}\t{ref.name}\t{texts[i]}\n" for i in range(n)))
             bar.update(n)
 
@@ -603,6 +632,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
         "types": [t.name for t in TYPES],
         **({"unlabelled_twins": unlabelled_twins} if unlabelled_twins else {}),
         **({"twins_per_fact": twins_per_fact} if unlabelled_twins and twins_per_fact > 1 else {}),
+        **({"fixed_wording": True} if fixed_wording else {}),
     }
     with atomic_write(out_dir / "synthetic.json") as f:
         json.dump(stats, f, indent=2)
