@@ -365,6 +365,41 @@ def _checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
+def _resume_point(out_dir, digest, config, accelerator):
+    """(the checkpoint to resume from, its step), or (None, 0). The main process picks it, as it decides whether
+    the training is finished: every process must start at the same step, and on several machines a process whose
+    out_dir is its own machine's disk would otherwise start from step 0 while the others resume."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    name, step, error = None, 0, None
+    if accelerator.is_main_process:
+        try:
+            checkpoints = _checkpoints(out_dir)
+            if checkpoints:
+                state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+                if not _of_this_training(state, digest, config):
+                    raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files "
+                                        "or number of processes; use a fresh out_dir or delete its checkpoints/")
+                name, step = checkpoints[-1].name, state["step"]
+        except Exception as e:   # raised by every process below, not by this one alone while the others wait
+            error = e
+    if accelerator.num_processes > 1:
+        name, step, error = broadcast_object_list([name, step, error])
+    if error is not None:
+        raise error
+    if name is None:
+        return None, 0
+    checkpoint = Path(out_dir) / "checkpoints" / name
+    if accelerator.num_processes > 1:
+        blind = [rank for rank, seen in enumerate(gather_object([(checkpoint / "trainer_state.json").exists()]))
+                 if not seen]
+        if blind:
+            raise ReprolibError(f"{checkpoint}: process(es) {', '.join(map(str, blind))} cannot read the checkpoint "
+                                "the main process resumes from; to resume on several machines, out_dir must be on a "
+                                "disk they all read")
+    return checkpoint, step
+
+
 def _save_checkpoint(accelerator, out_dir, step, digests, limit):
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     accelerator.save_state(str(path))
@@ -448,16 +483,10 @@ def train(config, num_processes=1, log=print, **machines):
     model, optimizer = accelerator.prepare(objective.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)   # stepped by us once per optimizer step, not per process
 
-    start_step = 0
-    checkpoints = _checkpoints(out_dir)
-    if checkpoints:
-        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-        if not _of_this_training(state, digest, config):
-            raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files or "
-                                "number of processes; use a fresh out_dir or delete its checkpoints/")
-        accelerator.load_state(str(checkpoints[-1]))
-        start_step = state["step"]
-        log(f"resuming from {checkpoints[-1]} (step {start_step} of {total_steps})")
+    checkpoint, start_step = _resume_point(out_dir, digest, config, accelerator)
+    if checkpoint:
+        accelerator.load_state(str(checkpoint))
+        log(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
     if main:
         per_example = f" x {config.group_size} passages" if isinstance(objective, Contrastive) else ""
         log(f"{config.objective}: {len(examples):,} examples, {steps_per_epoch:,} steps per epoch, {total_steps:,} "
@@ -647,7 +676,8 @@ def launch(config, num_processes=2, cpu=None, log=print, extra_args=(), num_mach
     Several machines: `num_processes` counts them all (2 machines x 8 GPUs: 16), and each machine runs the same
     launch with its own `machine_rank` (0 .. num_machines - 1) and machine 0's address and a free port as
     `main_process_ip` / `main_process_port`. The processes then train as one, and machine 0 writes the model
-    and the summary (on a filesystem the machines share, or on machine 0's); the others return None.
+    and the summary (on a filesystem the machines share, or on machine 0's); the others return None. Resuming
+    needs the shared filesystem: each process must read the checkpoint machine 0 resumes from.
     """
     if isinstance(config, TrainConfig):
         path = config.to_yaml(Path(config.out_dir) / CONFIG_FILE)

@@ -425,6 +425,28 @@ def test_two_machines_on_localhost_train_like_one_process_with_the_same_global_b
         torch.testing.assert_close(machines[key], single[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_resume_on_machines_that_cannot_all_read_the_checkpoint_stops_with_a_clear_error(synthetic_dir, tmp_path):
+    """Two machines, each with out_dir on its own disk (here: two folders). The main process's machine holds the
+    checkpoint; the other machine's process must not start again from step 0 while the main one resumes."""
+    init = _micro_init(synthetic_dir, tmp_path / "init")
+    own_disk = {rank: _config(synthetic_dir, tmp_path / f"machine{rank}", model=str(init), max_steps=4, save_steps=2,
+                              batch_size=4) for rank in (0, 1)}
+
+    def run(rank, port):
+        return launch(own_disk[rank], num_processes=2, log=lambda *_: None, num_machines=2, machine_rank=rank,
+                      main_process_ip="127.0.0.1", main_process_port=port)
+
+    port = _free_port()
+    _on_two_machines(lambda rank: run(rank, port))
+    assert (tmp_path / "machine0" / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+    assert not (tmp_path / "machine1" / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+    (tmp_path / "machine0" / SUMMARY_FILE).unlink()   # as if stopped after step 2: it resumes from the checkpoint
+    port = _free_port()
+    with pytest.raises(ReprolibError, match="process\\(es\\) 1 cannot read the checkpoint .*out_dir must be on a disk"):
+        _on_two_machines(lambda rank: run(rank, port))
+
+
 SHARD_RANKS = """import json, sys
 from pathlib import Path
 from reprolib.data import Corpus
