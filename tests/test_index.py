@@ -81,6 +81,20 @@ def test_resume_rebuilds_only_missing_shard(corpus, tmp_path):
         encode_corpus(FakeEncoder(), corpus, out, shard_size=10, progress=False)
 
 
+def test_the_warning_for_shards_encoded_again_names_every_reason(corpus, tmp_path, caplog):
+    out = tmp_path / "index"
+    encode_corpus(FakeEncoder(), corpus, out, shard_size=20, max_length=32, progress=False)
+    meta = json.loads((out / "index.json").read_text())
+    del meta["passage_max_len"]               # as an index written before the length was recorded
+    meta["corpus_fingerprint"] = "another corpus"
+    (out / "index.json").write_text(json.dumps(meta))
+    encoder = FakeEncoder()
+    encode_corpus(encoder, corpus, out, shard_size=20, max_length=32, progress=False)
+    assert encoder.calls == [20, 20, 13]
+    assert "the corpus changed since its shards were written; its shards were written before the passage max " \
+           "length was recorded; encoding every shard again" in caplog.text
+
+
 def test_fp16_vs_fp32(corpus, tmp_path):
     encode_corpus(FakeEncoder(), corpus, tmp_path / "f16", shard_size=20, dtype="float16", progress=False)
     encode_corpus(FakeEncoder(), corpus, tmp_path / "f32", shard_size=20, dtype="float32", progress=False)
