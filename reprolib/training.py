@@ -368,36 +368,40 @@ def _checkpoints(out_dir):
 def _resume_point(out_dir, digest, config, accelerator):
     """(the checkpoint to resume from, its step), or (None, 0). The main process picks it, as it decides whether
     the training is finished: every process must start at the same step, and on several machines a process whose
-    out_dir is its own machine's disk would otherwise start from step 0 while the others resume."""
+    out_dir is its own machine's disk would otherwise start from step 0 (or from another checkpoint) while the
+    others resume."""
     from accelerate.utils import broadcast_object_list, gather_object
 
-    name, step, error = None, 0, None
+    name, state, error = None, None, None
     if accelerator.is_main_process:
         try:
             checkpoints = _checkpoints(out_dir)
             if checkpoints:
-                state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+                state = _read_json(checkpoints[-1] / "trainer_state.json")
                 if not _of_this_training(state, digest, config):
                     raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files "
                                         "or number of processes; use a fresh out_dir or delete its checkpoints/")
-                name, step = checkpoints[-1].name, state["step"]
+                name = checkpoints[-1].name
         except Exception as e:   # raised by every process below, not by this one alone while the others wait
             error = e
     if accelerator.num_processes > 1:
-        name, step, error = broadcast_object_list([name, step, error])
+        name, state, error = broadcast_object_list([name, state, error])
     if error is not None:
         raise error
     if name is None:
         return None, 0
     checkpoint = Path(out_dir) / "checkpoints" / name
     if accelerator.num_processes > 1:
-        blind = [rank for rank, seen in enumerate(gather_object([(checkpoint / "trainer_state.json").exists()]))
-                 if not seen]
+        try:
+            seen = _read_json(checkpoint / "trainer_state.json")
+        except (OSError, ValueError):
+            seen = None
+        blind = [rank for rank, same in enumerate(gather_object([seen == state])) if not same]
         if blind:
             raise ReprolibError(f"{checkpoint}: process(es) {', '.join(map(str, blind))} cannot read the checkpoint "
                                 "the main process resumes from; to resume on several machines, out_dir must be on a "
                                 "disk they all read")
-    return checkpoint, step
+    return checkpoint, state["step"]
 
 
 def _save_checkpoint(accelerator, out_dir, step, digests, limit):

@@ -184,6 +184,14 @@ def test_fixed_wording_says_each_fact_one_way_and_changes_nothing_else(tmp_path,
     assert sum(synthetic.canonicalize(a[2]) != b[2].lower() for a, b in zip(varied, fixed)) > 0.3 * len(fixed)  # shapes
     assert json.loads((tmp_path / "synthetic.json").read_text())["fixed_wording"] is True
     assert "fixed_wording" not in json.loads((data[0] / "synthetic.json").read_text())
+    # with twins, the train labels are drawn after the twins' sentences: the same draws give the same labels
+    for fixed in (False, True):
+        synthetic.generate(tmp_path / f"twins{fixed}", num_passages=1000, seed=SEED, unlabelled_twins=1.0,
+                           twins_per_fact=2, fixed_wording=fixed, progress=False)
+    varied, fixed = (tmp_path / "twinsFalse", tmp_path / "twinsTrue")
+    assert (fixed / "qrels.train.tsv").read_bytes() == (varied / "qrels.train.tsv").read_bytes()
+    assert all(re.findall(r"\d+", a[2]) == re.findall(r"\d+", b[2]) and a[2].count(".") == b[2].count(".")
+               for a, b in zip(read_tsv(varied / "corpus.tsv", 3), read_tsv(fixed / "corpus.tsv", 3)))
 
 
 def test_last_entity_may_be_cut_short(tmp_path):

@@ -442,9 +442,13 @@ def test_a_resume_on_machines_that_cannot_all_read_the_checkpoint_stops_with_a_c
     assert (tmp_path / "machine0" / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
     assert not (tmp_path / "machine1" / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
     (tmp_path / "machine0" / SUMMARY_FILE).unlink()   # as if stopped after step 2: it resumes from the checkpoint
-    port = _free_port()
-    with pytest.raises(ReprolibError, match="process\\(es\\) 1 cannot read the checkpoint .*out_dir must be on a disk"):
-        _on_two_machines(lambda rank: run(rank, port))
+    for stale in (False, True):   # no checkpoint on machine 1's disk, or one of another training at that step
+        if stale:
+            state = tmp_path / "machine1" / "checkpoints" / "step-0000002" / "trainer_state.json"
+            state.write_text(json.dumps({"step": 2, "run_digest": "another training"}))
+        port = _free_port()
+        with pytest.raises(ReprolibError, match="process\\(es\\) 1 cannot read the checkpoint .*out_dir must be on "):
+            _on_two_machines(lambda rank: run(rank, port))
 
 
 SHARD_RANKS = """import json, sys

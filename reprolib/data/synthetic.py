@@ -469,7 +469,7 @@ def _passages(rng, ref, attributes, twins=(), twin_rng=None, fixed_wording=False
     """The entity's passages: the first sentence names the entity, later ones say "the <type>". `twins`:
     (fact position, passage slot) pairs; that passage ends by stating that fact again, with the same value
     (sentences drawn from `twin_rng`, so the rest of the corpus is the same with or without twins).
-    `fixed_wording`: every sentence in its first shape and every synonym set by its canonical word."""
+    `fixed_wording`: every sentence in its first shape and every synonym slot filled by its set's canonical word."""
     type_words = SYNONYMS[ref.type]
     texts, values = [], {}
     for a, b in SLOTS:
@@ -562,7 +562,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     `unlabelled_twins` (0 to 1): the share of facts restated by `twins_per_fact` (1 to 3) other passages of the
     same entity; a dev query's qrels then list every passage that states its fact, a train query's one of them,
     picked at random.
-    `fixed_wording`: passages say each thing one way (their first sentence shape, canonical words); the facts, the
+    `fixed_wording`: passages say each thing one way (their first sentence shape, canonical synonyms); the facts, the
     fillers and the queries are those of the varied corpus, and the queries still paraphrase.
     Defaults: num_train_queries = min(num_passages, 500k), num_dev_queries = 10% in [100, 7000].
     """
