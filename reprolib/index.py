@@ -178,14 +178,15 @@ def encode_corpus(encoder, corpus, out_dir, shard_size=100_000, batch_size=64, t
                 raise ReprolibError(f"{out_dir} holds an index with {key}={old.get(key)!r}, not {meta[key]!r}; "
                                     "use a fresh directory or delete it")
         old.setdefault("precision", "no")   # recorded since 2026-12-06; before, nearly every index was float32
-        changed = [(key in old, what) for key, what in VECTORS_OF if old.get(key) != meta[key]]
-        if changed:   # same shape, other content: the old shards would pass every check and be wrong
-            moved = [what for recorded, what in changed if recorded]
-            unknown = [what for recorded, what in changed if not recorded]
-            why = "; ".join([f"the {' and the '.join(moved)} changed since its shards were written"] * bool(moved)
-                            + [f"its shards were written before the {' and the '.join(unknown)} was recorded"]
-                            * bool(unknown))
-            logger.warning("%s: %s; encoding every shard again", out_dir, why)
+        moved = [what for key, what in VECTORS_OF if key in old and old[key] != meta[key]]
+        unknown = [what for key, what in VECTORS_OF if key not in old and meta[key] is not None]
+        if moved or unknown:   # same shape, other content: the old shards would pass every check and be wrong
+            why = []
+            if moved:
+                why.append(f"the {' and the '.join(moved)} changed since its shards were written")
+            if unknown:
+                why.append(f"its shards were written before the {' and the '.join(unknown)} was recorded")
+            logger.warning("%s: %s; encoding every shard again", out_dir, "; ".join(why))
             state.wait_for_everyone()   # every process has compared before the main one removes the shards
             if state.is_main_process:
                 for number in range(old.get("num_shards", 0)):

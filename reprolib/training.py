@@ -365,33 +365,44 @@ def _checkpoints(out_dir):
     return [p for _, p in sorted(found)]
 
 
+def _main_decides(processes, decide, default):
+    """`decide()`, run by the main process alone, its result given to every process (the others get `default`
+    meanwhile). An error it raises is raised by every process, not by the main one alone while the others wait."""
+    result, error = default, None
+    if processes.is_main_process:
+        try:
+            result = decide()
+        except Exception as e:
+            error = e
+    if processes.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise error
+    return result
+
+
 def _resume_point(out_dir, digest, config, accelerator):
     """(the checkpoint to resume from, its step), or (None, 0). The main process picks it, as it decides whether
     the training is finished: every process must start at the same step, and on several machines a process whose
     out_dir is its own machine's disk would otherwise start from step 0 (or from another checkpoint) while the
     others resume."""
-    from accelerate.utils import broadcast_object_list, gather_object
+    def last_checkpoint():
+        checkpoints = _checkpoints(out_dir)
+        if not checkpoints:
+            return None, None
+        state = _read_json(checkpoints[-1] / "trainer_state.json")
+        if not _of_this_training(state, digest, config):
+            raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files or "
+                                "number of processes; use a fresh out_dir or delete its checkpoints/")
+        return checkpoints[-1].name, state
 
-    name, state, error = None, None, None
-    if accelerator.is_main_process:
-        try:
-            checkpoints = _checkpoints(out_dir)
-            if checkpoints:
-                state = _read_json(checkpoints[-1] / "trainer_state.json")
-                if not _of_this_training(state, digest, config):
-                    raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files "
-                                        "or number of processes; use a fresh out_dir or delete its checkpoints/")
-                name = checkpoints[-1].name
-        except Exception as e:   # raised by every process below, not by this one alone while the others wait
-            error = e
-    if accelerator.num_processes > 1:
-        name, state, error = broadcast_object_list([name, state, error])
-    if error is not None:
-        raise error
+    name, state = _main_decides(accelerator, last_checkpoint, (None, None))
     if name is None:
         return None, 0
     checkpoint = Path(out_dir) / "checkpoints" / name
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1:   # each reads its own copy: is it the one the main process resumes from?
+        from accelerate.utils import gather_object
         try:
             seen = _read_json(checkpoint / "trainer_state.json")
         except (OSError, ValueError):
@@ -438,18 +449,12 @@ def train(config, num_processes=1, log=print, **machines):
         config = TrainConfig.from_dict(dict(config))
     out_dir = Path(config.out_dir)
     processes = process_state()   # the process group: one process, or gloo CPU processes / GPUs under `accelerate launch`
-    digest = finished = error = None
-    if processes.is_main_process:
-        try:
-            digest = run_digest(config, processes.num_processes)
-            finished = _finished_training(out_dir, digest, config, log)
-        except Exception as e:   # raised by every process below, not by this one alone while the others wait
-            error = e
-    if processes.num_processes > 1:   # one decides for all: machines with copies of the data see other mtimes
-        from accelerate.utils import broadcast_object_list
-        digest, finished, error = broadcast_object_list([digest, finished, error])
-    if error is not None:
-        raise error
+
+    def digest_and_finished():   # one decides for all: machines with copies of the data see other mtimes
+        digest = run_digest(config, processes.num_processes)
+        return digest, _finished_training(out_dir, digest, config, log)
+
+    digest, finished = _main_decides(processes, digest_and_finished, (None, None))
     if finished is not None:
         return finished
     digests = {"config_digest": config.digest(), "run_digest": digest}   # both recorded: see _of_this_training
