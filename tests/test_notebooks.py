@@ -205,7 +205,9 @@ TEACHER_PIPELINE = """
 run: teacher
 defaults: {seed: 42}
 stages:
-  - {id: data, notebook: NB/00_prepare_data, params: {dataset: synthetic, num_passages: 1000}}
+  # sparse labels, as the Disentangled miniature's: half the facts stated by three passages, train labelling one
+  - {id: data, notebook: NB/00_prepare_data, params: {dataset: synthetic, num_passages: 1000, unlabelled_twins: 0.5,
+                                                      twins_per_fact: 2}}
   - id: pretrain
     notebook: NB/10_pretrain_retromae
     params: {model: "scratch:micro", train_data: "${stages.data.out}", passage_max_len: 48, batch_size: 8,
@@ -276,6 +278,10 @@ def run_to_the_end(tmp_path, pipeline_text):
 
 def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path):
     stages, run_dir = run_to_the_end(tmp_path, TEACHER_PIPELINE)
+    assert json.loads((run_dir / "data" / "synthetic.json").read_text())["twins_per_fact"] == 2
+    judged = [len(passages) for passages in read_qrels(run_dir / "data" / "qrels.dev.tsv").values()]
+    assert max(judged) == 3 and min(judged) == 1
+    assert {len(passages) for passages in read_qrels(run_dir / "data" / "qrels.train.tsv").values()} == {1}
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 6
     assert "decoder_loss" in stages["pretrain"]["metrics"] and "decoder_loss" not in stages["pretrain_mlm"]["metrics"]
