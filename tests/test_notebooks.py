@@ -278,10 +278,10 @@ def run_to_the_end(tmp_path, pipeline_text):
 
 def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path):
     stages, run_dir = run_to_the_end(tmp_path, TEACHER_PIPELINE)
-    assert json.loads((run_dir / "data" / "synthetic.json").read_text())["twins_per_fact"] == 2
+    generated = json.loads((run_dir / "data" / "synthetic.json").read_text())
+    assert (generated["unlabelled_twins"], generated["twins_per_fact"]) == (0.5, 2)
     judged = [len(passages) for passages in read_qrels(run_dir / "data" / "qrels.dev.tsv").values()]
     assert max(judged) == 3 and min(judged) == 1
-    assert {len(passages) for passages in read_qrels(run_dir / "data" / "qrels.train.tsv").values()} == {1}
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 6
     assert "decoder_loss" in stages["pretrain"]["metrics"] and "decoder_loss" not in stages["pretrain_mlm"]["metrics"]
@@ -300,6 +300,18 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
         positives = {pid for pid, rel in qrels[qid].items() if rel > 0}
         assert set(negatives.get(qid, [])) == set(hits) - positives and len(set(hits) - positives) <= 4
     assert stages["distill_hybrid"]["metrics"]["train_steps"] == 6
+
+
+def test_prepare_data_refuses_twins_for_a_dataset_with_its_own_labels(tmp_path):
+    from reprolib.errors import ReprolibError
+
+    params = tmp_path / "pipeline.yaml"
+    params.write_text(f"""run: twins
+stages:
+  - {{id: data, notebook: {ROOT / 'notebooks'}/00_prepare_data, params: {{dataset: beir/scifact, unlabelled_twins: 0.5}}}}
+""")
+    with pytest.raises(ReprolibError, match="ValueError: unlabelled_twins and twins_per_fact shape the synthetic data"):
+        run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
 
 
 def test_lexmae_then_sparse_retriever_notebooks_run_end_to_end(tmp_path):
