@@ -387,12 +387,20 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _on_two_machines(run_on_machine):
-    """Call run_on_machine(machine_rank) for ranks 0 and 1 at once (two "machines" on localhost)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _on_two_machines(run_on_machine, timeout=600):
+    """Call run_on_machine(machine_rank) for ranks 0 and 1 at once (two "machines" on localhost). Processes that
+    wait on each other forever (a regression) are killed after `timeout` seconds, so the test fails instead of hanging."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import psutil   # accelerate's own dependency
 
     with ThreadPoolExecutor(2) as pool:
-        return [future.result(timeout=900) for future in [pool.submit(run_on_machine, rank) for rank in (0, 1)]]
+        futures = [pool.submit(run_on_machine, rank) for rank in (0, 1)]
+        if wait(futures, timeout=timeout).not_done:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            raise TimeoutError(f"the two machines were still running after {timeout} s: killed")
+        return [future.result() for future in futures]
 
 
 def _micro_init(synthetic_dir, out_dir):
