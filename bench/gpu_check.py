@@ -1,0 +1,145 @@
+"""Benchmark: the GPU figures, in one run on a lent CUDA machine (a few minutes on one H100).
+
+    python bench/gpu_check.py                      # -> bench/results/gpu_quickstart.json, gpu_flat_search.json,
+                                                   #    gpu_encode.json
+    python bench/gpu_check.py --skip quickstart    # parts: quickstart, search, encode
+
+1. quickstart: `params/quickstart.yaml` on CUDA with its three trainings in bf16 (`--set <stage>.mixed_precision=bf16`):
+   stage time, every check, and each dev RR@10, to set beside the CPU run's (README). Then exact (flat) search of the
+   run's stage-2 index through `reprolib.index.search`, faiss on the GPU against faiss on the CPU (2,000 of its own
+   passage vectors as queries, top 100): the top 10 must agree.
+2. search: faiss IndexFlatIP on the GPU against the CPU at a size the CPU feels: 1M random unit vectors of 768 dims,
+   2,000 queries, top 100: queries per second and agreement of the top 10.
+3. encode: forward passes of a BERT-base-sized encoder (12 layers x 768, random weights: only the shape matters) at
+   MS MARCO's lengths, passages padded to 128 tokens and queries to 32, in fp32 and in bf16 autocast: texts per second
+   and the hours 8.8M passages would take.
+
+Needs reprolib and its dependencies importable on the GPU machine (`pip install -e .`) and a faiss built with GPU
+support. Without CUDA it stops with exit status 2 and writes nothing. Not yet run on a GPU: checked on a CPU only, with
+the GPU calls swapped for CPU ones (bench/README.md, "The GPU figures").
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchutil import REPO, RESULTS, header, write_json
+
+TRAININGS = ("finetune", "finetune_hn", "finetune_bm25")   # the quickstart's stages that train
+
+
+def top10_agreement(a, b):
+    """Mean share of each query's top 10 positions that two searches share."""
+    return float(np.mean([len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a, b)]))
+
+
+def quickstart(work):
+    import torch
+
+    from reprolib.index import search, shard_path
+
+    out = work / "quickstart"
+    sets = [arg for stage in TRAININGS for arg in ("--set", f"{stage}.mixed_precision=bf16")]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "reprolib", "run", str(REPO / "params" / "quickstart.yaml"),
+                           "--out", str(out), *sets], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"the quickstart failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    run_dir = out / "quickstart"
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    checks = json.loads((run_dir / "checks.json").read_text())
+
+    index = run_dir / "index_hn" / "index"
+    queries = np.load(shard_path(index, 0))[:2000].astype(np.float32)
+    gpu_scores, gpu_positions = search(queries, index, topk=100, use_gpu=True)
+    cpu_scores, cpu_positions = search(queries, index, topk=100, use_gpu=False)
+    return {
+        **header("gpu_quickstart"), "device": torch.cuda.get_device_name(0), "wall_s": round(wall, 1),
+        "stage_s": round(sum(s.get("wall_s", 0) for s in stages.values()), 1),
+        "stages": {sid: {"wall_s": s.get("wall_s"), "RR@10": (s.get("metrics") or {}).get("RR@10")}
+                   for sid, s in stages.items()},
+        "checks": [{k: c.get(k) for k in ("stage", "reference_stage", "measured", "reference", "p_value", "status")}
+                   for c in checks],
+        "flat_search_through_the_library": {
+            "queries": len(queries), "top10_agreement_gpu_cpu": top10_agreement(gpu_positions, cpu_positions),
+            "max_abs_score_difference": float(np.max(np.abs(gpu_scores - cpu_scores)))},
+    }
+
+
+def flat_search(num_vectors=1_000_000, dim=768, num_queries=2000, k=100):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((num_vectors, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.choice(num_vectors, num_queries, replace=False)] + 0.1 * rng.standard_normal(
+        (num_queries, dim), dtype=np.float32)
+    cpu = faiss.IndexFlatIP(dim)
+    cpu.add(vectors)
+    gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+    timings, hits = {}, {}
+    for name, index in (("gpu", gpu), ("cpu", cpu)):
+        index.search(queries[:10], k)   # warm-up
+        start = time.perf_counter()
+        hits[name] = index.search(queries, k)[1]
+        timings[name] = time.perf_counter() - start
+    return {**header("gpu_flat_search"), "vectors": num_vectors, "dim": dim, "queries": num_queries, "topk": k,
+            "faiss": faiss.__version__, "cpu_threads": faiss.omp_get_max_threads(),
+            "queries_per_second": {name: round(num_queries / t, 1) for name, t in timings.items()},
+            "gpu_speedup": round(timings["cpu"] / timings["gpu"], 1),
+            "top10_agreement_gpu_cpu": top10_agreement(hits["gpu"], hits["cpu"])}
+
+
+def encode(batches=20):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig()).cuda().eval()   # BERT-base: 12 x 768, 110M parameters
+    figures = {}
+    for kind, length, batch_size in (("passages", 128, 256), ("queries", 32, 1024)):
+        ids = torch.randint(1000, 30000, (batch_size, length), device="cuda")
+        mask = torch.ones_like(ids)
+        for precision in ("fp32", "bf16"):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model(input_ids=ids, attention_mask=mask)   # warm-up
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(batches):
+                    model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].float()
+                torch.cuda.synchronize()
+            rate = batches * batch_size / (time.perf_counter() - start)
+            figures[f"{kind}_{precision}"] = {"tokens": length, "batch_size": batch_size, "per_second": round(rate)}
+    hours = {p: round(8_841_823 / figures[f"passages_{p}"]["per_second"] / 3600, 2) for p in ("fp32", "bf16")}
+    return {**header("gpu_encode"), "device": torch.cuda.get_device_name(0), "model": "BERT-base shape, random weights",
+            **figures, "hours_for_msmarco_passages": hours}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--skip", nargs="*", default=[], choices=("quickstart", "search", "encode"))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing measured")
+        return 2
+    with tempfile.TemporaryDirectory() as work:
+        parts = {"quickstart": lambda: quickstart(Path(work)), "search": flat_search, "encode": encode}
+        for name, measure in parts.items():
+            if name in args.skip:
+                continue
+            figures = measure()
+            write_json(args.out_dir / f"gpu_{'flat_search' if name == 'search' else name}.json", figures)
+            print(json.dumps(figures, indent=1)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
