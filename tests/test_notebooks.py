@@ -282,6 +282,7 @@ def test_pretraining_teacher_and_distillation_notebooks_run_end_to_end(tmp_path)
     assert (generated["unlabelled_twins"], generated["twins_per_fact"]) == (0.5, 2)
     judged = [len(passages) for passages in read_qrels(run_dir / "data" / "qrels.dev.tsv").values()]
     assert max(judged) == 3 and min(judged) == 1
+    assert {len(passages) for passages in read_qrels(run_dir / "data" / "qrels.train.tsv").values()} == {1}
     assert {"decoder_mask.png", "loss.png"} <= {p.name for p in (run_dir / "pretrain").iterdir()}
     assert stages["pretrain"]["metrics"]["train_steps"] == 6
     assert "decoder_loss" in stages["pretrain"]["metrics"] and "decoder_loss" not in stages["pretrain_mlm"]["metrics"]
@@ -310,7 +311,7 @@ def test_prepare_data_refuses_twins_for_a_dataset_with_its_own_labels(tmp_path):
 stages:
   - {{id: data, notebook: {ROOT / 'notebooks'}/00_prepare_data, params: {{dataset: beir/scifact, unlabelled_twins: 0.5}}}}
 """)
-    with pytest.raises(ReprolibError, match="ValueError: unlabelled_twins and twins_per_fact shape the synthetic data"):
+    with pytest.raises(ReprolibError, match="ValueError: unlabelled_twins and twins_per_fact are options of the synthetic data, not of 'beir/scifact'"):
         run_pipeline(params, out_root=tmp_path / "out", log=lambda *_: None)
 
 

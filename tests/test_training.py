@@ -387,18 +387,25 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _on_two_machines(run_on_machine, timeout=600):
-    """Call run_on_machine(machine_rank) for ranks 0 and 1 at once (two "machines" on localhost). Processes that
-    wait on each other forever (a regression) are killed after `timeout` seconds, so the test fails instead of hanging."""
+def _on_two_machines(run_on_machine, timeout=900):
+    """Call run_on_machine(machine_rank) for ranks 0 and 1 at once (two "machines" on localhost). Processes they
+    start that wait on each other forever (a regression) are killed after `timeout` seconds, so that the test fails
+    instead of hanging."""
     from concurrent.futures import ThreadPoolExecutor, wait
 
     import psutil   # accelerate's own dependency
 
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(run_on_machine, rank) for rank in (0, 1)]
         if wait(futures, timeout=timeout).not_done:
-            for child in psutil.Process().children(recursive=True):
-                child.kill()
+            started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+            for child in started:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:   # a worker whose peer was just killed may have exited already
+                    pass
+            psutil.wait_procs(started, timeout=30)
             raise TimeoutError(f"the two machines were still running after {timeout} s: killed")
         return [future.result() for future in futures]
 
