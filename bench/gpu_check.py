@@ -53,10 +53,9 @@ def missing_requirements():
     missing += [f"the {name} package" for name in ("transformers", "accelerate", "papermill", "ipykernel", "bm25s",
                                                    "ir_measures", "faiss") if importlib.util.find_spec(name) is None]
     if not missing:
-        from reprolib.index import require_faiss
+        from reprolib.index import faiss_sees_gpus
 
-        faiss = require_faiss()
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        if not faiss_sees_gpus():
             missing.append("a faiss with GPU support")
     return missing
 

@@ -304,12 +304,17 @@ def require_faiss():
     return faiss
 
 
+def faiss_sees_gpus():
+    """Whether this faiss is built with GPU support and sees a GPU: what `use_gpu="auto"` searches on."""
+    faiss = require_faiss()
+    return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+
+
 def _gpu_resources(use_gpu, device=None):
     """{GPU number: faiss StandardGpuResources} for every visible GPU (only `device` when given: one process
     per GPU) when wanted and available, else None."""
     faiss = require_faiss()
-
-    available = hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    available = faiss_sees_gpus()
     if use_gpu == "auto":
         use_gpu = available
     if not use_gpu:
