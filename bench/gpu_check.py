@@ -80,7 +80,7 @@ def quickstart(out_dir, save, timeout=480):
     checks = json.loads((run_dir / "checks.json").read_text())
     figures = {
         **header("gpu_quickstart"), "device": torch.cuda.get_device_name(0), "wall_s": round(wall, 1),
-        "stage_s": round(sum(s.get("wall_s", 0) for s in stages.values()), 1),
+        "stage_s": round(sum(s.get("wall_s") or 0 for s in stages.values()), 1),   # None: not timed
         "stages": {sid: {"wall_s": s.get("wall_s"), "RR@10": (s.get("metrics") or {}).get("RR@10")}
                    for sid, s in stages.items()},
         "checks": [{k: c.get(k) for k in ("stage", "reference_stage", "measured", "reference", "p_value", "status")}
