@@ -433,23 +433,60 @@ def _resolve_params(pipeline, run_dir):
 
 
 def _interpolate(value, substitute):
+    return _map_strings(value, lambda text: REFERENCE.sub(substitute, text))
+
+
+def _map_strings(value, change):
+    """`value` with `change` applied to every string in it, through lists and dicts."""
     if isinstance(value, str):
-        return REFERENCE.sub(substitute, value)
+        return change(value)
     if isinstance(value, list):
-        return [_interpolate(item, substitute) for item in value]
+        return [_map_strings(item, change) for item in value]
     if isinstance(value, dict):
-        return {key: _interpolate(item, substitute) for key, item in value.items()}
+        return {key: _map_strings(item, change) for key, item in value.items()}
     return value
 
 
-def _stage_hashes(pipeline, params):
+def _run_relative(value, run_dir):
+    """`value` with every path inside `run_dir` written from ${run.out}: what a stage reads from its own run does not
+    depend on where the run folder lies."""
+    root = str(run_dir)
+    return _map_strings(value, lambda text: "${" + RUN_REFERENCE + "}" + text[len(root):]
+                        if text == root or text.startswith(root + os.sep) else text)
+
+
+def _stage_hashes(pipeline, params, run_dir=None):
     """sha256 of each stage's resolved params, code cells and upstream hashes (so a changed
-    upstream stage reruns everything downstream of it)."""
+    upstream stage reruns everything downstream of it). Paths inside `run_dir` are hashed relative to it, so that a
+    run folder moved or copied elsewhere is still done; without it they are hashed as they are, as runs recorded them
+    until 2026-12-07 (`_adopt_run_relative_hashes`)."""
     hashes = {}
     for stage in pipeline.stages:  # in order: upstream hashes are known before they are needed
-        blob = {"params": params[stage.id], "code": stage.code, "upstream": {u: hashes[u] for u in stage.upstream}}
+        stage_params = params[stage.id] if run_dir is None else _run_relative(params[stage.id], run_dir)
+        blob = {"params": stage_params, "code": stage.code, "upstream": {u: hashes[u] for u in stage.upstream}}
         hashes[stage.id] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
     return hashes
+
+
+def _adopt_run_relative_hashes(pipeline, manifest, params, hashes):
+    """A stage recorded before 2026-12-07 with the hash of its absolute paths, in a folder that has not moved since,
+    takes the run-relative hash, so it stays done (and keeps its upstream record in step)."""
+    absolute = _stage_hashes(pipeline, params)
+    for stage in pipeline.stages:
+        entry = manifest["stages"][stage.id]
+        if entry.get("params_hash") == absolute[stage.id] != hashes[stage.id]:
+            entry["params_hash"] = hashes[stage.id]
+            if "upstream_hashes" in entry:
+                entry["upstream_hashes"] = {u: hashes[u] for u in stage.upstream}
+
+
+def _prepare(pipeline, run_dir):
+    """Each stage's resolved params, its hash and the manifest to run with (see `_start_manifest`)."""
+    params = _resolve_params(pipeline, run_dir)
+    hashes = _stage_hashes(pipeline, params, run_dir)
+    manifest = _start_manifest(pipeline, run_dir)
+    _adopt_run_relative_hashes(pipeline, manifest, params, hashes)
+    return params, hashes, manifest
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -502,10 +539,8 @@ def plan_pipeline(params_path, out_root="outputs", sets=(), from_stage=None, onl
     run anew)."""
     pipeline = load_pipeline(params_path, sets, seeds)
     run_dir = (Path(out_root) / pipeline.run).resolve()
-    params = _resolve_params(pipeline, run_dir)
-    hashes = _stage_hashes(pipeline, params)
+    params, hashes, manifest = _prepare(pipeline, run_dir)
     forced = _forced_stages(pipeline, from_stage, only, force)
-    manifest = _start_manifest(pipeline, run_dir)
     if only:
         _check_upstream_done(pipeline, manifest, only)   # as the run would refuse
     never_run = {sid for sid, entry in manifest["stages"].items() if entry.get("params_hash") is None}
@@ -545,7 +580,9 @@ def _what_changed(stage, entry, hashes, params, run_dir):
     """Which of a stage's inputs (its parameters, its notebook's code, an upstream stage) differ from the run
     that made its folder. Manifests before the parts were recorded know the parameters only."""
     old = _read_json(run_dir / stage.id / PARAMS, None)
-    new = json.loads(json.dumps(params[stage.id], default=str))
+    if old and isinstance(old.get("out_dir"), str):   # a moved run folder: its paths are not a change
+        old = _run_relative(old, Path(old["out_dir"]).parent)
+    new = _run_relative(json.loads(json.dumps(params[stage.id], default=str)), run_dir)
     keys = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k)) if old else []
     reasons = [f"parameters changed: {', '.join(keys)}"] if keys else []
     if "code_hash" not in entry:
@@ -564,10 +601,8 @@ def _code_hash(stage):
 
 
 def _run_locked(pipeline, run_dir, from_stage, only, force, log, jobs=1):
-    params = _resolve_params(pipeline, run_dir)
-    hashes = _stage_hashes(pipeline, params)
+    params, hashes, manifest = _prepare(pipeline, run_dir)
     forced = _forced_stages(pipeline, from_stage, only, force)
-    manifest = _start_manifest(pipeline, run_dir)
     if only:
         _check_upstream_done(pipeline, manifest, only)
     plan = []

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from reprolib.errors import ReprolibError
-from reprolib.pipeline import format_status, load_manifest, plan_pipeline, run_pipeline, save_metrics
+from reprolib.pipeline import (_resolve_params, _stage_hashes, format_status, load_manifest, load_pipeline, plan_pipeline,
+                               run_pipeline, save_metrics)
 from reprolib.report import check, equivalence_check, format_check, non_inferiority_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
@@ -198,6 +199,64 @@ def test_a_stage_given_the_run_dir_reruns_after_any_earlier_stage(project):
     assert ran(project) == ["b", "report"]
     run(project, path, sets=["b.value=1", "after.value=2"])
     assert ran(project) == ["after"]
+
+
+def test_a_run_folder_moved_elsewhere_is_still_done(project):
+    """Paths inside the run folder are hashed relative to it: a moved (or copied) run reruns nothing, and a stage
+    added afterwards reads its upstream's outputs where they lie now."""
+    stages = [
+        {"id": "a", "notebook": "step"},
+        {"id": "b", "notebook": "step", "params": {"src": "${stages.a.out}/x", "run_dir": "${run.out}"}},
+    ]
+    path = write_pipeline(project, stages)
+    run(project, path)
+    assert ran(project) == ["a", "b"]
+
+    shutil.move(project / "outputs", project / "elsewhere")
+    lines = []
+    run_pipeline(path, out_root=project / "elsewhere", log=lines.append)
+    assert ran(project) == []
+    assert lines[:2] == ["skip a (done, params unchanged)", "skip b (done, params unchanged)"]
+    plan = plan_pipeline(path, out_root=project / "elsewhere", sets=["b.value=3"])
+    assert plan[1][:2] == ("b", "rerun") and plan[1][2].startswith("parameters changed: value;")  # the paths did not
+
+    path = write_pipeline(project, stages + [
+        {"id": "c", "notebook": "step", "params": {"src": "${stages.a.out}/x", "record": ["src"]}}])
+    run_pipeline(path, out_root=project / "elsewhere", log=lines.append)
+    assert ran(project) == ["c"]
+    seen = json.loads((project / "elsewhere" / "demo" / "c" / "seen.json").read_text())
+    assert seen["src"] == str((project / "elsewhere" / "demo" / "a" / "x").resolve())
+
+    # a path outside the run folder is what it names: changing it still reruns
+    run_pipeline(path, out_root=project / "elsewhere", sets=[f"c.src={project}/other"], log=lines.append)
+    assert ran(project) == ["c"]
+
+
+def test_a_run_that_hashed_its_absolute_paths_stays_done(project):
+    """Runs recorded until 2026-12-07 hashed the absolute paths: in a folder that has not moved they stay done, and
+    their records take the run-relative hashes."""
+    path = write_pipeline(project, [
+        {"id": "a", "notebook": "step"},
+        {"id": "b", "notebook": "step", "params": {"src": "${stages.a.out}/x"}},
+    ])
+    run(project, path)
+    assert ran(project) == ["a", "b"]
+    run_dir = (project / "outputs" / "demo").resolve()
+    pipeline = load_pipeline(path)
+    params = _resolve_params(pipeline, run_dir)
+    absolute, relative = _stage_hashes(pipeline, params), _stage_hashes(pipeline, params, run_dir)
+    assert absolute != relative
+    manifest = load_manifest(run_dir)
+    for sid in ("a", "b"):
+        manifest["stages"][sid]["params_hash"] = absolute[sid]
+    manifest["stages"]["b"]["upstream_hashes"] = {"a": absolute["a"]}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    run(project, path)
+    assert ran(project) == []
+    manifest = load_manifest(run_dir)
+    assert {sid: manifest["stages"][sid]["params_hash"] for sid in ("a", "b")} == relative
+    assert manifest["stages"]["b"]["upstream_hashes"] == {"a": relative["a"]}
 
 
 def test_only_needs_its_upstream_done(project):
