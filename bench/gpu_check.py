@@ -31,16 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchutil import REPO, RESULTS, header, write_json
+from benchutil import REPO, RESULTS, header, top10_overlap, write_json
 
 sys.path.insert(0, str(REPO))   # reprolib from this checkout, installed or not
 
 TRAININGS = ("finetune", "finetune_hn", "finetune_bm25")   # the quickstart's stages that train
-
-
-def top10_agreement(a, b):
-    """Mean share of each query's top 10 positions that two searches share."""
-    return float(np.mean([len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a, b)]))
 
 
 def missing_requirements():
@@ -93,7 +88,7 @@ def quickstart(out_dir, save, timeout=480):
     gpu_scores, gpu_positions = search(queries, index, topk=100, use_gpu=True)
     cpu_scores, cpu_positions = search(queries, index, topk=100, use_gpu=False)
     figures["flat_search_through_the_library"] = {
-        "queries": len(queries), "top10_agreement_gpu_cpu": top10_agreement(gpu_positions, cpu_positions),
+        "queries": len(queries), "top10_agreement_gpu_cpu": top10_overlap(gpu_positions, cpu_positions),
         "max_abs_score_difference": float(np.max(np.abs(gpu_scores - cpu_scores)))}
     return figures
 
@@ -123,7 +118,7 @@ def flat_search(num_vectors=1_000_000, dim=768, num_queries=2000, k=100):
             "faiss": faiss.__version__, "cpu_threads": faiss.omp_get_max_threads(),
             "queries_per_second": {name: round(num_queries / t, 1) for name, t in timings.items()},
             "gpu_speedup": round(timings["cpu"] / timings["gpu"], 1),
-            "top10_agreement_gpu_cpu": top10_agreement(hits["gpu"], hits["cpu"])}
+            "top10_agreement_gpu_cpu": top10_overlap(hits["gpu"], hits["cpu"])}
 
 
 def encode(batches=20):

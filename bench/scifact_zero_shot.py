@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import REPO, RESULTS, header, load_average, require_real_inputs, scifact_passages, write_json
+from benchutil import (REPO, RESULTS, header, load_average, require_real_inputs, scifact_passages, top10_overlap,
+                       write_json)
 
 TOLERANCE = 0.002
 
@@ -64,11 +65,11 @@ def sentence_transformers_run(model_dir, scifact, batch_size):
     return run, seconds, {"max_seq_length": model.max_seq_length, "modules": [type(m).__name__ for m in model]}
 
 
-def top10_overlap(run_a, run_b):
-    def top(hits):
-        return set(sorted(hits, key=hits.get, reverse=True)[:10])
+def run_overlap(run_a, run_b):
+    """top10_overlap of two runs ({query: {passage: score}}) over the queries both answer."""
     common = [q for q in run_a if q in run_b]
-    return round(sum(len(top(run_a[q]) & top(run_b[q])) / 10 for q in common) / len(common), 4)
+    ranked = [[sorted(run[q], key=run[q].get, reverse=True) for q in common] for run in (run_a, run_b)]
+    return round(top10_overlap(*ranked), 4)
 
 
 def main(argv=None):
@@ -125,7 +126,7 @@ def main(argv=None):
             "difference": round(difference, 5),
             "tolerance": TOLERANCE,
             "within_tolerance": abs(difference) <= TOLERANCE,
-            "top10_overlap": top10_overlap(ours_run, st_run),
+            "top10_overlap": run_overlap(ours_run, st_run),
             "reprolib_seconds": round(sum(ours_seconds.values()), 1),
             "sentence_transformers_seconds": round(sum(st_seconds.values()), 1),
         },
