@@ -449,17 +449,22 @@ def _map_strings(value, change):
 
 def _run_relative(value, run_dir):
     """`value` with every path inside `run_dir` written from ${run.out}: what a stage reads from its own run does not
-    depend on where the run folder lies."""
+    depend on where the run folder lies. A path that leaves the folder (through "..") stays what it names."""
     root = str(run_dir)
-    return _map_strings(value, lambda text: "${" + RUN_REFERENCE + "}" + text[len(root):]
-                        if text == root or text.startswith(root + os.sep) else text)
+
+    def relative(text):
+        path = os.path.normpath(text)
+        inside = path == root or path.startswith(root + os.sep)
+        return "${" + RUN_REFERENCE + "}" + path[len(root):] if inside else text
+
+    return _map_strings(value, relative)
 
 
 def _stage_hashes(pipeline, params, run_dir=None):
     """sha256 of each stage's resolved params, code cells and upstream hashes (so a changed
     upstream stage reruns everything downstream of it). Paths inside `run_dir` are hashed relative to it, so that a
     run folder moved or copied elsewhere is still done; without it they are hashed as they are, as runs recorded them
-    until 2026-12-07 (`_adopt_run_relative_hashes`)."""
+    until 2026-12-06 (`_adopt_run_relative_hashes`)."""
     hashes = {}
     for stage in pipeline.stages:  # in order: upstream hashes are known before they are needed
         stage_params = params[stage.id] if run_dir is None else _run_relative(params[stage.id], run_dir)
@@ -469,15 +474,17 @@ def _stage_hashes(pipeline, params, run_dir=None):
 
 
 def _adopt_run_relative_hashes(pipeline, manifest, params, hashes):
-    """A stage recorded before 2026-12-07 with the hash of its absolute paths, in a folder that has not moved since,
-    takes the run-relative hash, so it stays done (and keeps its upstream record in step)."""
+    """A stage recorded until 2026-12-06 with the hash of its absolute paths, in a folder that has not moved since,
+    takes the run-relative hash, so it stays done; so does each such upstream hash it recorded, so that a rerun for
+    another reason does not blame an upstream stage. (A folder moved before it was run once where it lay reruns.)"""
     absolute = _stage_hashes(pipeline, params)
     for stage in pipeline.stages:
         entry = manifest["stages"][stage.id]
-        if entry.get("params_hash") == absolute[stage.id] != hashes[stage.id]:
+        if entry.get("params_hash") == absolute[stage.id]:
             entry["params_hash"] = hashes[stage.id]
-            if "upstream_hashes" in entry:
-                entry["upstream_hashes"] = {u: hashes[u] for u in stage.upstream}
+        if isinstance(entry.get("upstream_hashes"), dict):
+            entry["upstream_hashes"] = {u: hashes[u] if u in absolute and h == absolute[u] else h
+                                        for u, h in entry["upstream_hashes"].items()}
 
 
 def _prepare(pipeline, run_dir):

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from reprolib.errors import ReprolibError
-from reprolib.pipeline import (_resolve_params, _stage_hashes, format_status, load_manifest, load_pipeline, plan_pipeline,
-                               run_pipeline, save_metrics)
+from reprolib.pipeline import (_resolve_params, _run_relative, _stage_hashes, format_status, load_manifest,
+                               load_pipeline, plan_pipeline, run_pipeline, save_metrics)
 from reprolib.report import check, equivalence_check, format_check, non_inferiority_check, relative_check
 
 # Every stage of the tests runs this notebook: it logs its stage id to `log_file` (so a test
@@ -206,7 +206,7 @@ def test_a_run_folder_moved_elsewhere_is_still_done(project):
     added afterwards reads its upstream's outputs where they lie now."""
     stages = [
         {"id": "a", "notebook": "step"},
-        {"id": "b", "notebook": "step", "params": {"src": "${stages.a.out}/x", "run_dir": "${run.out}"}},
+        {"id": "b", "notebook": "step", "params": {"src": "${stages.a.out}/x", "files": ["${run.out}", {"y": "${run.out}/y"}]}},
     ]
     path = write_pipeline(project, stages)
     run(project, path)
@@ -232,6 +232,15 @@ def test_a_run_folder_moved_elsewhere_is_still_done(project):
     assert ran(project) == ["c"]
 
 
+def test_only_paths_inside_the_run_folder_are_hashed_relative_to_it(tmp_path):
+    run_dir = tmp_path / "demo"
+    value = {"run": str(run_dir), "inside": [f"{run_dir}/a/x", {"deep": f"{run_dir}/b/../c"}], "number": 3,
+             "neighbour": f"{run_dir}2/z", "leaves": f"{run_dir}/../z", "elsewhere": f"{tmp_path}/data"}
+    assert _run_relative(value, run_dir) == {
+        "run": "${run.out}", "inside": ["${run.out}/a/x", {"deep": "${run.out}/c"}], "number": 3,
+        "neighbour": f"{run_dir}2/z", "leaves": f"{run_dir}/../z", "elsewhere": f"{tmp_path}/data"}
+
+
 def test_a_run_that_hashed_its_absolute_paths_stays_done(project):
     """Runs recorded until 2026-12-07 hashed the absolute paths: in a folder that has not moved they stay done, and
     their records take the run-relative hashes."""
@@ -252,6 +261,9 @@ def test_a_run_that_hashed_its_absolute_paths_stays_done(project):
     manifest["stages"]["b"]["upstream_hashes"] = {"a": absolute["a"]}
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
 
+    plan = plan_pipeline(path, out_root=project / "outputs", sets=["b.value=3"])
+    assert [row[:2] for row in plan] == [("a", "skip"), ("b", "rerun")]
+    assert plan[1][2].startswith("parameters changed: value;") and "upstream" not in plan[1][2]
     run(project, path)
     assert ran(project) == []
     manifest = load_manifest(run_dir)
