@@ -242,7 +242,7 @@ def test_only_paths_inside_the_run_folder_are_hashed_relative_to_it(tmp_path):
 
 
 def test_a_run_that_hashed_its_absolute_paths_stays_done(project):
-    """Runs recorded until 2026-12-07 hashed the absolute paths: in a folder that has not moved they stay done, and
+    """Runs recorded until 2026-12-06 hashed the absolute paths: in a folder that has not moved they stay done, and
     their records take the run-relative hashes."""
     path = write_pipeline(project, [
         {"id": "a", "notebook": "step"},
