@@ -395,6 +395,12 @@ def _resume_point(out_dir, digest, config, accelerator):
         if not _of_this_training(state, digest, config):
             raise ReprolibError(f"{checkpoints[-1]} was written by a different training config, input files or "
                                 "number of processes; use a fresh out_dir or delete its checkpoints/")
+        # "auto" is in the digest unresolved: a run moved to a machine where it resolves otherwise must not
+        # continue its checkpoint in another precision (checkpoints written before this was recorded are trusted)
+        if state.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+            raise ReprolibError(f"{checkpoints[-1]} was trained in {state['precision']}, but mixed_precision "
+                                f"{config.mixed_precision} is {accelerator.mixed_precision} on this machine; set "
+                                f"mixed_precision: {state['precision']} to continue it, or delete its checkpoints/")
         return checkpoints[-1].name, state
 
     name, state = _main_decides(accelerator, last_checkpoint, (None, None))
@@ -421,7 +427,7 @@ def _save_checkpoint(accelerator, out_dir, step, digests, limit):
     if accelerator.is_main_process:
         # written last: a checkpoint folder without it is incomplete and ignored by resume
         with atomic_write(path / "trainer_state.json") as f:
-            f.write(json.dumps({"step": step, **digests}) + "\n")
+            f.write(json.dumps({"step": step, **digests, "precision": accelerator.mixed_precision}) + "\n")
         for old in _checkpoints(out_dir)[:-limit] if limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

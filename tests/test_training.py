@@ -266,6 +266,25 @@ def test_resume_refuses_a_checkpoint_from_another_config(synthetic_dir, tmp_path
         train(_config(synthetic_dir, tmp_path / "run", save_steps=3, learning_rate=5e-4), log=lambda *_: None)
 
 
+def test_resume_refuses_a_checkpoint_trained_in_another_precision(synthetic_dir, tmp_path):
+    """mixed_precision "auto" is hashed unresolved: a run moved from a bf16 machine to one without native bf16 has
+    the same digest, but its checkpoint must not be continued in float32."""
+    config = _config(synthetic_dir, tmp_path / "run", save_steps=3, mixed_precision="auto")
+    train(config, log=lambda *_: None)
+    os.remove(tmp_path / "run" / SUMMARY_FILE)
+    state_file = sorted((tmp_path / "run" / "checkpoints").glob("*/trainer_state.json"))[-1]
+    state = json.loads(state_file.read_text())
+    here = state["precision"]
+    assert here in ("no", "bf16")
+    state["precision"] = "bf16" if here == "no" else "no"   # as written on the other kind of machine
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ReprolibError, match=f"trained in {state['precision']}, but mixed_precision auto is {here}"):
+        train(config, log=lambda *_: None)
+    del state["precision"]                                   # written before precisions were recorded: trusted
+    state_file.write_text(json.dumps(state))
+    assert train(config, log=lambda *_: None)["resumed_from_step"] == 3
+
+
 def test_new_input_at_the_same_path_trains_again(synthetic_dir, tmp_path):
     """Negatives mined again (or a teacher rescored) into the same file: another training. A finished one is trained
     again, its checkpoints dropped; a killed one is not resumed on the new input."""
