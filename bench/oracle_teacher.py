@@ -1,0 +1,64 @@
+"""Diagnostic: a perfect teacher for the Disentangled miniature, to tell a weak teacher from a weak loss.
+
+    .venv/bin/python bench/oracle_teacher.py RUN_DIR OUT.tsv
+        # RUN_DIR: a finished outputs/.../miniature_disentangled; OUT.tsv: teacher scores for notebook 70
+
+The miniature's data (notebook 00 with `unlabelled_twins`) state each fact in several passages of an entity and
+label one of them for a training query. The generator knows them all: this script asks it again with every query
+judged as dev queries are (same seed, sizes and twins, so the same corpus and qids), and rescores the teacher's
+pool (RUN_DIR/teacher/teacher_scores.tsv: each training query's labelled answer and the teacher's top 20) with
+every answer at the labels' margin (RUN_DIR/teacher/label_scores.tsv's) and every other passage at 0. A student
+taught these scores is taught exactly what the labels leave out, and nothing wrong. Point a trial copy of the
+YAML's `distill` stage (`teacher_scores:`) at OUT.tsv to train it.
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import reprolib.data.synthetic as synthetic
+
+
+def read_qrels(path):
+    answers = {}
+    for line in Path(path).read_text().splitlines():
+        qid, _, pid, _ = line.split("\t")
+        answers.setdefault(qid, set()).add(pid)
+    return answers
+
+
+def all_answers(params):
+    """{qid: every passage that states the query's fact}, for train and dev queries alike."""
+    pick = synthetic._pick_facts
+    synthetic._pick_facts = lambda *args: (lambda facts, is_dev: (facts, [True] * len(is_dev)))(*pick(*args))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic.generate(tmp, num_passages=params["num_passages"], num_dev_queries=params["num_dev_queries"],
+                               seed=params["seed"], unlabelled_twins=params["unlabelled_twins"],
+                               twins_per_fact=params.get("twins_per_fact", 1), progress=False)
+            return read_qrels(Path(tmp) / "qrels.dev.tsv")
+    finally:
+        synthetic._pick_facts = pick
+
+
+def main(run_dir, out):
+    run_dir = Path(run_dir)
+    params = json.loads((run_dir / "data" / "params.json").read_text())
+    answers = all_answers(params)
+    labelled = read_qrels(run_dir / "data" / "qrels.train.tsv")
+    if not all(pids <= answers[qid] for qid, pids in labelled.items()):
+        raise SystemExit(f"{run_dir}/data: its training labels are not among the generator's answers (another seed?)")
+    pool = [line.split("\t") for line in (run_dir / "teacher" / "teacher_scores.tsv").read_text().splitlines()]
+    margin = max(float(score) for *_, score in
+                 (line.split("\t") for line in (run_dir / "teacher" / "label_scores.tsv").read_text().splitlines()))
+    with open(out, "w") as f:
+        f.writelines(f"{qid}\t{pid}\t{margin if pid in answers[qid] else 0}\n" for qid, pid, _ in pool)
+    hits = sum(pid in answers[qid] for qid, pid, _ in pool)
+    print(f"{out}: {len(pool)} pairs of {len(labelled)} training queries, {hits} answers "
+          f"({hits - sum(map(len, labelled.values()))} unlabelled) at {margin}, the rest at 0")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(*sys.argv[1:])
