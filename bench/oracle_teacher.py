@@ -46,14 +46,14 @@ def main(run_dir, out):
     params = json.loads((run_dir / "data" / "params.json").read_text())
     answers = all_answers(params)
     labelled = read_qrels(run_dir / "data" / "qrels.train.tsv")
-    if not all(pids <= answers[qid] for qid, pids in labelled.items()):
+    if not all(pids <= answers.get(qid, set()) for qid, pids in labelled.items()):
         raise SystemExit(f"{run_dir}/data: its training labels are not among the generator's answers (another seed?)")
     pool = [line.split("\t") for line in (run_dir / "teacher" / "teacher_scores.tsv").read_text().splitlines()]
     margin = max(float(score) for *_, score in
                  (line.split("\t") for line in (run_dir / "teacher" / "label_scores.tsv").read_text().splitlines()))
     with open(out, "w") as f:
-        f.writelines(f"{qid}\t{pid}\t{margin if pid in answers[qid] else 0}\n" for qid, pid, _ in pool)
-    hits = sum(pid in answers[qid] for qid, pid, _ in pool)
+        f.writelines(f"{qid}\t{pid}\t{margin if pid in answers.get(qid, ()) else 0}\n" for qid, pid, _ in pool)
+    hits = sum(pid in answers.get(qid, ()) for qid, pid, _ in pool)
     print(f"{out}: {len(pool)} pairs of {len(labelled)} training queries, {hits} answers "
           f"({hits - sum(map(len, labelled.values()))} unlabelled) at {margin}, the rest at 0")
 

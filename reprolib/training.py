@@ -382,6 +382,9 @@ def _main_decides(processes, decide, default):
     return result
 
 
+_PRECISION_NAMES = {"no": "float32"}
+
+
 def _resume_point(out_dir, digest, config, accelerator):
     """(the checkpoint to resume from, its step), or (None, 0). The main process picks it, as it decides whether
     the training is finished: every process must start at the same step, and on several machines a process whose
@@ -398,9 +401,9 @@ def _resume_point(out_dir, digest, config, accelerator):
         # "auto" is in the digest unresolved: a run moved to a machine where it resolves otherwise must not
         # continue its checkpoint in another precision (checkpoints written before this was recorded are trusted)
         if state.get("precision", accelerator.mixed_precision) != accelerator.mixed_precision:
-            raise ReprolibError(f"{checkpoints[-1]} was trained in {state['precision']}, but mixed_precision "
-                                f"{config.mixed_precision} is {accelerator.mixed_precision} on this machine; set "
-                                f"mixed_precision: {state['precision']} to continue it, or delete its checkpoints/")
+            then, now = (_PRECISION_NAMES.get(p, p) for p in (state["precision"], accelerator.mixed_precision))
+            raise ReprolibError(f"{checkpoints[-1]} was trained in {then}, but mixed_precision {config.mixed_precision}"
+                                f" is {now} on this machine; resume it where it is {then}, or delete its checkpoints/")
         return checkpoints[-1].name, state
 
     name, state = _main_decides(accelerator, last_checkpoint, (None, None))
