@@ -17,18 +17,11 @@ import tempfile
 from pathlib import Path
 
 import reprolib.data.synthetic as synthetic
-
-
-def read_qrels(path):
-    answers = {}
-    for line in Path(path).read_text().splitlines():
-        qid, _, pid, _ = line.split("\t")
-        answers.setdefault(qid, set()).add(pid)
-    return answers
+from reprolib.data.formats import read_qrels, read_scores, write_scores
 
 
 def all_answers(params):
-    """{qid: every passage that states the query's fact}, for train and dev queries alike."""
+    """{qid: {pid: 1} for every passage that states the query's fact}, for train and dev queries alike."""
     pick = synthetic._pick_facts
     synthetic._pick_facts = lambda *args: (lambda facts, is_dev: (facts, [True] * len(is_dev)))(*pick(*args))
     try:
@@ -46,15 +39,15 @@ def main(run_dir, out):
     params = json.loads((run_dir / "data" / "params.json").read_text())
     answers = all_answers(params)
     labelled = read_qrels(run_dir / "data" / "qrels.train.tsv")
-    if not all(pids <= answers.get(qid, set()) for qid, pids in labelled.items()):
+    if not all(pids.keys() <= answers.get(qid, {}).keys() for qid, pids in labelled.items()):
         raise SystemExit(f"{run_dir}/data: its training labels are not among the generator's answers (another seed?)")
-    pool = [line.split("\t") for line in (run_dir / "teacher" / "teacher_scores.tsv").read_text().splitlines()]
-    margin = max(float(score) for *_, score in
-                 (line.split("\t") for line in (run_dir / "teacher" / "label_scores.tsv").read_text().splitlines()))
-    with open(out, "w") as f:
-        f.writelines(f"{qid}\t{pid}\t{margin if pid in answers.get(qid, ()) else 0}\n" for qid, pid, _ in pool)
-    hits = sum(pid in answers.get(qid, ()) for qid, pid, _ in pool)
-    print(f"{out}: {len(pool)} pairs of {len(labelled)} training queries, {hits} answers "
+    pool = read_scores(run_dir / "teacher" / "teacher_scores.tsv")
+    margin = max(max(hits.values()) for hits in read_scores(run_dir / "teacher" / "label_scores.tsv").values())
+    oracle = {qid: {pid: margin if pid in answers.get(qid, {}) else 0.0 for pid in hits} for qid, hits in pool.items()}
+    write_scores(out, oracle)
+    pairs = sum(map(len, oracle.values()))
+    hits = sum(score > 0 for scores in oracle.values() for score in scores.values())
+    print(f"{out}: {pairs} pairs of {len(labelled)} training queries, {hits} answers "
           f"({hits - sum(map(len, labelled.values()))} unlabelled) at {margin}, the rest at 0")
 
 
