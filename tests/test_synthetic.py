@@ -167,6 +167,27 @@ def test_a_fact_restated_by_several_passages_is_judged_in_each_and_labelled_in_o
     assert json.loads((tmp_path / "synthetic.json").read_text())["twins_per_fact"] == per_fact
 
 
+@pytest.mark.parametrize("share, per_fact", [(0.0, 1), (0.5, 1), (1.0, 3)])
+def test_answers_name_every_passage_stating_the_fact_for_train_queries_too(tmp_path, share, per_fact):
+    # What the train labels leave out (a perfect teacher, bench/oracle_teacher.py). Asked with every fact as a dev
+    # query, dev's qrels list every answer of every fact, the last entity's (cut short at 1002 passages) included;
+    # with the usual split, a train query's label is one of its answers.
+    twins = {"unlabelled_twins": share, "twins_per_fact": per_fact}
+    every_fact = {"num_passages": 1002, "num_train_queries": 0, "num_dev_queries": 1504, "seed": SEED, **twins}
+    synthetic.generate(tmp_path / "all", progress=False, **every_fact)
+    dev = defaultdict(list)
+    for qid, pid in read_qrels(tmp_path / "all" / "qrels.dev.tsv"):
+        dev[str(qid)].append(str(pid))
+    answers = synthetic.answers(**every_fact)
+    assert answers == dev and len(answers) == 1504
+    assert max(map(len, answers.values())) == (1 + per_fact if share else 1)
+    split = {"num_passages": 1002, "seed": SEED, **twins}
+    synthetic.generate(tmp_path / "split", progress=False, **split)
+    answers = synthetic.answers(**split)
+    train = read_qrels(tmp_path / "split" / "qrels.train.tsv")
+    assert len(train) == 1002 and all(str(pid) in answers[str(qid)] for qid, pid in train)
+
+
 def test_fixed_wording_says_each_fact_one_way_and_changes_nothing_else(tmp_path, data):
     # RetroMAE's [CLS] must hold what its decoder needs to rebuild the passage: with fixed wording that is the
     # passage's content alone. The facts (values), fillers, queries and labels are those of the varied corpus.

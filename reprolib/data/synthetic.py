@@ -507,6 +507,11 @@ def _twins(rng, share, num_passages, per_fact=1):
     return twins
 
 
+def _answering(position, twins):
+    """The slots of the passages that state the entity's fact at `position`: its own passage, then its twins."""
+    return [SLOT_OF_FACT[position]] + [slot for p, slot in twins if p == position]
+
+
 def _query(rng, ref, attribute):
     slots = {"name": ref.name, "type": SYNONYMS[ref.type]}
     return _render(rng.choice(attribute.query), rng, slots).lower()
@@ -535,6 +540,30 @@ def _check_sizes(num_passages, num_train, num_dev):
     if num_train + num_dev > facts:
         raise ReprolibError(f"synthetic: {num_train:,} train + {num_dev:,} dev queries asked, but "
                             f"{num_passages:,} passages state only {facts:,} facts (one query per fact)")
+
+
+def _sizes(num_passages, num_train_queries, num_dev_queries, seed):
+    """The sizes and seed checked, with generate()'s defaults filled in."""
+    num_passages = _non_negative_int("num_passages", num_passages)
+    if num_train_queries is None:
+        num_train_queries = min(num_passages, 500_000)
+    if num_dev_queries is None:
+        num_dev_queries = min(max(num_passages // 10, 100), 7000)
+    num_train_queries = _non_negative_int("num_train_queries", num_train_queries)
+    num_dev_queries = _non_negative_int("num_dev_queries", num_dev_queries)
+    seed = _non_negative_int("seed", seed)
+    _check_sizes(num_passages, num_train_queries, num_dev_queries)
+    return num_passages, num_train_queries, num_dev_queries, seed
+
+
+def _check_twins(unlabelled_twins, twins_per_fact):
+    if isinstance(unlabelled_twins, bool) or not isinstance(unlabelled_twins, numbers.Real) \
+            or not 0 <= unlabelled_twins <= 1:
+        raise ReprolibError(f"synthetic: unlabelled_twins is a share of the facts, from 0 to 1, got {unlabelled_twins!r}")
+    if isinstance(twins_per_fact, bool) or not isinstance(twins_per_fact, numbers.Integral) \
+            or not 1 <= twins_per_fact < PASSAGES_PER_ENTITY:
+        raise ReprolibError(f"synthetic: twins_per_fact is how many other passages of the entity restate a fact, "
+                            f"1 to {PASSAGES_PER_ENTITY - 1}, got {twins_per_fact!r}")
 
 
 def _pick_facts(seed, num_facts, num_train, num_dev):
@@ -566,24 +595,11 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
     fillers and the queries are those of the varied corpus, and the queries still paraphrase.
     Defaults: num_train_queries = min(num_passages, 500k), num_dev_queries = 10% in [100, 7000].
     """
-    num_passages = _non_negative_int("num_passages", num_passages)
-    if num_train_queries is None:
-        num_train_queries = min(num_passages, 500_000)
-    if num_dev_queries is None:
-        num_dev_queries = min(max(num_passages // 10, 100), 7000)
-    num_train_queries = _non_negative_int("num_train_queries", num_train_queries)
-    num_dev_queries = _non_negative_int("num_dev_queries", num_dev_queries)
-    seed = _non_negative_int("seed", seed)
-    if isinstance(unlabelled_twins, bool) or not isinstance(unlabelled_twins, numbers.Real) \
-            or not 0 <= unlabelled_twins <= 1:
-        raise ReprolibError(f"synthetic: unlabelled_twins is a share of the facts, from 0 to 1, got {unlabelled_twins!r}")
-    if isinstance(twins_per_fact, bool) or not isinstance(twins_per_fact, numbers.Integral) \
-            or not 1 <= twins_per_fact < PASSAGES_PER_ENTITY:
-        raise ReprolibError(f"synthetic: twins_per_fact is how many other passages of the entity restate a fact, "
-                            f"1 to {PASSAGES_PER_ENTITY - 1}, got {twins_per_fact!r}")
+    num_passages, num_train_queries, num_dev_queries, seed = _sizes(num_passages, num_train_queries, num_dev_queries,
+                                                                    seed)
+    _check_twins(unlabelled_twins, twins_per_fact)
     if not isinstance(fixed_wording, bool):
         raise ReprolibError(f"synthetic: fixed_wording is true or false, got {fixed_wording!r}")
-    _check_sizes(num_passages, num_train_queries, num_dev_queries)
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -613,7 +629,7 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
                 position = facts[q] - e * ATTRIBUTES_PER_ENTITY
                 split = int(is_dev[q])
                 queries[split].write(f"{q}\t{_query(qrng, ref, attributes[position])}\n")
-                answering = [SLOT_OF_FACT[position]] + [slot for p, slot in twins if p == position]
+                answering = _answering(position, twins)
                 if not split:   # train: one of the answering passages is labelled, at random, as on MS MARCO
                     answering = [twin_rng.choice(answering)] if len(answering) > 1 else answering
                 qrels[split].writelines(f"{q}\t0\t{first_pid + slot}\t1\n" for slot in answering)   # dev: all
@@ -638,3 +654,23 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
         json.dump(stats, f, indent=2)
     seconds = time.perf_counter() - start
     return {**stats, "seconds": round(seconds, 3), "passages_per_second": round(num_passages / seconds)}
+
+
+def answers(num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, unlabelled_twins=0.0,
+            twins_per_fact=1):
+    """{qid: [pid, ...]}: every passage that states each query's fact, for the train queries as for the dev ones,
+    as generate() with the same settings writes them. A train query's qrels label one of these; the others are
+    what the labels leave out (bench/oracle_teacher.py teaches them)."""
+    num_passages, num_train_queries, num_dev_queries, seed = _sizes(num_passages, num_train_queries, num_dev_queries,
+                                                                    seed)
+    _check_twins(unlabelled_twins, twins_per_fact)
+    facts, _ = _pick_facts(seed, _num_facts(num_passages), num_train_queries, num_dev_queries)
+    found, twins_of = {}, {}
+    for q, fact in enumerate(facts):   # the qid is the fact's index, as in generate()
+        e, position = divmod(fact, ATTRIBUTES_PER_ENTITY)
+        first_pid = e * PASSAGES_PER_ENTITY
+        if e not in twins_of:   # generate()'s first draws from the entity's twin stream
+            n = min(PASSAGES_PER_ENTITY, num_passages - first_pid)
+            twins_of[e] = _twins(_rng(seed, _TWIN, e), unlabelled_twins, n, twins_per_fact) if unlabelled_twins else []
+        found[str(q)] = [str(first_pid + slot) for slot in _answering(position, twins_of[e])]
+    return found
