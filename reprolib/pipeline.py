@@ -124,9 +124,14 @@ def _read_yaml(path):
     if not path.is_file():
         raise _error(path, "pipeline file not found")
     try:
-        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise _error(path, "not valid UTF-8") from None
+    try:
+        loader = yaml.SafeLoader(text)   # it rejects unprintable characters as it starts
+    except yaml.reader.ReaderError as e:
+        line = text[:e.position].count("\n") + 1
+        raise _error(path, f"invalid YAML at line {line}: unacceptable character #x{e.character:04x}") from None
     try:
         node = loader.get_single_node()
         _check_duplicate_keys(path, node)
@@ -205,7 +210,10 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
         raise _error(path, f"stage '{sid}': cannot read notebook {notebook}: {e}") from None
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
     code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
-    declared = notebook_parameters(nb)
+    try:
+        declared = notebook_parameters(nb)
+    except SyntaxError as e:
+        raise _error(path, f"stage '{sid}': {notebook}: its parameters cell, line {e.lineno}: {e.msg}") from None
     for name in params:
         _check_declared(path, sid, notebook, declared, name)
     # defaults (e.g. seed) reach the stages whose notebooks have them
@@ -215,13 +223,16 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
 
 
 def notebook_parameters(nb):
-    """The names assigned in a notebook's cell tagged `parameters` (papermill injects values for these)."""
+    """The names assigned in a notebook's cell tagged `parameters` (papermill injects values for these). Magics
+    (`%matplotlib inline`) are read as IPython runs them; a cell that is not Python raises SyntaxError."""
     import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
 
     names = []
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            for node in ast.parse(cell.source).body:
+            for node in ast.parse(TransformerManager().transform_cell(cell.source)).body:
                 targets = node.targets if isinstance(node, ast.Assign) else \
                     [node.target] if isinstance(node, ast.AnnAssign) else []
                 names += [t.id for t in targets if isinstance(t, ast.Name)]

@@ -366,6 +366,28 @@ def test_yaml_syntax_and_missing_file(project):
         run(project, ok, from_stage="zz")
 
 
+def test_unprintable_character_in_the_yaml_names_its_line(project):
+    path = project / "params" / "bad.yaml"
+    path.write_text("run: demo\nstages:\n  - id: a\x01\n")
+    with pytest.raises(ReprolibError) as info:
+        run(project, path)
+    assert str(info.value) == f"{path}: invalid YAML at line 3: unacceptable character #x0001"
+
+
+def test_parameters_cell_is_read_as_ipython_runs_it(project):
+    # A magic is IPython, not Python: papermill runs it, so the pipeline reads past it; a typo is one line
+    make_notebook(project / "notebooks" / "magic.ipynb", STEP, params="%matplotlib inline\n" + STEP_PARAMS)
+    run(project, write_pipeline(project, [{"id": "a", "notebook": "magic", "params": {"value": 3}}]))
+    assert ran(project) == ["a"]
+    make_notebook(project / "notebooks" / "typo.ipynb", STEP, params=STEP_PARAMS + "\nvalue = (")
+    path = write_pipeline(project, [{"id": "a", "notebook": "typo"}])
+    with pytest.raises(ReprolibError) as info:
+        run(project, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: stage 'a': ") and "typo.ipynb: its parameters cell, line 8: " in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("measured, value, tolerance, status", [
     (0.3931, "0.393", 0.005, "OK"),
     (0.3925, "0.393", 0.005, "OK"),      # rounds half up to the printed 0.393
