@@ -919,7 +919,6 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
 
     from reprolib.progress import STAGE_ENVIRONMENT
 
-    # a live cell counter on a terminal; in a log file one line per stage (its bar would be a line per update)
     processes = []   # the processes this stage's kernel managers started, newest last
     manager = _stage_kernel_manager(zygote, stage_dir, {**STAGE_ENVIRONMENT, **(env or {})},
                                     kernels if kernels is not None else [], processes, abort)
@@ -928,6 +927,8 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
         log_start = kernel_log.stat().st_size if kernel_log.exists() else 0   # a rerun appends to the last one's
         started = len(processes)
         try:
+            # progress_bar: a live cell counter on a terminal; in a log file one line per stage (its bar would
+            # be a line per update)
             papermill.execute_notebook(str(stage.notebook), str(executed), parameters=params,
                                        kernel_name=stage.kernel, progress_bar=sys.stderr.isatty(),
                                        kernel_manager_class=manager)
@@ -985,6 +986,11 @@ def _died_at_start(error):
     return isinstance(error, RuntimeError) and "before replying to kernel_info" in str(error)
 
 
+def _start_timed_out(error):
+    """jupyter_client's error for a kernel that did not answer in time as it started (it then stops the kernel)."""
+    return isinstance(error, RuntimeError) and str(error).startswith("Kernel didn't respond")
+
+
 def _stage_kernel_manager(zygote, stage_dir, env, kernels, processes, abort=None):
     """The kernel manager class of one stage: the zygote's (forked kernels) or jupyter_client's. It starts its
     kernel in `stage_dir` with `env` added to this process's environment, and neither is set in this process
@@ -1037,7 +1043,7 @@ def _stage_error(sid, error, executed):
 
     if isinstance(error, PapermillExecutionError):
         return ReprolibError(f"stage '{sid}' failed in {_describe(error)} (see {executed})")
-    if isinstance(error, (NoSuchKernel, DeadKernelError)) or _died_at_start(error):
+    if isinstance(error, (NoSuchKernel, DeadKernelError)) or _died_at_start(error) or _start_timed_out(error):
         log = Path(executed).parent / KERNEL_LOG
         see = f"{executed} and {log}" if log.exists() and log.stat().st_size else str(executed)
         return ReprolibError(f"stage '{sid}' failed: {_describe(error)} (see {see})")

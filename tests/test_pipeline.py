@@ -1049,6 +1049,20 @@ def test_a_kernel_that_dies_before_its_first_cell_is_started_again(project, monk
     assert len(starts.read_text().split()) == min(deaths + 1, tries)
 
 
+def test_a_kernel_too_slow_to_start_is_one_line(project, monkeypatch):
+    # jupyter_client's start timeout (a loaded machine) is a RuntimeError of its own: a stage's error, no traceback
+    import papermill
+
+    def times_out(*args, **kwargs):
+        raise RuntimeError("Kernel didn't respond in 60 seconds")
+
+    monkeypatch.setattr(papermill, "execute_notebook", times_out)
+    with pytest.raises(ReprolibError, match=r"^stage 'a' failed: RuntimeError: Kernel didn't respond in 60 seconds "
+                                            r"\(see .*step.ipynb"):
+        run(project, write_pipeline(project, [STEP_STAGE]))
+    assert load_manifest(project / "outputs" / "demo")["stages"]["a"]["status"] == "failed"
+
+
 def test_jobs_a_stage_runs_alone_only_where_no_other_stage_could_overlap_it():
     """Whether a stage takes every core follows from the stages due in the run and what they read, never from what
     happens to be running when it starts: the same command gets the same threads, and the same numbers."""
