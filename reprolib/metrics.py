@@ -46,27 +46,27 @@ ACCEPTED_FORMS = (
     "recall_k, P_k, success_k (also as trec_eval -m spells them: ndcg_cut.10, recall.1000)"
 )
 
-# (pattern, ir_measures measure name, whether a cutoff is required)
+# (pattern, ir_measures measure name); group 1, where there is one, is the cutoff
 _PATTERNS = [
-    (r"m?rr(?:@(\d+))?", "RR", False),
-    (r"m?ap(?:@(\d+))?", "AP", False),
-    (r"ndcg(?:@(\d+))?", "nDCG", False),
-    (r"(?:r|recall)@(\d+)", "R", True),
-    (r"p@(\d+)", "P", True),
-    (r"success@(\d+)", "Success", True),
-    (r"recip_rank", "RR", False),
-    (r"map(?:_cut[._](\d+))?", "AP", False),
-    (r"ndcg(?:_cut[._](\d+))?", "nDCG", False),
-    (r"recall[._](\d+)", "R", True),
-    (r"p[._](\d+)", "P", True),
-    (r"success[._](\d+)", "Success", True),
+    (r"m?rr(?:@(\d+))?", "RR"),
+    (r"m?ap(?:@(\d+))?", "AP"),
+    (r"ndcg(?:@(\d+))?", "nDCG"),
+    (r"(?:r|recall)@(\d+)", "R"),
+    (r"p@(\d+)", "P"),
+    (r"success@(\d+)", "Success"),
+    (r"recip_rank", "RR"),
+    (r"map(?:_cut[._](\d+))?", "AP"),
+    (r"ndcg(?:_cut[._](\d+))?", "nDCG"),
+    (r"recall[._](\d+)", "R"),
+    (r"p[._](\d+)", "P"),
+    (r"success[._](\d+)", "Success"),
 ]
 
 
 def _parse_one(name):
     import ir_measures
 
-    for pattern, measure, _ in _PATTERNS:
+    for pattern, measure in _PATTERNS:
         m = re.fullmatch(pattern, name, flags=re.IGNORECASE)
         if not m:
             continue
@@ -165,18 +165,19 @@ def evaluate(run, qrels, metrics="RR@10 R@1000 nDCG@10", denominator="judged", i
     names = parse_metrics(metrics)
     if not qrels:
         raise ReprolibError("the qrels are empty")
+    qrels = {str(q): {str(p): int(r) for p, r in judged.items()} for q, judged in qrels.items()}
+    run = {str(q): {str(p): float(s) for p, s in hits.items()} for q, hits in run.items()}
     common = [qid for qid in qrels if qid in run]
     if not common:
         raise ReprolibError(
             f"the run and the qrels share no query id (run has {len(run)} queries, e.g. "
             f"{next(iter(run), None)!r}; qrels have {len(qrels)}, e.g. {next(iter(qrels))!r})"
         )
+    run = {qid: run[qid] for qid in common}
     if ignore_identical_ids:
         run = {qid: {pid: s for pid, s in hits.items() if pid != qid} for qid, hits in run.items()}
-    qrels = {str(q): {str(p): int(r) for p, r in judged.items()} for q, judged in qrels.items()}
-    run = {str(q): {str(p): float(s) for p, s in hits.items()} for q, hits in run.items() if q in qrels}
 
-    queries = list(qrels) if denominator == "judged" else [str(q) for q in common]
+    queries = list(qrels) if denominator == "judged" else common
     measures = list(dict.fromkeys(names.values()))
     values = _per_query(measures, qrels, run)
     per_query, aggregate = {}, {}

@@ -168,6 +168,17 @@ def test_ignore_identical_ids():
     assert evaluate(run, qrels, "RR@10", ignore_identical_ids=True).aggregate["RR@10"] == pytest.approx(1.0)
 
 
+def test_integer_ids_score_as_their_strings():
+    # ids read as numbers (a user's own dict) are the same queries and passages as the files' strings
+    as_text = evaluate(RUN, QRELS, "MRR@10 R@100")
+    run = {int(q[1:]): {ord(p): s for p, s in hits.items()} for q, hits in RUN.items()}
+    qrels = {int(q[1:]): {ord(p): r for p, r in judged.items()} for q, judged in QRELS.items()}
+    as_numbers = evaluate(run, qrels, "MRR@10 R@100")
+    assert as_numbers.aggregate == as_text.aggregate and as_text.aggregate["MRR@10"] > 0
+    assert evaluate({1: {"1": 2.0, 5: 1.0}}, {"1": {5: 1}}, "RR@10", ignore_identical_ids=True).aggregate == \
+        {"RR@10": 1.0}
+
+
 def test_no_common_query():
     with pytest.raises(ReprolibError, match="share no query"):
         evaluate({"x": {"a": 1.0}}, QRELS)
