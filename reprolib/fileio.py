@@ -1,6 +1,7 @@
 """Reading text files line by line with precise errors, writing files atomically, and stamping the files a run
 reads (to tell whether they changed since)."""
 import contextlib
+import errno
 import filecmp
 import gzip
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from reprolib.errors import DataError
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a write's own failures: no room, over quota, too large
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -76,6 +78,16 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())   # the bytes on disk before the rename: a crash leaves the old file or the new
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        # the block's own writes failed (disk full, ...); an input it was reading is the caller's to name
+        if isinstance(e, OSError) and (e.filename in (tmp, str(path)) or e.filename is None and e.errno in _FULL):
+            raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
+        raise
+    try:
         if keep_unchanged and _same_bytes(tmp, path):
             os.unlink(tmp)
             return
@@ -84,7 +96,7 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename in (None, tmp, str(path)):   # the write itself failed (disk full, ...)
+        if isinstance(e, OSError):   # a folder in the way, a read-only file system, ...
             raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
         raise
 

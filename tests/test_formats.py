@@ -293,6 +293,30 @@ def test_atomic_write_of_the_same_bytes_leaves_the_file_as_it_was(tmp_path):
 
 
 
+def test_atomic_write_names_the_output_only_for_its_own_failures(tmp_path, monkeypatch):
+    """A full disk is the output's problem; an input that fails while the block reads it is the caller's to name,
+    and what it wrote is on disk (fsync) before the rename."""
+    import errno
+    import os
+
+    from reprolib.fileio import atomic_write
+
+    path = tmp_path / "out.tsv"
+    for error, blamed in [(OSError(errno.ENOSPC, "No space left on device"), True),
+                          (OSError(errno.EIO, "Input/output error"), False), (gzip.BadGzipFile("bad input"), False)]:
+        with pytest.raises((OSError, DataError)) as info:
+            with atomic_write(path) as f:
+                f.write("x")
+                raise error
+        assert (isinstance(info.value, DataError) and "cannot write here" in str(info.value)) == blamed, error
+        assert list(tmp_path.iterdir()) == []
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    with atomic_write(path) as f:
+        f.write("written")
+    assert synced == [7] and path.read_text() == "written"
+
+
 def test_atomic_write_over_a_file_it_cannot_read_replaces_it(tmp_path, monkeypatch):
     import filecmp
 
