@@ -248,7 +248,8 @@ def _load_encoder(model, device, load=None):
     try:
         encoder = (load or load_encoder)(model)
     except (OSError, ValueError, SafetensorError) as e:  # transformers' "not found" / "not a model", damaged weights
-        raise ReprolibError(f"cannot load model {model}: {str(e).strip().splitlines()[0]}") from None
+        raise ReprolibError(f"cannot load model {model}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") \
+            from None
     return encoder.to(device)
 
 
@@ -297,12 +298,11 @@ def cmd_rerank(args):
     from reprolib.data.formats import check_doc_ids
     from reprolib.data.layout import load_queries
     from reprolib.modeling.encoder import autocast
-    from reprolib.rerank import rerank
+    from reprolib.rerank import rerank, top_hits
     queries = load_queries(args.queries, args.split)
     run = read_run(args.run)
     corpus = Corpus.open(args.corpus)
-    check_doc_ids(args.run, {qid: sorted(hits, key=lambda pid: -hits[pid])[:args.depth] for qid, hits in run.items()},
-                  corpus)
+    check_doc_ids(args.run, top_hits(run, args.depth), corpus)   # the passages it will score, named before loading
     cross_encoder = _load_cross_encoder(args.model, args.max_len)
     with autocast(args.precision, cross_encoder.device):
         reranked = rerank(cross_encoder, run, corpus, queries, depth=args.depth,

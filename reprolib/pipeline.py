@@ -45,7 +45,8 @@ STAGE_KEYS = ("id", "notebook", "params", "seeded")
 # A check compares a stage's metric with a paper's `value` (within `tolerance`, either side), or with
 # another stage `than` of the same run: better `by` at least this much, with a paired test p < `alpha`,
 # or (`within`) no further from it than this, either side (two one-sided tests, p < `alpha`), or
-# (`loses_at_most`) worse than it by no more than this (one one-sided test, p < `alpha`: "does not hurt").
+# (`loses_at_most`) worse than it by no more than this (one one-sided test, p < `alpha`: "does not hurt"), or
+# with a bound `at_most` (e.g. non-zeros per passage).
 EXPECTED_KEYS = ("stage", "metric", "value", "tolerance", "than", "than_metric", "by", "alpha", "within",
                  "loses_at_most", "at_most", "source")
 
@@ -360,8 +361,8 @@ def _parse_expected(path, raw, value_texts, stage_ids):
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _error(path, "'expected' must be a list of {stage, metric, value, tolerance, source} "
-                           "or {stage, metric, than, by, source}")
+        raise _error(path, "'expected' must be a list of {stage, metric, value, tolerance, source}, "
+                           "{stage, metric, than, by | within | loses_at_most, source} or {stage, metric, at_most, source}")
     expected = []
     for i, entry in enumerate(raw):
         where = f"expected[{i}]"
