@@ -337,7 +337,9 @@ def test_run_digest_reads_through_links_and_past_bookkeeping(tmp_path):
     (data / "corpus.tsv").write_text("p1\tt\ttext\n")
     config = TrainConfig(model="scratch:micro", out_dir=str(data / "run"), train_data=str(data))
     before = run_digest(config, 1)
-    for name in ("metrics.json", "params.json", "kernel.log", "lengths.png", "00_prepare_data.ipynb",
+    from reprolib.kernels import KERNEL_LOG
+    from reprolib.pipeline import METRICS, PARAMS   # the bookkeeping's names where they are written
+    for name in (METRICS, PARAMS, KERNEL_LOG, "lengths.png", "00_prepare_data.ipynb",
                  ".ipynb_checkpoints/00_prepare_data-checkpoint.ipynb", "run/train_log.csv"):
         (data / name).parent.mkdir(exist_ok=True)
         (data / name).write_text("written beside the data, not read by the training")
