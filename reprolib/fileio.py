@@ -75,17 +75,20 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise DataError(path, None, f"cannot write here ({e.strerror})") from None
+    in_block = True
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())   # the bytes on disk before the rename: a crash leaves the old file or the new
+            in_block = False
+            _sync(f)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        # the block's own writes failed (disk full, ...); an input it was reading is the caller's to name
-        if isinstance(e, OSError) and (e.filename in (tmp, str(path)) or e.filename is None and e.errno in _FULL):
-            raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
+        # syncing or closing fails for the output (a delayed write error shows there); in the block only a write's
+        # own failure does (disk full, ...): an input failing as the block reads it is the caller's to name
+        if isinstance(e, OSError) and (not in_block or e.filename in (tmp, str(path))
+                                       or e.filename is None and e.errno in _FULL):
+            raise _cannot_write(path, e) from None
         raise
     try:
         if keep_unchanged and _same_bytes(tmp, path):
@@ -97,8 +100,25 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):   # a folder in the way, a read-only file system, ...
-            raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
+            raise _cannot_write(path, e) from None
         raise
+
+
+def _cannot_write(path, error):
+    return DataError(path, None, f"cannot write here ({error.strerror or error})")
+
+
+def _sync(f):
+    """The bytes on disk before the rename, so a crash leaves the old file or the new, never an empty one. A block
+    may have closed the file itself; a file system without fsync (some FUSE mounts) only skips it."""
+    if f.closed:
+        return
+    f.flush()
+    try:
+        os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def _same_bytes(new, old):

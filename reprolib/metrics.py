@@ -166,14 +166,14 @@ def evaluate(run, qrels, metrics="RR@10 R@1000 nDCG@10", denominator="judged", i
     if not qrels:
         raise ReprolibError("the qrels are empty")
     qrels = {str(q): {str(p): int(r) for p, r in judged.items()} for q, judged in qrels.items()}
-    run = {str(q): {str(p): float(s) for p, s in hits.items()} for q, hits in run.items()}
-    common = [qid for qid in qrels if qid in run]
+    ranked = {str(q): hits for q, hits in run.items()}   # ids given as numbers are their strings
+    common = [qid for qid in qrels if qid in ranked]
     if not common:
         raise ReprolibError(
             f"the run and the qrels share no query id (run has {len(run)} queries, e.g. "
             f"{next(iter(run), None)!r}; qrels have {len(qrels)}, e.g. {next(iter(qrels))!r})"
         )
-    run = {qid: run[qid] for qid in common}
+    run = {qid: {str(p): float(s) for p, s in ranked[qid].items()} for qid in common}
     if ignore_identical_ids:
         run = {qid: {pid: s for pid, s in hits.items() if pid != qid} for qid, hits in run.items()}
 

@@ -213,8 +213,9 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
     code = [cell.source for cell in nb.cells if cell.cell_type == "code"]
     try:
         declared = notebook_parameters(nb)
-    except SyntaxError as e:
-        raise _error(path, f"stage '{sid}': {notebook}: its parameters cell, line {e.lineno}: {e.msg}") from None
+    except (SyntaxError, ValueError) as e:   # ValueError: a NUL byte, before Python 3.12
+        where = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise _error(path, f"stage '{sid}': {notebook}: its parameters cell{where}: {getattr(e, 'msg', e)}") from None
     for name in params:
         _check_declared(path, sid, notebook, declared, name)
     # defaults (e.g. seed) reach the stages whose notebooks have them
@@ -225,7 +226,8 @@ def _parse_stage(path, index, raw, defaults, notebook_dir):
 
 def notebook_parameters(nb):
     """The names assigned in a notebook's cell tagged `parameters` (papermill injects values for these). Magics
-    (`%matplotlib inline`) are read as IPython runs them; a cell that is not Python raises SyntaxError."""
+    (`%matplotlib inline`) are read as IPython runs them (a `%%` cell magic makes the whole cell its argument: no
+    names); a cell that is not Python raises SyntaxError."""
     import ast
 
     from IPython.core.inputtransformer2 import TransformerManager
@@ -935,7 +937,8 @@ def _execute(stage, executed, params, stage_dir, zygote=None, env=None, kernels=
                                        kernel_manager_class=manager)
             return
         except RuntimeError as e:  # also nbclient's DeadKernelError
-            e.kernel_end = _kernel_end(kernel_log, log_start)
+            # after its start timeout jupyter_client stops the kernel itself: how that ended is no cause
+            e.kernel_end = None if _start_timed_out(e) else _kernel_end(kernel_log, log_start)
             if e.kernel_end is None and _died_by_itself(e):
                 e.kernel_end = _process_end(processes[started:])
             # No cell has run, so starting again is safe. The usual cause is a race on the kernel's TCP ports:

@@ -315,6 +315,19 @@ def test_atomic_write_names_the_output_only_for_its_own_failures(tmp_path, monke
     with atomic_write(path) as f:
         f.write("written")
     assert synced == [7] and path.read_text() == "written"
+    with atomic_write(path) as f:   # a block may close the file itself
+        f.write("closed")
+        f.close()
+    assert synced == [7] and path.read_text() == "closed"
+
+    def delayed_write_error(fd):   # NFS, a failing disk: the write's error arrives with the sync
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", delayed_write_error)
+    with pytest.raises(DataError, match="cannot write here"):
+        with atomic_write(path) as f:
+            f.write("lost")
+    assert path.read_text() == "closed" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_atomic_write_over_a_file_it_cannot_read_replaces_it(tmp_path, monkeypatch):

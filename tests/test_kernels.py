@@ -277,6 +277,8 @@ def test_a_kernel_that_jupyter_client_stopped_itself_is_not_named_as_the_cause(t
     from reprolib import pipeline
 
     def fails(*args, **kwargs):
+        with open(tmp_path / kernels.KERNEL_LOG, "a") as log:   # what the proxy saw, for the timeout too
+            log.write(f"{kernels.KERNEL_END_PREFIX}(pid 7) was killed by SIGKILL\n")
         raise DeadKernelError("Kernel died") if error == "DeadKernelError" else RuntimeError(error)
 
     monkeypatch.setattr(papermill, "execute_notebook", fails)

@@ -379,13 +379,14 @@ def test_parameters_cell_is_read_as_ipython_runs_it(project):
     make_notebook(project / "notebooks" / "magic.ipynb", STEP, params="%matplotlib inline\n" + STEP_PARAMS)
     run(project, write_pipeline(project, [{"id": "a", "notebook": "magic", "params": {"value": 3}}]))
     assert ran(project) == ["a"]
-    make_notebook(project / "notebooks" / "typo.ipynb", STEP, params=STEP_PARAMS + "\nvalue = (")
-    path = write_pipeline(project, [{"id": "a", "notebook": "typo"}])
-    with pytest.raises(ReprolibError) as info:
-        run(project, path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: stage 'a': ") and "typo.ipynb: its parameters cell, line 8: " in message
-    assert "\n" not in message
+    for typo, where in [("\nvalue = (", ", line 8: "), ("\nvalue = '\0'", ": ")]:   # NUL: ValueError before 3.12
+        make_notebook(project / "notebooks" / "typo.ipynb", STEP, params=STEP_PARAMS + typo)
+        path = write_pipeline(project, [{"id": "a", "notebook": "typo"}])
+        with pytest.raises(ReprolibError) as info:
+            run(project, path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: stage 'a': ") and f"typo.ipynb: its parameters cell{where}" in message
+        assert "\n" not in message and "None" not in message
 
 
 @pytest.mark.parametrize("measured, value, tolerance, status", [
