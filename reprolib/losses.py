@@ -51,6 +51,16 @@ def gather_with_grad(t):
     return torch.cat(parts, dim=0)
 
 
+def _pad_to_widest(positive_ids):
+    """[B, K] padded with -1 to the widest K of every process: each pads its micro-batch to its own queries' most
+    positives, and all_gather takes one shape."""
+    if _rank_and_world_size()[1] == 1:
+        return positive_ids
+    width = torch.tensor(positive_ids.shape[1], device=positive_ids.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return F.pad(positive_ids, (0, int(width) - positive_ids.shape[1]), value=-1)
+
+
 def false_negative_mask(passage_ids, targets, positive_ids=None):
     """Boolean [num_queries, num_passages]: True where a passage is a labelled positive of the query
     other than its own target (Disentangled's false-negative masking, docs/recipes.md §5).
@@ -103,7 +113,7 @@ def contrastive_loss(
         passage_ids = None if passage_ids is None else gather_with_grad(passage_ids)
         if gather_queries:
             q = gather_with_grad(q)
-            positive_ids = None if positive_ids is None else gather_with_grad(positive_ids)
+            positive_ids = None if positive_ids is None else gather_with_grad(_pad_to_widest(positive_ids))
 
     scores = q @ p.T / temperature
     first_query = 0 if (gather_queries or not cross_device) else rank * num_local_queries

@@ -145,6 +145,8 @@ CONFIGS = {  # name -> contrastive_loss keyword arguments
     "unscaled": dict(cross_device=True, scale_by_world_size=False),
     "scaled_tau_masked": dict(cross_device=True, scale_by_world_size=True, temperature=0.5, masked=True),
     "docs_only": dict(cross_device=True, scale_by_world_size=False, gather_queries=False),
+    # rank 0's first query has a second positive (in rank 1's groups), so the ranks' positive_ids differ in width
+    "masked_positives": dict(cross_device=True, scale_by_world_size=True, masked=True, positives=True),
 }
 
 
@@ -164,11 +166,21 @@ def _encoder():
     return torch.nn.Sequential(torch.nn.Linear(D_IN, D), torch.nn.Tanh())
 
 
-def _loss_and_grads(xq, xp, ids, kwargs):
+def _positives(ids, queries):
+    """Each of `queries`' labelled positives, padded with -1 to the most any of them has (as a micro-batch's
+    collate pads them): query 0 also has rank 1's second passage."""
+    lists = [[int(ids[i * G])] + ([int(ids[N * G + 1])] if i == 0 else []) for i in queries]
+    width = max(map(len, lists))
+    return torch.tensor([row + [-1] * (width - len(row)) for row in lists])
+
+
+def _loss_and_grads(xq, xp, ids, kwargs, queries):
     kwargs = dict(kwargs)
     masked = kwargs.pop("masked", False)
+    positives = _positives(ids, queries) if kwargs.pop("positives", False) else None
     encoder = _encoder()
-    loss = contrastive_loss(encoder(xq), encoder(xp), G, passage_ids=ids if masked else None, **kwargs)
+    loss = contrastive_loss(encoder(xq), encoder(xp), G, passage_ids=ids[[i * G + j for i in queries for j in range(G)]]
+                            if masked else None, positive_ids=positives, **kwargs)
     loss.backward()
     return loss.detach(), [prm.grad.detach().clone() for prm in encoder.parameters()]
 
@@ -182,7 +194,7 @@ def _worker(rank, port, out_dir):
         local = slice(rank * N, (rank + 1) * N), slice(rank * N * G, (rank + 1) * N * G)
         results = {}
         for name, kwargs in CONFIGS.items():
-            loss, grads = _loss_and_grads(xq[local[0]], xp[local[1]], ids[local[1]], kwargs)
+            loss, grads = _loss_and_grads(xq[local[0]], xp[local[1]], ids, kwargs, range(rank * N, (rank + 1) * N))
             for grad in grads:  # what DDP does: average the gradients over processes
                 dist.all_reduce(grad, op=dist.ReduceOp.SUM)
                 grad /= WORLD_SIZE
@@ -209,7 +221,7 @@ def two_process_results(tmp_path_factory):
 
 def _single_process(name):
     xq, xp, ids = _global_data()
-    return _loss_and_grads(xq, xp, ids, CONFIGS[name])
+    return _loss_and_grads(xq, xp, ids, CONFIGS[name], range(WORLD_SIZE * N))
 
 
 def _assert_grads_close(actual, expected):
@@ -217,7 +229,7 @@ def _assert_grads_close(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["scaled", "scaled_tau_masked"])
+@pytest.mark.parametrize("name", ["scaled", "scaled_tau_masked", "masked_positives"])
 def test_cross_device_scaled_matches_single_process(two_process_results, name):
     """2 processes × N with ×W == 1 process × 2N: same loss (logged as loss/W) and same averaged grads."""
     single_loss, single_grads = _single_process(name)
