@@ -239,9 +239,16 @@ class TrainConfig:
             raise ReprolibError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16", "auto"):
             raise ReprolibError(f"{source}: mixed_precision must be no, fp16, bf16 or auto, not {self.mixed_precision!r}")
-        for name in ("group_size", "batch_size", "grad_accum", "epochs"):
-            if int(getattr(self, name)) < 1:
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps"):   # 0: none (max_steps: the epochs)
+            if (getattr(self, name) or 0) < 0:
+                raise ReprolibError(f"{source}: {name} must be at least 0, not {getattr(self, name)}")
+        for name in ("log_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be at least 1, not {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ReprolibError(f"{source}: temperature must be > 0, not {self.temperature}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ReprolibError(f"{source}: warmup_ratio must be in [0, 1], not {self.warmup_ratio}")
 
     def digest(self):
         """Hash of the options that change the trained weights (not logging or progress options); `run_digest` adds
@@ -427,6 +434,7 @@ def _resume_point(out_dir, digest, config, accelerator):
 def _save_checkpoint(accelerator, out_dir, step, digests, limit):
     path = Path(out_dir) / "checkpoints" / f"step-{step:07d}"
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()   # every process's random states written (save_state does not wait)
     if accelerator.is_main_process:
         # written last: a checkpoint folder without it is incomplete and ignored by resume
         with atomic_write(path / "trainer_state.json") as f:
@@ -443,6 +451,7 @@ def train(config, num_processes=1, log=print, **machines):
 
     With `num_processes` > 1 (all machines together) or `num_machines` > 1 the training runs under `accelerate
     launch` in a subprocess: see `launch` for `machines` (num_machines, machine_rank, main_process_ip, ...)."""
+    config.check()   # a TrainConfig built in code, not read from a YAML, is checked too
     if num_processes > 1 or machines.get("num_machines", 1) > 1:
         return launch(config, num_processes, log=log, **machines)
     from accelerate import Accelerator
@@ -767,7 +776,7 @@ def _typed(cls, name, value, source):
                     number = float(value)
                 except ValueError:
                     number = None
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number \
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
                     or (kind == "int" and number != int(number)):
                 raise ReprolibError(f"{source}: {name} must be {'an integer' if kind == 'int' else 'a number'}, "
                                     f"not {value!r}")

@@ -12,7 +12,7 @@ import pytest
 from reprolib.cli import main
 from reprolib.data import read_negatives, read_qrels, read_queries, read_run, read_scores, write_run
 from reprolib.data.corpus import Corpus
-from reprolib.errors import DataError
+from reprolib.errors import DataError, ReprolibError
 from test_cli import error_line, ok
 
 
@@ -385,6 +385,11 @@ def test_a_damaged_model_is_one_line(capsys, tmp_path, tiny_model, synthetic_dir
     ("negatives", 3, "negatives must be a string or a list, not 3"),
     ("negatives", [], "negatives must be a file or a list of files, not []"),
     ("negatives", ["a.tsv", 3], "negatives must be a file or a list of files, not ['a.tsv', 3]"),
+    ("batch_size", float("inf"), "batch_size must be an integer, not inf"),
+    ("log_steps", 0, "log_steps must be at least 1, not 0"),          # divided by: the main process alone crashed
+    ("max_steps", -3, "max_steps must be at least 0, not -3"),        # trained 0 steps and saved the start
+    ("temperature", 0.0, "temperature must be > 0, not 0.0"),
+    ("warmup_ratio", 1.5, "warmup_ratio must be in [0, 1], not 1.5"),
 ])
 def test_training_options_of_the_wrong_type(capsys, tmp_path, option, value, problem):
     import yaml
@@ -493,3 +498,11 @@ def test_an_encoder_that_returns_nan_writes_no_shard(capsys, monkeypatch, tmp_pa
                                "--shard-size", "1000"])
     assert "NaN or infinite values for passages 0-999" in line
     assert not (index / "shard_00000.npy").exists()
+
+
+def test_a_training_config_built_in_code_is_checked_too(tmp_path):
+    from reprolib.training import TrainConfig, train
+
+    with pytest.raises(ReprolibError, match="config: log_steps must be at least 1, not 0"):
+        train(TrainConfig(model="scratch:micro", out_dir=str(tmp_path / "out"), train_data=str(tmp_path), log_steps=0))
+    assert not (tmp_path / "out").exists()
