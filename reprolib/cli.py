@@ -298,7 +298,8 @@ def cmd_rerank(args):
     from reprolib.data.formats import check_doc_ids
     from reprolib.data.layout import load_queries
     from reprolib.modeling.encoder import autocast
-    from reprolib.rerank import rerank, top_hits
+    from reprolib.rerank import rerank
+    from reprolib.search import top_hits
     queries = load_queries(args.queries, args.split)
     run = read_run(args.run)
     corpus = Corpus.open(args.corpus)

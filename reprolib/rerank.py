@@ -15,6 +15,7 @@ from reprolib.data.formats import chunked, iter_negatives, iter_run
 from reprolib.data.templates import get_template
 from reprolib.errors import ReprolibError
 from reprolib.fileio import atomic_write, iter_lines
+from reprolib.search import top_hits
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +141,10 @@ def _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size):
     return scores
 
 
-def top_hits(run, depth):
-    """Each query's `depth` best-scored passage ids, best first: what a reranking of `run` scores."""
-    return {qid: sorted(hits, key=lambda pid: -hits[pid])[:depth] for qid, hits in run.items()}
-
-
 def rerank(cross_encoder, run, corpus, queries, depth=100, template="plain", batch_size=64, progress=True):
-    """The top `depth` hits of each query of `run`, rescored by the cross-encoder (a run of logits)."""
-    top = {qid: pids for qid, pids in top_hits(run, depth).items() if qid in queries}
+    """The top `depth` hits of each query of `run` (`search.top_hits`), rescored by the cross-encoder (a run of
+    logits)."""
+    top = {qid: list(hits) for qid, hits in top_hits(run, depth).items() if qid in queries}
     return score_pairs(cross_encoder, top, corpus, queries, template=template, batch_size=batch_size,
                        progress=progress)
 
