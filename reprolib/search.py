@@ -91,7 +91,8 @@ def search_index(encoder, queries, index_dir, corpus, topk=1000, batch_size=128,
 def fuse_runs(first, second, weight):
     """Hybrid retrieval: {qid: {pid: (1 - weight) * z1 + weight * z2}} over the union of each query's hits in two
     runs, where z standardizes a run's scores over the query's hits (a passage missing from one run gets that
-    run's lowest z there). Queries of `first` only; a query that `second` lacks keeps `first`'s ranking."""
+    run's lowest z there). Queries of `first` only; a query that one run lacks or has no hits for keeps the other's
+    ranking."""
     return _interpolated(_aligned(first, second), weight)
 
 
@@ -115,16 +116,19 @@ def _aligned(first, second):
     for qid, hits in first.items():
         other = second.get(qid) or {}
         pids = list(hits) + [pid for pid in other if pid not in hits]
-        z1 = _standardized(hits, pids)
-        aligned[qid] = (pids, z1, _standardized(other, pids) if other else z1)   # no second run: the first's ranking
+        z1, z2 = _standardized(hits, pids), _standardized(other, pids)
+        # a run without hits for the query (BM25 finds nothing for some): the other's ranking; neither: no hits
+        aligned[qid] = (pids, z2 if z1 is None else z1, z1 if z2 is None else z2) if pids else ([], (), ())
     return aligned
 
 
 def _standardized(hits, pids):
     """(score - mean) / sd of one query's hits, over `pids`; a pid without a hit gets the lowest. sd 1 where all
-    scores tie."""
+    scores tie; None without hits."""
     import numpy as np
 
+    if not hits:
+        return None
     scores = np.fromiter(hits.values(), dtype=np.float64, count=len(hits))
     mean, sd = scores.mean(), scores.std() or 1.0
     low = scores.min()
@@ -132,7 +136,8 @@ def _standardized(hits, pids):
 
 
 def _interpolated(aligned, weight):
-    return {qid: dict(zip(pids, ((1 - weight) * z1 + weight * z2).tolist())) for qid, (pids, z1, z2) in aligned.items()}
+    return {qid: dict(zip(pids, ((1 - weight) * z1 + weight * z2).tolist())) if pids else {}
+            for qid, (pids, z1, z2) in aligned.items()}
 
 
 def top_hits(run, depth, keep=None):

@@ -114,6 +114,9 @@ def test_fused_runs_interpolate_standardized_scores_over_the_union_of_hits():
     assert fuse_runs(first, second, 1.0)["q"]["b"] > fuse_runs(first, second, 1.0)["q"]["c"]   # second's order
     # a query the second run lacks keeps the first's ranking at any weight
     assert fuse_runs({"solo": {"x": 3.0, "y": 1.0}}, second, 1.0)["solo"] == pytest.approx({"x": 1.0, "y": -1.0})
+    # and a query the first run found nothing for (BM25, a query of stopwords) takes the second's, at any weight
+    assert fuse_runs({"q": {}}, second, 0.0)["q"] == pytest.approx({"b": 1.0, "c": -1.0})
+    assert fuse_runs({"none": {}}, second, 0.5) == {"none": {}}
 
 
 def test_the_fusion_weight_is_the_one_that_ranks_the_judged_queries_best():
