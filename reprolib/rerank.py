@@ -133,6 +133,9 @@ def _score_chunk(cross_encoder, chunk, corpus, queries, template, batch_size):
     unknown = [pid for (_, pid), position in zip(keys, positions) if position < 0]
     if unknown:
         raise ReprolibError(f"doc id {unknown[0]!r} to score is not in the corpus ({len(unknown)} unknown)")
+    unasked = [qid for qid, _ in chunk if qid not in queries]
+    if unasked:   # a qrels or run query the queries file lacks
+        raise ReprolibError(f"query id {unasked[0]!r} to score is not in the queries ({len(unasked)} unknown here)")
     texts = [(queries[qid], render(corpus.title(p), corpus.text(p), sep=cross_encoder.sep_token))
              for (qid, _), p in zip(keys, positions)]
     scores = {}

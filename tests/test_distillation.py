@@ -307,6 +307,8 @@ def test_teacher_scores_resume_from_a_partial_file(cross_encoder_dir, synthetic_
     assert calls == [6, 6, 6, 6, 6, 6]
     with pytest.raises(ReprolibError, match="not in the corpus"):
         score_pairs(model, {qids[0]: ["no-such-doc"]}, synthetic_corpus, queries, progress=False)
+    with pytest.raises(ReprolibError, match="query id 'no-such-query' to score is not in the queries"):
+        score_pairs(model, {"no-such-query": pairs[qids[0]]}, synthetic_corpus, queries, progress=False)
     with pytest.raises(ReprolibError, match="goes over its pairs twice"):   # an iterator would score nothing
         write_teacher_scores(model, iter(items), synthetic_corpus, queries, out, progress=False)
 
