@@ -208,6 +208,8 @@ def test_hits_read_from_a_run_or_a_teacher_scores_file(tmp_path):
     assert read_hits([run]) == read_run(run)
     commented = write_bytes(tmp_path / "commented.trec", "# bm25 run\n1 Q0 10 1 2.5 ce\n")
     assert read_hits(commented) == {"1": {"10": 2.5}}
+    commented = write_bytes(tmp_path / "commented.tsv", "# teacher scores\n1\t10\t2.5\n")
+    assert read_hits(commented) == {"1": {"10": 2.5}}
     bad = write_bytes(tmp_path / "bad.tsv", "1\t10\t2.5\n1 Q0 11 2 1.0 ce\n")
     with pytest.raises(DataError, match=r"bad.tsv:2: expected 3 fields"):
         read_hits(bad)
@@ -353,7 +355,7 @@ def test_run_comments_and_extra_fields_ignored(tmp_path):
 def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protocol):
     import pickle
 
-    from reprolib.data.formats import iter_scores_pickle
+    from reprolib.data.formats import iter_scores_pickle, load_scores_pickle
 
     table = {q: {(q * 7919 + i * 104729) % 9_000_000: (i - 150) / 7 for i in range(300)} for q in range(1200)}
     table["text"] = {"x" * 300: 1.5, 300: -2.0, 70_000: 1e300, -5: 0.0, 2**40: 1.0, "é": 2.0}
@@ -373,6 +375,14 @@ def test_a_scores_pickle_read_query_by_query_equals_pickle_load(tmp_path, protoc
     cut.write_bytes(pickle.dumps(table, protocol=protocol)[:-20])
     with pytest.raises(DataError, match="not a complete scores pickle"):
         list(iter_scores_pickle(cut))
+    damaged = tmp_path / "damaged.pkl.gz"   # the first deflate block's header flipped: zlib.error
+    data = bytearray(gzip.compress(pickle.dumps(table, protocol=protocol)))   # a 10-byte header, no file name
+    data[10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="not a complete scores pickle"):
+        list(iter_scores_pickle(damaged))
+    with pytest.raises(DataError, match="not a scores pickle"):
+        load_scores_pickle(damaged)
 
 
 @pytest.mark.parametrize("protocol", [0, 1])

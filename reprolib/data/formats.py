@@ -18,6 +18,7 @@ import json
 import math
 import pickle
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,8 @@ def iter_scores(path):
 
 def _score_lines(path):
     for number, line in iter_lines(path):
+        if line.lstrip().startswith("#"):   # comments, as in a run (read_hits skips them to tell the two apart)
+            continue
         fields = line.split()
         if len(fields) != 3:
             raise DataError(path, number, f"expected 3 fields (qid pid score), found {len(fields)}: {line[:80]!r}")
@@ -398,7 +401,7 @@ def load_scores_pickle(path):
     try:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
             table = _ScoresUnpickler(f).load()
-    except (OSError, EOFError, pickle.UnpicklingError) as e:
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError) as e:
         raise DataError(path, None, f"not a scores pickle ({e})") from None
     if not isinstance(table, dict) or not all(isinstance(hits, dict) for hits in table.values()):
         raise DataError(path, None, "expected a pickled dict {qid: {pid: score}}")
@@ -416,7 +419,7 @@ def iter_scores_pickle(path):
     try:
         with opener(path, "rb") as f:
             yield from _PickledScores(f).items()
-    except (OSError, EOFError, struct.error, IndexError, KeyError, UnicodeDecodeError, AttributeError) as e:
+    except (OSError, EOFError, zlib.error, struct.error, IndexError, KeyError, UnicodeDecodeError, AttributeError) as e:
         raise DataError(path, None, f"not a complete scores pickle ({type(e).__name__}: {e})") from None
 
 
@@ -542,7 +545,10 @@ class _PickledScores:
 
 def _read_scores_pickle(path):
     table = load_scores_pickle(path)
-    return {str(qid): {str(pid): float(score) for pid, score in hits.items()} for qid, hits in table.items()}
+    try:
+        return {str(qid): {str(pid): float(score) for pid, score in hits.items()} for qid, hits in table.items()}
+    except (TypeError, ValueError) as e:
+        raise DataError(path, None, f"a score that is not a number ({e})") from None
 
 
 # ---------------------------------------------------------------- id checks
