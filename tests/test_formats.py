@@ -412,3 +412,14 @@ def test_mine_negatives_reads_a_run_whose_queries_are_apart_whole(tmp_path, caps
     assert read_negatives(tmp_path / "n.tsv") == mine_negatives(read_run(run), read_qrels(qrels)) == \
         {"1": ["a", "d"], "2": ["b"]}
     assert capsys.readouterr().out.strip().startswith("wrote negatives for 2 queries")
+
+
+def test_a_pickled_score_that_is_not_a_number_is_named(tmp_path):
+    import pickle
+
+    from reprolib.data.formats import read_scores
+
+    path = tmp_path / "s.pkl"
+    path.write_bytes(pickle.dumps({"q1": {3: 1.5, 7: "high"}}))
+    with pytest.raises(DataError, match=r"s.pkl: a score that is not a number"):
+        read_scores(path)
