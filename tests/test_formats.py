@@ -52,6 +52,11 @@ def test_queries_round_trip(tmp_path):
     queries = {"1": "alpha beta", "q-2": "naïve — “quotes”", "3": "x"}
     write_queries(tmp_path / "q.tsv", queries)
     assert read_queries(tmp_path / "q.tsv") == queries
+    write_queries(tmp_path / "q.tsv", {"1": "a\ttab, a\nbreak\r\nand more"})   # BEIR's texts carry some
+    assert read_queries(tmp_path / "q.tsv") == {"1": "a tab, a break  and more"}
+    with pytest.raises(DataError, match="query id 'q 1' contains whitespace"):
+        write_queries(tmp_path / "q.tsv", {"q 1": "text"})
+    assert read_queries(tmp_path / "q.tsv") == {"1": "a tab, a break  and more"}
 
 
 def test_duplicate_query_id(tmp_path):

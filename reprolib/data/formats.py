@@ -27,6 +27,7 @@ from reprolib.errors import DataError, ReprolibError
 from reprolib.fileio import atomic_write, iter_lines, split_fields
 
 _WHITESPACE = re.compile(r"\s")   # what str.isspace() calls whitespace
+_LINE_BREAKS = re.compile(r"[\t\r\n]")   # what would split a tab-separated line or the line itself
 
 
 def json_record(path, number, line):
@@ -101,9 +102,12 @@ def read_queries(path):
 
 
 def write_queries(path, queries):
+    """`qid<TAB>text` lines. A tab or line break inside a text (BEIR's texts have some) becomes a space, so that
+    `read_queries` reads each query back as written; an id with whitespace is refused."""
     with atomic_write(path) as f:
         for qid, text in queries.items():
-            f.write(f"{qid}\t{text}\n")
+            check_id(path, None, str(qid), "query id")
+            f.write(f"{qid}\t{_LINE_BREAKS.sub(' ', str(text))}\n")
 
 
 # ---------------------------------------------------------------- qrels
