@@ -139,6 +139,24 @@ def test_download_resumes_after_a_dropped_connection(server, tmp_path):
     assert server.requests == [("/f.bin", None), ("/f.bin", "bytes=123456-")]
 
 
+def test_a_full_disk_is_named_not_retried_as_a_dropped_connection(server, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from reprolib.data import download as module
+
+    server.files["/f.bin"] = b"x" * 5000
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "open", lambda path, mode="r", *a, **k: Full() if "b" in mode and "r" not in mode
+                        else builtins.open(path, mode, *a, **k), raising=False)
+    with pytest.raises(ReprolibError, match=r"f\.bin\.part: cannot write the download \(No space left on device\)"):
+        download(server.url + "/f.bin", tmp_path / "f.bin", progress=False, retries=1)
+
+
 def test_download_resumes_a_part_file_left_by_a_crash(server, tmp_path):
     data = payload()
     server.files["/f.bin"] = data
@@ -222,6 +240,28 @@ def test_extract_refuses_path_traversal(tmp_path, kind, evil):
         extract(archive, tmp_path / "work" / "out")
     assert list((tmp_path / "work").iterdir()) == []
     assert not (tmp_path / "evil.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated", "zip_crc"])
+def test_a_damaged_archive_is_named_and_nothing_is_extracted(tmp_path, damage):
+    # A download without a checksum is kept: a damaged one must say so rather than pass (a failed gzip CRC sits
+    # past the tar's end blocks) or raise a traceback
+    members = {"top/a.txt": "A" * 5000, "top/b.txt": "B"}
+    if damage == "zip_crc":
+        data = bytearray(zip_bytes(members))
+        data[data.index(b"A" * 100)] = ord("C")   # stored, not deflated, by zip_bytes: a content byte changed
+        name = "a.zip"
+    else:
+        data = bytearray(tar_gz(members))
+        if damage == "crc":
+            data[-8] ^= 0xFF   # gzip's trailer: CRC32 of the whole tar
+        else:
+            data = data[:len(data) // 2]
+        name = "a.tar.gz"
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(ReprolibError, match=rf"{name}: damaged archive \(.*\); delete it and run again"):
+        extract(tmp_path / name, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_extract_refuses_links(tmp_path):

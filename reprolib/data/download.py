@@ -4,6 +4,8 @@ A download streams into `<dest>.part` and is renamed to `<dest>` only once it is
 checksum (when given) matches, so `<dest>` existing means "done". A `.part` left by a crash or a
 dropped connection is resumed with an HTTP Range request.
 """
+import contextlib
+import gzip
 import hashlib
 import http.client
 import shutil
@@ -11,6 +13,7 @@ import stat
 import tarfile
 import time
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
@@ -110,12 +113,18 @@ def _fetch_into(url, part, progress, timeout):
             total = int(length) if length and length.isdigit() else None
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                                          desc=part.name[:-len(".part")], disable=not progress) as bar:
-            try:
-                while chunk := response.read(CHUNK):
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (OSError, http.client.HTTPException):
+                    return False   # the connection dropped: the caller resumes
+                if not chunk:
+                    break
+                try:
                     f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException):
-                return False
+                except OSError as e:   # this disk, not the network: no retry helps
+                    raise ReprolibError(f"{part}: cannot write the download ({e.strerror or e})") from None
+                bar.update(len(chunk))
     return total is None or _size(part) == total
 
 
@@ -158,18 +167,19 @@ def extract(archive, dest_dir, prefix=""):
     staging.mkdir(parents=True)
     try:
         found = 0
-        for name, is_dir, open_member in _members(archive):
-            parts = _safe_parts(archive, name)
-            if parts[:len(want)] != want or len(parts) == len(want):
-                continue
-            target = staging.joinpath(*parts[len(want):])
-            found += 1
-            if is_dir:
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open_member() as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK)
+        with _damage_named(archive):
+            for name, is_dir, open_member in _members(archive):
+                parts = _safe_parts(archive, name)
+                if parts[:len(want)] != want or len(parts) == len(want):
+                    continue
+                target = staging.joinpath(*parts[len(want):])
+                found += 1
+                if is_dir:
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open_member() as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
         if not found:
             raise ReprolibError(f"{archive}: no members under {prefix!r}" if prefix else f"{archive}: archive is empty")
         if not dest_dir.exists():
@@ -185,6 +195,17 @@ def extract(archive, dest_dir, prefix=""):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _damage_named(archive):
+    """Reading a damaged archive (truncated, a failed CRC) raises one line naming it: a download without a checksum
+    is kept, and would be read again on every run."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ReprolibError(f"{archive}: damaged archive ({e}); delete it and run again to download it afresh") \
+            from None
 
 
 def _members(archive):
@@ -205,6 +226,8 @@ def _members(archive):
             if not (member.isfile() or member.isdir()):
                 raise ReprolibError(f"{archive}: member {member.name!r} is a link or special file; refusing to extract")
             yield member.name, member.isdir(), lambda member=member: tf.extractfile(member)
+        while tf.fileobj.read(CHUNK):   # past the end-of-archive blocks to gzip's trailer: its CRC is checked there
+            pass
 
 
 def _safe_parts(archive, name):
