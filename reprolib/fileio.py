@@ -4,6 +4,7 @@ import contextlib
 import errno
 import filecmp
 import gzip
+import json
 import os
 import tempfile
 import zlib
@@ -127,6 +128,21 @@ def _same_bytes(new, old):
         return old.is_file() and filecmp.cmp(new, old, shallow=False)
     except OSError:
         return False
+
+
+def is_built(marker, recipe):
+    """Whether a built folder's `marker` file records `recipe`; a marker cut short or unreadable counts as not built
+    (the folder is built again)."""
+    try:
+        return json.loads(Path(marker).read_text()) == recipe
+    except (OSError, ValueError):
+        return False
+
+
+def mark_built(marker, recipe):
+    """Record `recipe` in `marker`, the last file a build writes: a folder without it is built again."""
+    with atomic_write(marker) as f:
+        f.write(json.dumps(recipe, indent=2) + "\n")
 
 
 NOT_INPUTS = ("params.json", "metrics.json", "kernel.log")   # a pipeline stage's bookkeeping beside its data

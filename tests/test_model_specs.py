@@ -38,6 +38,11 @@ def test_scratch_bert_is_deterministic_and_knows_the_corpus_words(synthetic_corp
     mtime = (a / "model.safetensors").stat().st_mtime_ns
     build_scratch_model(synthetic_corpus, a, size="micro", seed=3)                  # same recipe: reused
     assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+    marker = a / "scratch.json"
+    marker.write_text(marker.read_text()[:10])   # a marker cut short (a crash as it was written): built again
+    build_scratch_model(synthetic_corpus, a, size="micro", seed=3)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads(marker.read_text())["seed"] == 3
 
 
 def test_pieces_vocabulary_splits_rare_words_into_pieces_seen_often(synthetic_corpus):

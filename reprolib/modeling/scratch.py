@@ -9,13 +9,13 @@ no-pretraining control start from one model.
 A model spec "scratch:<size>" (e.g. model="scratch:tiny" in a notebook) means "build this here"
 (reprolib.modeling.specs).
 """
-import json
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
 from reprolib.errors import ReprolibError
+from reprolib.fileio import is_built, mark_built
 
 SCRATCH_PREFIX = "scratch:"
 
@@ -72,7 +72,7 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
     # the corpus by content, not by its store's path: machines with copies of the data must agree that a build is done
     recipe = {"size": size, "seed": int(seed), "corpus": getattr(corpus, "fingerprint", None), "num_passages": len(corpus)}
     manifest = out_dir / MANIFEST
-    if manifest.exists() and json.loads(manifest.read_text()) == recipe:
+    if is_built(manifest, recipe):
         return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)   # another build's files (a scaled T5's) must not outlive it
     vocab_size, hidden, layers, heads, intermediate, min_word_count = SIZES[size]
@@ -96,7 +96,7 @@ def build_scratch_model(corpus, out_dir, size="tiny", seed=42, max_texts=200_000
         model = BertModel(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    manifest.write_text(json.dumps(recipe, indent=2) + "\n")
+    mark_built(manifest, recipe)
     return out_dir
 
 

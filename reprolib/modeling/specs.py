@@ -7,12 +7,11 @@
     t5-scaled:<t5 name/path>  that T5 with OpenMatch's fp16 weight scaling (`scale_t5_weights`), built on first use
 """
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 
 from reprolib.errors import ReprolibError
-from reprolib.fileio import file_stamps
+from reprolib.fileio import file_stamps, is_built, mark_built
 
 PACKAGE_PREFIX = "package:"
 T5_SCALED_PREFIX = "t5-scaled:"
@@ -90,10 +89,10 @@ def build_scaled_t5(name_or_path, build_dir):
     if Path(source).is_dir():   # by content: a T5 trained again at the same path is another source, a copy the same
         recipe["files"] = {name: file_digest(Path(source) / name, "sha256")
                            for name, _, _ in file_stamps(source, skip_under=build_dir)}
-    if built_from.exists() and json.loads(built_from.read_text()) == recipe:
+    if is_built(built_from, recipe):
         return build_dir
     shutil.rmtree(build_dir, ignore_errors=True)   # another build's files (a scratch model's) must not outlive it
     scale_t5_weights(T5ForConditionalGeneration.from_pretrained(source)).save_pretrained(build_dir)
     AutoTokenizer.from_pretrained(source).save_pretrained(build_dir)
-    built_from.write_text(json.dumps(recipe))   # last: a folder without it is rebuilt
+    mark_built(built_from, recipe)
     return build_dir
