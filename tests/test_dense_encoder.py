@@ -88,6 +88,29 @@ def test_sentence_transformers_export_matches(tiny_dirs, tmp_path, pooling, norm
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_hub_name_pools_as_its_sentence_transformers_folder(tiny_dirs, tmp_path):
+    """all-MiniLM-L6-v2 by name must mean-pool and normalize as its folder says, not fall back to [CLS]. Offline, from
+    a Hub cache laid out as huggingface_hub writes it (in a process of its own: the hub reads its settings once)."""
+    import shutil
+    import subprocess
+    import sys
+
+    export = DenseEncoder.from_pretrained(tiny_dirs["bert"], pooling="mean", normalize=True,
+                                          passage_max_len=64).save(tmp_path / "export")
+    (export / "reprolib_encoder.json").unlink()   # a sentence-transformers model as the Hub has it
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--acme--tiny-st"
+    shutil.copytree(export, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    script = ("from reprolib.modeling import DenseEncoder; e = DenseEncoder.from_pretrained('acme/tiny-st'); "
+              "print(e.pooling, e.normalize, e.query_max_len, e.passage_max_len)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["mean", "True", "64", "64"]
+
+
 def test_save_load_round_trip(tiny_dirs, tmp_path):
     enc = DenseEncoder.from_pretrained(tiny_dirs["bert"], pooling="mean", normalize=True, projection_dim=8,
                                        projection_bias=False, query_max_len=16, passage_max_len=48)

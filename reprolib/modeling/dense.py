@@ -139,10 +139,12 @@ class DenseEncoder(TextEncoder):
     def from_pretrained(cls, name_or_path, pooling=None, normalize=None, projection_dim=None, untie=None,
                         t5_mode=None, query_max_len=None, passage_max_len=None, projection_bias=None,
                         template=None, dropout=None, **model_kwargs):
-        """Load an HF model (name or path), a sentence-transformers folder, or a folder written by `save`.
+        """Load an HF model (name or path), a sentence-transformers model (folder or Hub name), or a folder written by
+        `save`.
 
         Unset arguments come from, in order: `template` (max lengths), the folder's reprolib_encoder.json
-        or sentence-transformers config (a saved untied model loads untied), then the defaults pooling="cls", normalize=False,
+        or sentence-transformers config (a Hub name's too; a saved untied model loads untied), then the defaults
+        pooling="cls", normalize=False,
         t5_mode="decoder", query/passage max length 32/128. `dropout` sets every dropout probability of the
         backbone (None: its config's). `model_kwargs` go to `from_pretrained` of the backbone (e.g.
         dtype=torch.bfloat16, attn_implementation="sdpa").
@@ -157,7 +159,10 @@ class DenseEncoder(TextEncoder):
         if saved and saved.get("kind", "dense") != "dense":
             raise ReprolibError(f"{path} holds a {saved['kind']} encoder; load it with "
                                 "reprolib.modeling.load_encoder")
-        st = None if saved else _read_sentence_transformers(path)
+        st = None if saved else _read_sentence_transformers(path if path.is_dir() else _hub_files(str(name_or_path)))
+        if st and st["transformer_path"] and not path.is_dir():
+            raise ReprolibError(f"{name_or_path}: its sentence-transformers model lies in {st['transformer_path']!r}; "
+                                "download it into a folder and load that")
         found = saved or (st or {})
         explicit = dict(pooling=pooling, normalize=normalize, projection_dim=projection_dim,
                         projection_bias=projection_bias, t5_mode=t5_mode,
@@ -339,9 +344,24 @@ def _write_json(path, obj):
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+# a sentence-transformers model's settings: its modules, the Transformer's max length, the Pooling's mode
+ST_FILES = ["modules.json", "sentence_bert_config.json", "*/config.json", "*/sentence_bert_config.json"]
+
+
+def _hub_files(name):
+    """The local copy of Hub model `name`'s sentence-transformers files (fetched, or from the cache offline), so that
+    a model loaded by name pools as its folder would; None where `name` is no Hub model or has none of them."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=ST_FILES))
+    except Exception:   # not a repo id, no such model, no network and no cache: loading the weights says which
+        return None
+
+
 def _read_sentence_transformers(path):
     """Settings of a local sentence-transformers folder (pooling, normalize, max length) or None."""
-    modules = _read_json(path / "modules.json") if path.is_dir() else None
+    modules = _read_json(path / "modules.json") if path is not None and path.is_dir() else None
     if not modules:
         return None
     out = {"transformer_path": ""}
