@@ -523,7 +523,7 @@ def train(config, num_processes=1, log=print, **machines):
     dev = DevEval(config, corpus) if config.eval_steps and main else None
     best = None   # the best dev evaluation so far: a resume continues from the one on disk, a new run clears it
     if main and start_step:
-        best = _read_json(out_dir / BEST_DIR / DEV_FILE)
+        best = _resume_dev(out_dir, start_step)
     elif main:
         for stale in (BEST_DIR, BEST_DIR + ".partial"):
             shutil.rmtree(out_dir / stale, ignore_errors=True)
@@ -623,6 +623,23 @@ def _evaluate(dev, objective, model, step, best, out_dir, log):
         shutil.rmtree(out_dir / BEST_DIR, ignore_errors=True)
         partial.rename(out_dir / BEST_DIR)
     return best
+
+
+def _resume_dev(out_dir, step):
+    """The best dev evaluation to resume from at `step`: a best/.partial that was complete (its dev_eval.json is
+    written last) when a crash stopped it replacing best/ takes its place, and dev_eval.csv drops the rows of the
+    steps that will be evaluated again."""
+    partial, best = out_dir / (BEST_DIR + ".partial"), out_dir / BEST_DIR
+    if (partial / DEV_FILE).exists():
+        shutil.rmtree(best, ignore_errors=True)
+        partial.rename(best)
+    shutil.rmtree(partial, ignore_errors=True)
+    log = out_dir / DEV_LOG
+    if log.exists():
+        header, *rows = log.read_text().splitlines(keepends=True)
+        with atomic_write(log, keep_unchanged=False) as f:   # appended to below: a file of its own
+            f.write(header + "".join(row for row in rows if int(row.split(",")[0]) <= step))
+    return _read_json(best / DEV_FILE)
 
 
 def _read_json(path):

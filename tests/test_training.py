@@ -603,6 +603,28 @@ def test_dev_evaluation_measures_the_retriever(synthetic_dir, synthetic_corpus, 
         dataclasses.replace(config, keep="best").check()
 
 
+def test_a_resume_continues_the_dev_log_and_best_of_its_checkpoint(tmp_path):
+    """A crash after step 6's evaluation, resumed from step 4's checkpoint: step 6 is evaluated again, so its row
+    goes; a best/.partial complete when the crash came (dev_eval.json is written last) is the best, an incomplete one
+    is not."""
+    from reprolib.training import _resume_dev
+
+    def model(folder, step, value):
+        folder.mkdir()
+        (folder / "weights").write_text(f"step {step}")
+        if value is not None:
+            (folder / "dev_eval.json").write_text(json.dumps({"step": step, "metric": "RR@10", "value": value}))
+
+    (tmp_path / "dev_eval.csv").write_text("step,RR@10\n2,0.1\n4,0.3\n6,0.2\n")
+    model(tmp_path / "best", 2, 0.1)
+    model(tmp_path / "best.partial", 4, 0.3)   # stopped before it replaced best/
+    assert _resume_dev(tmp_path, 4) == {"step": 4, "metric": "RR@10", "value": 0.3}
+    assert (tmp_path / "best" / "weights").read_text() == "step 4" and not (tmp_path / "best.partial").exists()
+    assert (tmp_path / "dev_eval.csv").read_text().splitlines() == ["step,RR@10", "2,0.1", "4,0.3"]
+    model(tmp_path / "best.partial", 6, None)  # stopped while it was saved
+    assert _resume_dev(tmp_path, 4)["step"] == 4 and not (tmp_path / "best.partial").exists()
+
+
 def test_a_new_run_does_not_take_an_earlier_runs_best(synthetic_dir, tmp_path, monkeypatch):
     """best/ and dev_eval.csv left by another config in the same out_dir are cleared, not continued."""
     import reprolib.dev_eval
