@@ -142,6 +142,19 @@ def test_qrels_lotte_qas_jsonl(tmp_path):
     assert read_qrels(path) == {"0": {"5": 1, "9": 1}, "1": {"3": 1}}
 
 
+@pytest.mark.parametrize("line, problem", [
+    ('{"qid": 1, "answer_pids": 5}', "2: answer_pids must be a list of ids, got 5"),
+    ('{"qid": null, "answer_pids": [5]}', "2: qid must be a string or an integer, got null"),
+    ('{"qid": "q 1", "answer_pids": [5]}', "2: qid 'q 1' contains whitespace, which TREC runs and qrels cannot carry"),
+    ('{"qid": 1, "answer_pids": [[5]]}', "2: answer pid must be a string or an integer, got [5]"),
+])
+def test_qrels_lotte_qas_jsonl_bad_records(tmp_path, line, problem):
+    path = write_bytes(tmp_path / "qas.jsonl", '{"qid": 0, "answer_pids": [3]}\n' + line + "\n")
+    raises_exactly(read_qrels, path, problem)
+    raises_exactly(read_qrels, write_bytes(tmp_path / "empty.jsonl", ""), " no judgements: the qrels file is empty")
+
+
+
 def test_qrels_round_trip(tmp_path):
     qrels = {"1": {"10": 1, "11": 0}, "q2": {"d-3": 3}}
     write_qrels(tmp_path / "qrels.tsv", qrels)

@@ -116,12 +116,17 @@ def read_qrels(path):
     """qid -> {pid: relevance} from TREC, 2-column, BEIR (header) or LoTTE qas.jsonl qrels."""
     path = Path(path)
     qrels = {}
-    if path.suffix == ".jsonl":  # LoTTE: {"qid": .., "answer_pids": [..]}
+    if path.name.endswith((".jsonl", ".jsonl.gz")):  # LoTTE: {"qid": .., "answer_pids": [..]}
         for number, line in iter_lines(path):
             record = json_record(path, number, line)
-            qid = str(_field(path, number, record, "qid"))
+            qid = record_id(path, number, _field(path, number, record, "qid"), "qid")
             pids = _field(path, number, record, "answer_pids")
-            _put_unique(qrels, qid, {str(p): 1 for p in pids}, path, number, "query id")
+            if not isinstance(pids, list):
+                raise DataError(path, number, f"answer_pids must be a list of ids, got {json.dumps(pids)}")
+            judged = {record_id(path, number, pid, "answer pid"): 1 for pid in pids}
+            _put_unique(qrels, qid, judged, path, number, "query id")
+        if not qrels:
+            raise DataError(path, None, "no judgements: the qrels file is empty")
         return qrels
     width = None  # fixed by the first row, so a truncated line is an error, not another format
     for number, line in iter_lines(path):
