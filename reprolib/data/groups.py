@@ -72,7 +72,7 @@ class TrainGroups:
         self.group_size = int(group_size)
         self.sampler = sampler
         self.topk = int(sample_neg_from_topk)
-        self.template = get_template(template) if isinstance(template, str) else template
+        self.template = get_template(template)
         self.sep = sep
         self.seed = int(seed)
         self.epoch = 0

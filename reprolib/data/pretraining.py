@@ -29,7 +29,7 @@ METHODS = ("retromae", "lexmae")
 
 def passage_texts(corpus, template="retromae_pretrain", limit=None, sep="[SEP]"):
     """The corpus's passages (the first `limit`) as pretraining text."""
-    tpl = get_template(template) if isinstance(template, str) else template
+    tpl = get_template(template)
     for i in range(min(len(corpus), limit or len(corpus))):
         yield tpl.render(corpus.title(i), corpus.text(i), sep=sep)
 
@@ -75,7 +75,7 @@ class PassageSequences:
 
     def __init__(self, corpus, tokenizer, template, max_seq_length, limit=None):
         self.corpus, self.tokenizer, self.max_seq_length = corpus, tokenizer, max_seq_length
-        self.template = get_template(template) if isinstance(template, str) else template
+        self.template = get_template(template)
         self.size = min(len(corpus), limit or len(corpus))
 
     def __len__(self):

@@ -43,6 +43,9 @@ TEMPLATES = {
 
 
 def get_template(name):
+    """The template named `name`; a Template itself is returned as it is."""
+    if isinstance(name, Template):
+        return name
     if name not in TEMPLATES:
         raise ReprolibError(f"unknown text template {name!r}; choose from {', '.join(TEMPLATES)}")
     return TEMPLATES[name]

@@ -170,7 +170,7 @@ class DenseEncoder(TextEncoder):
         if template is not None:
             from reprolib.data.templates import get_template
 
-            tpl = get_template(template) if isinstance(template, str) else template
+            tpl = get_template(template)
             explicit["query_max_len"] = explicit["query_max_len"] or tpl.query_max_len
             explicit["passage_max_len"] = explicit["passage_max_len"] or tpl.passage_max_len
         opts = {}

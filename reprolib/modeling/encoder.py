@@ -91,8 +91,6 @@ def _check_tokenizer(model, tokenizer):
     """Refuse a tokenizer that cannot be the model's: a folder without its tokenizer files can load one with a
     handful of tokens, which turns every word into [UNK] and trains or indexes nonsense without an error.
     Embedding matrices are often padded (T5: 32,128 rows for 32,100 tokens), so only a large gap is refused."""
-    from reprolib.errors import ReprolibError
-
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) < 0.9 * rows:
         where = getattr(model.config, "_name_or_path", "") or "the model"
@@ -154,11 +152,11 @@ class TextEncoder(nn.Module):
     def _model_inputs(self, batch):
         return {k: v for k, v in batch.items() if k in self._input_keys}
 
-    def tokenize(self, texts, side="query", max_length=None, pad_to_multiple_of=None):
-        """Tokenize a training batch: dynamic padding (to the longest text, optionally to a multiple of N)."""
+    def tokenize(self, texts, side="query", max_length=None):
+        """Tokenize a training batch: dynamic padding (to the longest text)."""
         first, second = _split_pairs(texts)
         enc = self.tokenizer(first, second, truncation=True, max_length=self._clip(max_length or self.max_len(side)),
-                             padding=True, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+                             padding=True, return_tensors="pt")
         return self._model_inputs(enc)
 
     def tokenize_buckets(self, texts, side="passage", bucket_size=16, max_length=None):
@@ -201,7 +199,7 @@ class TextEncoder(nn.Module):
     def render(self, items, template):
         from reprolib.data.templates import get_template
 
-        tpl = get_template(template) if isinstance(template, str) else template
+        tpl = get_template(template)
         out = []
         for item in items:
             title, text = (item.get("title", ""), item.get("text", "")) if isinstance(item, dict) else item
