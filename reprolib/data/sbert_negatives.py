@@ -84,7 +84,8 @@ def ce_margin_negatives(positives, systems, score, margin=CE_MARGIN, per_system=
     (line 42 skips `> threshold`). A pid taken from an earlier system is skipped and does not count
     against the next system's cap (lines 46-48). Each system stops after its `per_system`-th new pid
     (lines 49-50): the top of its ranking, not a sample. Positives need no explicit removal (neither
-    script has one): each scores at least the minimum, `margin` above the threshold.
+    script has one): each scores at least the minimum, `margin` above the threshold (so a margin of 0 or less
+    lets the weakest positive through, as it would there).
     """
     if not positives:
         return []  # train_bi-encoder_mnrl.py:171; download_neg.py:52 keeps only queries with positives
