@@ -6,9 +6,10 @@
 The miniature's data (notebook 00 with `unlabelled_twins`) state each fact in several passages of an entity and
 label one of them for a training query. The generator knows them all (`reprolib.data.synthetic.answers`, given the
 data stage's seed, sizes and twins). This script rescores the teacher's pool (RUN_DIR/teacher/teacher_scores.tsv:
-each training query's labelled answer and the teacher's top 20) with every answer at the labels' margin (RUN_DIR/teacher/label_scores.tsv's) and every other passage at 0. A student
-taught these scores is taught exactly what the labels leave out, and nothing wrong. Point a trial copy of the
-YAML's `distill` stage (`teacher_scores:`) at OUT.tsv to train it.
+each training query's labelled answer and the teacher's top 20) with every answer at the labels' margin
+(RUN_DIR/teacher/label_scores.tsv's) and every other passage at 0. A student taught these scores is taught exactly
+what the labels leave out, and nothing wrong. Point a trial copy of the YAML's `distill` stage (`teacher_scores:`) at
+OUT.tsv to train it.
 """
 import json
 import sys

@@ -82,16 +82,6 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
             yield f
             in_block = False
             _sync(f)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        # syncing or closing fails for the output (a delayed write error shows there); in the block only a write's
-        # own failure does (disk full, ...): an input failing as the block reads it is the caller's to name
-        if isinstance(e, OSError) and (not in_block or e.filename in (tmp, str(path))
-                                       or e.filename is None and e.errno in _FULL):
-            raise _cannot_write(path, e) from None
-        raise
-    try:
         if keep_unchanged and _same_bytes(tmp, path):
             os.unlink(tmp)
             return
@@ -100,13 +90,13 @@ def atomic_write(path, mode="w", encoding="utf-8", keep_unchanged=True):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError):   # a folder in the way, a read-only file system, ...
-            raise _cannot_write(path, e) from None
+        # past the block every OSError is the output's (a delayed write error at the sync, a folder in the way, a
+        # read-only file system); in it only a write's own (disk full, ...): an input failing as the block reads it
+        # is the caller's to name
+        if isinstance(e, OSError) and (not in_block or e.filename in (tmp, str(path))
+                                       or e.filename is None and e.errno in _FULL):
+            raise DataError(path, None, f"cannot write here ({e.strerror or e})") from None
         raise
-
-
-def _cannot_write(path, error):
-    return DataError(path, None, f"cannot write here ({error.strerror or error})")
 
 
 def _sync(f):

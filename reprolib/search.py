@@ -117,16 +117,18 @@ def _aligned(first, second):
         other = second.get(qid) or {}
         pids = list(hits) + [pid for pid in other if pid not in hits]
         z1, z2 = _standardized(hits, pids), _standardized(other, pids)
-        # a run without hits for the query (BM25 finds nothing for some): the other's ranking; neither: no hits
-        aligned[qid] = (pids, z2 if z1 is None else z1, z1 if z2 is None else z2) if pids else ([], (), ())
+        # a run without hits for the query (BM25 finds nothing for some): the other's ranking
+        aligned[qid] = (pids, z2 if z1 is None else z1, z1 if z2 is None else z2)
     return aligned
 
 
 def _standardized(hits, pids):
     """(score - mean) / sd of one query's hits, over `pids`; a pid without a hit gets the lowest. sd 1 where all
-    scores tie; None without hits."""
+    scores tie. Empty where `pids` is; None where this run has no hits for the query (the caller takes the other's)."""
     import numpy as np
 
+    if not pids:
+        return np.zeros(0)
     if not hits:
         return None
     scores = np.fromiter(hits.values(), dtype=np.float64, count=len(hits))
@@ -136,8 +138,7 @@ def _standardized(hits, pids):
 
 
 def _interpolated(aligned, weight):
-    return {qid: dict(zip(pids, ((1 - weight) * z1 + weight * z2).tolist())) if pids else {}
-            for qid, (pids, z1, z2) in aligned.items()}
+    return {qid: dict(zip(pids, ((1 - weight) * z1 + weight * z2).tolist())) for qid, (pids, z1, z2) in aligned.items()}
 
 
 def top_hits(run, depth, keep=None):

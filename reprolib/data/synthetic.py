@@ -659,8 +659,8 @@ def generate(out_dir, num_passages=5000, num_train_queries=None, num_dev_queries
 def answers(num_passages=5000, num_train_queries=None, num_dev_queries=None, seed=42, unlabelled_twins=0.0,
             twins_per_fact=1):
     """{qid: [pid, ...]}: every passage that states each query's fact, for the train queries as for the dev ones,
-    as generate() writes them with the same sizes, seed and twins (its wording does not move them). A train query's qrels label one of these; the others are
-    what the labels leave out (bench/oracle_teacher.py teaches them)."""
+    as generate() writes them with the same sizes, seed and twins (its wording does not move them). A train query's
+    qrels label one of these; the others are what the labels leave out (bench/oracle_teacher.py teaches them)."""
     num_passages, num_train_queries, num_dev_queries, seed = _sizes(num_passages, num_train_queries, num_dev_queries,
                                                                     seed)
     _check_twins(unlabelled_twins, twins_per_fact)
