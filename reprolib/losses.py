@@ -98,8 +98,8 @@ def contrastive_loss(
         the global batch; every process then computes the same global loss (RetroMAE, OpenMatch,
         Tevatron, Disentangled). With `gather_queries=False` only the passages are gathered and each
         process scores its own queries, whose targets are offset by rank*B*G (LexMAE).
-    scale_by_world_size: multiply the loss by the world size W (when cross_device and W > 1); divide
-        the returned value by W for logging.
+    scale_by_world_size: multiply the loss's gradient by the world size W (when cross_device and W > 1);
+        its value stays the global batch's cross entropy, so that it logs as one process would.
     passage_ids / positive_ids: when passage_ids ([B*G] integer ids) is given, candidates that are
         labelled positives of a query other than its own target get FALSE_NEGATIVE_FILL (Disentangled);
         see `false_negative_mask`. Both are gathered along with p and q.
@@ -126,9 +126,15 @@ def contrastive_loss(
     # process that produced a gathered row, so each process's backward yields only its own rows'
     # share of the global gradient: ×W turns DDP's mean of those shares into their sum, the exact
     # single-process gradient on the global batch. Without it (RetroMAE) gradients are 1/W of that.
-    if cross_device and scale_by_world_size:
-        loss = loss * world_size
+    # Only the gradient is scaled: a FLOPS or distillation term added to this loss is not gathered.
+    if cross_device and scale_by_world_size and world_size > 1:
+        loss = _scale_gradient(loss, world_size)
     return loss
+
+
+def _scale_gradient(x, factor):
+    """`x` in value (exactly: x - x.detach() is 0), `factor` × its gradient."""
+    return x.detach() + (x - x.detach()) * factor
 
 
 def group_scores(q, p, group_size):

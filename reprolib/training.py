@@ -226,6 +226,9 @@ class TrainConfig:
             raise ReprolibError(f"{source}: keep must be last or best, not {self.keep!r}")
         if self.keep == "best" and not self.eval_steps > 0:
             raise ReprolibError(f"{source}: keep: best needs dev evaluations (eval_steps > 0)")
+        if self.cross_device and self.objective not in ("contrastive", "sparse"):   # its loss has no batch to gather
+            raise ReprolibError(f"{source}: cross_device gathers a retriever's in-batch negatives, not the "
+                                f"{self.objective} objective's")
         if self.eval_steps and self.objective not in ("contrastive", "sparse"):
             raise ReprolibError(f"{source}: dev evaluation (eval_steps) scores retrievers, not the {self.objective} objective")
         if self.without_negatives not in WITHOUT_NEGATIVES:
@@ -534,7 +537,6 @@ def train(config, num_processes=1, log=print, **machines):
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", mininterval=1.0,
                disable=not (config.progress and main))
     rank = accelerator.process_index
-    scale = world if (config.cross_device and config.scale_loss_by_world_size and world > 1) else 1
     started = time.perf_counter()
     order = None
     model.train()
@@ -553,7 +555,7 @@ def train(config, num_processes=1, log=print, **machines):
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):   # DDP syncs on the last one only
                     loss, parts = forward_backward(objective, model, items, config, accelerator)
-                step_loss += loss / scale
+                step_loss += loss
                 for key, value in parts.items():
                     step_parts[key] += value
             grad_norm = None

@@ -400,6 +400,17 @@ def test_training_options_of_the_wrong_type(capsys, tmp_path, option, value, pro
     assert error_line(capsys, ["train", str(config)]) == f"error: {config}: {problem}"
 
 
+@pytest.mark.parametrize("objective", ["retromae", "lexmae", "cross_encoder"])
+def test_cross_device_is_refused_where_nothing_is_gathered(capsys, tmp_path, objective):
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": "scratch:micro", "out_dir": str(tmp_path / "out"), "train_data":
+                                      str(tmp_path), "objective": objective, "cross_device": True}))
+    assert error_line(capsys, ["train", str(config)]) == (
+        f"error: {config}: cross_device gathers a retriever's in-batch negatives, not the {objective} objective's")
+
+
 def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     from reprolib.training import TrainConfig
 

@@ -55,6 +55,16 @@ def test_contrastive_loss_targets_are_i_times_g():
     assert contrastive_loss(q, p_aligned, G).item() < 1e-6
 
 
+def test_the_world_size_scales_the_gradient_not_the_value():
+    from reprolib.losses import _scale_gradient
+
+    x = torch.tensor([0.3, -1.7], requires_grad=True)
+    scaled = _scale_gradient((x ** 2).sum(), 4)
+    assert scaled.item() == (x ** 2).sum().item()
+    scaled.backward()
+    torch.testing.assert_close(x.grad, 4 * 2 * x.detach())
+
+
 def test_contrastive_loss_without_process_group_ignores_cross_device_and_scaling():
     torch.manual_seed(1)
     q, p = torch.randn(2, 3), torch.randn(6, 3)
@@ -231,11 +241,13 @@ def _assert_grads_close(actual, expected):
 
 @pytest.mark.parametrize("name", ["scaled", "scaled_tau_masked", "masked_positives"])
 def test_cross_device_scaled_matches_single_process(two_process_results, name):
-    """2 processes × N with ×W == 1 process × 2N: same loss (logged as loss/W) and same averaged grads."""
+    """2 processes × N with ×W == 1 process × 2N: the same loss (only its gradient is scaled, so that it logs
+    as one process's, and a FLOPS or distillation term added to it keeps its own scale) and the same averaged
+    grads."""
     single_loss, single_grads = _single_process(name)
     for rank_results in two_process_results:
         res = rank_results[name]
-        torch.testing.assert_close(res["loss"] / WORLD_SIZE, single_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res["loss"], single_loss, rtol=1e-5, atol=1e-5)
         _assert_grads_close(res["grads"], single_grads)
 
 

@@ -460,6 +460,10 @@ def test_two_machines_on_localhost_train_like_one_process_with_the_same_global_b
     single, machines = _weights(tmp_path / "single" / "model"), _weights(tmp_path / "machines" / "model")
     for key in single:
         torch.testing.assert_close(machines[key], single[key], rtol=1e-4, atol=1e-5)
+    # and the same losses logged: the ×W is the gradient's, not the logged value's
+    logged = {run: [row["loss"] for row in read_log(tmp_path / run / "train_log.csv")] for run in ("single", "machines")}
+    assert len(logged["single"]) == 3
+    np.testing.assert_allclose(logged["machines"], logged["single"], rtol=1e-4)
 
 
 @pytest.mark.slow
