@@ -162,6 +162,15 @@ def test_qrels_round_trip(tmp_path):
     assert (tmp_path / "qrels.tsv").read_text().splitlines()[0] == "1\t0\t10\t1"
 
 
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore", "qid\tpid\trel"])
+def test_a_qrels_file_with_a_header_is_rewritten_with_one(tmp_path, header):
+    from reprolib.data.formats import rewrite_qrels
+
+    path = write_bytes(tmp_path / "qrels.tsv", f"{header}\n1\t10\t1\n1\t11\t1\n2\t12\t1\n")
+    rewrite_qrels(path, {"1": {"10": 1}})
+    assert path.read_text().splitlines() == ["query-id\tcorpus-id\tscore", "1\t10\t1"]
+
+
 def test_qrels_truncated_line(tmp_path):
     path = write_bytes(tmp_path / "qrels.tsv", "1 0 10 1\n1 0 11 1\n2 0\n")
     raises_exactly(read_qrels, path, "3: expected 4 fields, found 2: '2 0'")

@@ -130,8 +130,8 @@ def read_qrels(path):
         return qrels
     width = None  # fixed by the first row, so a truncated line is an error, not another format
     for number, line in iter_lines(path):
-        if number == 1 and line.split("\t")[0] in ("query-id", "qid", "query_id"):
-            continue  # BEIR header
+        if number == 1 and _is_qrels_header(line):
+            continue
         if line.lstrip().startswith("#"):
             continue  # trec_eval comment line ('#' inside an id is kept)
         fields = split_fields(path, number, line, (width,) if width else (2, 3, 4), sep=None)
@@ -176,7 +176,12 @@ def rewrite_qrels(path, qrels):
                     f.write(json.dumps(record) + "\n")
         return
     first = next(iter_lines(path), (0, ""))[1]
-    write_qrels(path, qrels, style="beir" if first.startswith("query-id") else "trec")
+    write_qrels(path, qrels, style="beir" if _is_qrels_header(first) else "trec")
+
+
+def _is_qrels_header(line):
+    """BEIR's header line, or a header of another name for its columns."""
+    return line.split("\t")[0] in ("query-id", "qid", "query_id")
 
 
 # ---------------------------------------------------------------- negatives
