@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprolib.errors import ReprolibError
-from reprolib.modeling.encoder import SIDES, TextEncoder, saved_config, set_dropout
+from reprolib.modeling.encoder import SIDES, TextEncoder, saved_config, set_dropout, template_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,7 @@ class DenseEncoder(TextEncoder):
         found = saved or (st or {})
         explicit = dict(pooling=pooling, normalize=normalize, projection_dim=projection_dim,
                         projection_bias=projection_bias, t5_mode=t5_mode,
-                        query_max_len=query_max_len, passage_max_len=passage_max_len)
-        if template is not None:
-            from reprolib.data.templates import get_template
-
-            tpl = get_template(template)
-            explicit["query_max_len"] = explicit["query_max_len"] or tpl.query_max_len
-            explicit["passage_max_len"] = explicit["passage_max_len"] or tpl.passage_max_len
+                        **template_lengths(template, query_max_len, passage_max_len))
         opts = {}
         for key, default in DEFAULTS.items():
             value = explicit[key]

@@ -293,6 +293,16 @@ def saved_config(name_or_path):
         raise ReprolibError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def template_lengths(template, query_max_len, passage_max_len):
+    """The max lengths given, those unset (None) taken from `template` (a name or a Template) where one is given."""
+    if template is not None:
+        from reprolib.data.templates import get_template
+
+        tpl = get_template(template)
+        query_max_len, passage_max_len = query_max_len or tpl.query_max_len, passage_max_len or tpl.passage_max_len
+    return dict(query_max_len=query_max_len, passage_max_len=passage_max_len)
+
+
 def _text_list(texts):
     if isinstance(texts, (str, tuple)):
         raise TypeError("pass a list of texts, not a single text")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reprolib.modeling.encoder import TextEncoder, saved_config, set_dropout
+from reprolib.modeling.encoder import TextEncoder, saved_config, set_dropout, template_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +147,7 @@ class SparseEncoder(TextEncoder):
             model_kwargs["config"] = set_dropout(AutoConfig.from_pretrained(name_or_path), dropout)
         saved = saved_config(name_or_path) if Path(name_or_path).is_dir() else None
         found = saved if saved and saved.get("kind") == cls.kind else {}
-        explicit = dict(query_max_len=query_max_len, passage_max_len=passage_max_len)
-        if template is not None:
-            from reprolib.data.templates import get_template
-
-            tpl = get_template(template)
-            explicit["query_max_len"] = explicit["query_max_len"] or tpl.query_max_len
-            explicit["passage_max_len"] = explicit["passage_max_len"] or tpl.passage_max_len
+        explicit = template_lengths(template, query_max_len, passage_max_len)
         opts = {key: explicit[key] if explicit[key] is not None else found.get(key, default)
                 for key, default in DEFAULTS.items()}
 
