@@ -5,16 +5,21 @@ predicts with the checkpoint of the best MRR@10. `DevEval` does that for any ret
 
     rerank   with `eval_candidates` (a TREC run, e.g. BM25's on the dev queries): each query's first
              `eval_depth` candidates are scored by the current model and re-sorted;
-    exact    without: the whole corpus is encoded and searched (a small corpus, or a dev subset of queries).
+    exact    without: the whole corpus is encoded and searched (a small corpus, or a dev subset of queries),
+             each query's first `eval_depth` hits kept.
 
 `eval_max_queries` keeps the first N dev queries (in qid order) that have judgements: the same queries at
 every evaluation. The metric is computed by `reprolib.metrics.evaluate`, like every other number.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from reprolib.errors import ReprolibError
+
+logger = logging.getLogger(__name__)
 
 
 class DevEval:
@@ -33,7 +38,7 @@ class DevEval:
         self.corpus, self.template = corpus, config.template
         self.queries = {q: queries[q] for q in qids}
         self.qrels = {q: qrels[q] for q in qids}
-        self.candidates = None
+        self.depth, self.candidates = config.eval_depth, None
         if config.eval_candidates:
             run = read_run(config.eval_candidates)
             self.candidates = {}
@@ -41,6 +46,13 @@ class DevEval:
                 ranked = sorted(run.get(q, {}).items(), key=lambda hit: -hit[1])[:config.eval_depth]
                 positions = corpus.positions([pid for pid, _ in ranked])
                 self.candidates[q] = [int(p) for p in positions if p >= 0]
+            empty = [q for q in qids if not self.candidates[q]]
+            if len(empty) == len(qids):
+                raise ReprolibError(f"dev evaluation: {config.eval_candidates} ranks no passage of the corpus for "
+                                    f"any {config.eval_split} query (a run of other queries?)")
+            if empty:   # each scores 0, as a first stage that finds nothing would
+                logger.warning("dev evaluation: %s ranks no passage for %d of the %d %s queries, e.g. %r",
+                               config.eval_candidates, len(empty), len(qids), config.eval_split, empty[0])
 
     def __call__(self, encoder):
         """The metric of `encoder` (a DenseEncoder or SparseEncoder) on the dev queries."""
@@ -64,7 +76,7 @@ class DevEval:
             for row, q in enumerate(qids):
                 run[q] = {pid_of(p): float(scores[row, column[p]]) for p in self.candidates[q]}
         else:
-            depth = min(100, scores.shape[1])
+            depth = min(self.depth, scores.shape[1])   # as deep as a rerank would score
             for row, q in enumerate(qids):
                 best = np.argpartition(-scores[row], depth - 1)[:depth]
                 run[q] = {pid_of(positions[i]): float(scores[row, i]) for i in best}

@@ -124,7 +124,7 @@ class TrainConfig:
     eval_data: str | None = None          # dataset with the dev queries and qrels (None: train_data)
     eval_split: str = "dev"
     eval_candidates: str | None = None    # TREC run to rerank (e.g. BM25's); None: exact search of the corpus
-    eval_depth: int = 1000                # candidates reranked per query
+    eval_depth: int = 1000                # hits per query: candidates reranked, or kept from an exact search
     eval_max_queries: int | None = None   # the first N judged dev queries (qid order)
     eval_metric: str = "RR@10"
     keep: str = "last"                    # the model saved: last | best (by eval_metric)

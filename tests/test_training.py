@@ -607,6 +607,30 @@ def test_dev_evaluation_measures_the_retriever(synthetic_dir, synthetic_corpus, 
         dataclasses.replace(config, keep="best").check()
 
 
+def test_exact_dev_search_keeps_as_many_hits_as_a_rerank_scores(synthetic_dir, synthetic_corpus, tmp_path, caplog):
+    """R@1000 (or any metric past 100) by exact search is computed on `eval_depth` hits, as a rerank of the whole
+    corpus computes it; a candidates run that misses queries is said, one that misses them all refused."""
+    from reprolib.data.formats import write_run
+    from reprolib.dev_eval import DevEval
+    from reprolib.modeling import DenseEncoder
+
+    encoder = DenseEncoder.from_pretrained(_micro_init(synthetic_dir, tmp_path / "init"))
+    config = _config(synthetic_dir, tmp_path / "run", eval_max_queries=20, eval_metric="R@1000",
+                     eval_depth=len(synthetic_corpus))
+    exact = DevEval(config, synthetic_corpus)
+    pids = [synthetic_corpus.id(i) for i in range(len(synthetic_corpus))]
+    qids = list(exact.queries)
+    for name, ranked in (("all", qids), ("most", qids[1:])):
+        write_run(tmp_path / f"{name}.trec", {q: {p: -i for i, p in enumerate(pids)} for q in ranked})
+    rerank = DevEval(dataclasses.replace(config, eval_candidates=str(tmp_path / "all.trec")), synthetic_corpus)
+    assert len(synthetic_corpus) > 1000 and exact(encoder) == pytest.approx(rerank(encoder))
+    DevEval(dataclasses.replace(config, eval_candidates=str(tmp_path / "most.trec")), synthetic_corpus)
+    assert "ranks no passage for 1 of the 20" in caplog.text
+    write_run(tmp_path / "other.trec", {"other": {pids[0]: 1.0}})
+    with pytest.raises(ReprolibError, match="ranks no passage of the corpus for any"):
+        DevEval(dataclasses.replace(config, eval_candidates=str(tmp_path / "other.trec")), synthetic_corpus)
+
+
 def test_a_resume_continues_the_dev_log_and_best_of_its_checkpoint(tmp_path):
     """A crash after step 6's evaluation, resumed from step 4's checkpoint: step 6 is evaluated again, so its row
     goes; a best/.partial complete when the crash came (dev_eval.json is written last) is the best, an incomplete one
