@@ -328,8 +328,11 @@ def score_groups(encoder, groups, num_groups=200, batch_size=64):
 
 
 def group_accuracy(positive_scores, negative_scores):
-    """The share of groups whose positive outscores every one of its negatives (`score_groups`' two arrays)."""
+    """The share of groups whose positive outscores every one of its negatives (`score_groups`' two arrays); NaN
+    for groups of a positive alone (group_size 1: in-batch negatives only), which have nothing to outscore."""
     import numpy as np
 
+    if len(negative_scores) == 0:
+        return float("nan")
     negatives = np.asarray(negative_scores).reshape(len(positive_scores), -1)
     return float(np.mean(np.asarray(positive_scores) > negatives.max(axis=1)))

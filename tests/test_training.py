@@ -607,6 +607,19 @@ def test_dev_evaluation_measures_the_retriever(synthetic_dir, synthetic_corpus, 
         dataclasses.replace(config, keep="best").check()
 
 
+def test_group_accuracy_of_groups_without_negatives_is_nan_not_a_crash(synthetic_dir, synthetic_corpus, tmp_path):
+    """group_size 1 (in-batch negatives only): the notebooks' before/after group accuracy has nothing to count."""
+    from reprolib.objectives import group_accuracy, load_encoder, load_groups, score_groups
+
+    assert group_accuracy([0.9, 0.1], [0.5, 0.2, 0.3, 0.0]) == 0.5
+    config = _config(synthetic_dir, tmp_path / "run", model=str(_micro_init(synthetic_dir, tmp_path / "init")),
+                     group_size=1)
+    encoder = load_encoder(config, synthetic_corpus)
+    positives, negatives = score_groups(encoder, load_groups(config, encoder.sep_token), num_groups=8)
+    assert len(positives) == 8 and len(negatives) == 0
+    assert np.isnan(group_accuracy(positives, negatives))
+
+
 def test_exact_dev_search_keeps_as_many_hits_as_a_rerank_scores(synthetic_dir, synthetic_corpus, tmp_path, caplog):
     """R@1000 (or any metric past 100) by exact search is computed on `eval_depth` hits, as a rerank of the whole
     corpus computes it; a candidates run that misses queries is said, one that misses them all refused."""
