@@ -210,6 +210,12 @@ class TrainConfig:
         for name in ("encoder_mask_ratio", "decoder_mask_ratio"):
             if not 0 < getattr(self, name) < 1:
                 raise ReprolibError(f"{source}: {name} must be between 0 and 1, not {getattr(self, name)}")
+        if self.objective == "lexmae" and self.decoder_mask_ratio < self.encoder_mask_ratio:
+            raise ReprolibError(f"{source}: LexMAE's decoder masks the encoder's positions and more: decoder_mask_ratio "
+                                f"{self.decoder_mask_ratio} must be at least encoder_mask_ratio {self.encoder_mask_ratio}")
+        if self.pack and self.objective != "retromae":
+            raise ReprolibError(f"{source}: pack builds RetroMAE's blocks of text; the {self.objective} objective "
+                                "takes one passage a sequence")
         if self.distillation not in (None, *DISTILLATIONS):
             raise ReprolibError(f"{source}: distillation must be one of {', '.join(DISTILLATIONS)}, not {self.distillation!r}")
         if bool(self.distillation) != bool(self.teacher_scores):

@@ -400,6 +400,22 @@ def test_training_options_of_the_wrong_type(capsys, tmp_path, option, value, pro
     assert error_line(capsys, ["train", str(config)]) == f"error: {config}: {problem}"
 
 
+@pytest.mark.parametrize("options, problem", [
+    (dict(objective="lexmae", encoder_mask_ratio=0.3, decoder_mask_ratio=0.15),
+     "LexMAE's decoder masks the encoder's positions and more: decoder_mask_ratio 0.15 must be at least "
+     "encoder_mask_ratio 0.3"),   # silently masked 30%: the decoder's extra rate came out negative
+    (dict(objective="lexmae", pack=True), "pack builds RetroMAE's blocks of text; the lexmae objective takes one "
+                                          "passage a sequence"),   # silently ignored
+])
+def test_pretraining_options_that_would_be_ignored_are_refused(capsys, tmp_path, options, problem):
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": "scratch:micro", "out_dir": str(tmp_path / "out"),
+                                      "train_data": str(tmp_path), **options}))
+    assert error_line(capsys, ["train", str(config)]) == f"error: {config}: {problem}"
+
+
 @pytest.mark.parametrize("objective", ["retromae", "lexmae", "cross_encoder"])
 def test_cross_device_is_refused_where_nothing_is_gathered(capsys, tmp_path, objective):
     import yaml
