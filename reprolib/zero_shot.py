@@ -60,12 +60,12 @@ def parse_dataset(entry, split="test"):
     """The Dataset an entry names (see the module doc); `split`: the query set of non-LoTTE entries."""
     source, query_set = entry, None
     head, at, tail = entry.rpartition("@")
-    if at and QUERY_SET.fullmatch(tail):  # an "@" inside a directory path is left alone
+    if at and QUERY_SET.fullmatch(tail) and not Path(entry).is_dir():   # an "@" in a folder's path is its own
         source, query_set = head, tail
     parts = source.split("/")
     source = _resolved(source)   # a folder named relatively or absolutely is one dataset, its results reused
     if Path(source).is_dir():
-        name = Path(source).name
+        name = Path(source).name.replace("@", "-")   # "@" names a metric's cutoff in its results' keys
     elif parts[0] == "beir" and len(parts) == 2:
         name = parts[1]
     elif parts[0] == "lotte" and len(parts) == 3:

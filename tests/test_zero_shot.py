@@ -29,6 +29,9 @@ def test_a_directory_is_named_after_itself_and_may_name_its_split(tmp_path):
     folder.mkdir(parents=True)
     assert zero_shot.parse_dataset(str(folder), split="dev") == Dataset("fiqa", str(folder), "dev")
     assert zero_shot.parse_dataset(f"{folder}@train") == Dataset("fiqa-train", str(folder), "train")
+    versioned = tmp_path / "scifact@v2"   # a folder whose own name has one
+    versioned.mkdir()
+    assert zero_shot.parse_dataset(str(versioned)) == Dataset("scifact-v2", str(versioned), "test")
 
 
 @pytest.mark.parametrize("entry, message", [
