@@ -100,6 +100,23 @@ def test_example_labels_and_padding():
     assert (batch["decoder_labels"][1, 5:] == IGNORE).all()
 
 
+def test_a_batch_with_nothing_masked_has_a_zero_loss_not_nan():
+    import torch
+
+    from reprolib.modeling.autoencoder import MaskedAutoEncoder
+
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    head = torch.nn.Linear(4, 7)
+    loss = MaskedAutoEncoder.mlm_loss(hidden, torch.full((2, 5), IGNORE), head)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert not hidden.grad.any()
+    labels = torch.full((2, 5), IGNORE)
+    labels[1, 2] = 3
+    expected = torch.nn.functional.cross_entropy(head(hidden[1, 2:3]), torch.tensor([3]))
+    torch.testing.assert_close(MaskedAutoEncoder.mlm_loss(hidden, labels, head), expected)
+
+
 def test_retromae_losses_fall_on_the_synthetic_corpus(synthetic_corpus, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, BertForMaskedLM

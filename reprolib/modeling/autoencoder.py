@@ -48,6 +48,8 @@ class MaskedAutoEncoder(nn.Module):
         |V|-wide projection and the costliest layer of a small BERT, runs there only: HF's BertForMaskedLM
         scores every position, though only the masked ones count."""
         labelled = labels != IGNORE
+        if not labelled.any():   # whole-word masking can mask nothing in a short batch: 0, not cross_entropy's NaN
+            return hidden.sum() * 0.0
         return F.cross_entropy(head(hidden[labelled]), labels[labelled])
 
     def gradient_checkpointing_enable(self):
