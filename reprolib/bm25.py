@@ -77,7 +77,8 @@ class BM25Index:
 
     def top_k(self, terms, k):
         """(positions, scores) of the `k` best passages holding one of the term ids `terms`, best first
-        (ties by position); fewer when fewer passages match."""
+        (ties within the k by position; which of several passages tied at the k-th score make the cut is numpy's
+        argpartition's choice, the same on every run); fewer when fewer passages match."""
         if not terms:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         postings = [slice(self.indptr[t], self.indptr[t + 1]) for t in terms]
