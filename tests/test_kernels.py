@@ -109,6 +109,21 @@ def test_each_stage_gets_a_fresh_warm_kernel_in_its_directory(tmp_path, monkeypa
     assert kernel_processes(token=token) == []                        # zygote, proxies and kernels are gone
 
 
+def test_the_zygote_loads_faiss_with_the_openblas_kernels_named(monkeypatch):
+    """Every forked stage's faiss is the zygote's: its OpenBLAS must get the kernels require_faiss names (a quarter
+    of the flat-search speed on a Sapphire Rapids Xeon otherwise), and the variable must not reach the stages."""
+    from reprolib import cpu
+
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    monkeypatch.setattr(cpu, "openblas_coretype", lambda: "Haswell")
+    seen = {}
+    monkeypatch.setattr(kernels.importlib, "import_module",
+                        lambda module: seen.setdefault(module, os.environ.get("OPENBLAS_CORETYPE")))
+    kernels._warm_up(("numpy", "faiss", "torch"))
+    assert seen == {"numpy": None, "faiss": "Haswell", "torch": None}
+    assert "OPENBLAS_CORETYPE" not in os.environ
+
+
 def test_a_second_run_in_the_same_process_forks_its_first_stage_too(tmp_path):
     """With papermill already imported the first stage's proxy starts at once: the zygote must be listening."""
     path = write_pipeline(tmp_path, [{"id": "a", "notebook": "probe"}])
