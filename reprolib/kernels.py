@@ -171,6 +171,24 @@ def _wait_status(pid, timeout_s=1.0):
         time.sleep(0.01)
 
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
+def _take_the_kernels_backend(shell):
+    """The zygote imported pyplot (and the inline backend) before ipykernel named its backend (MPLBACKEND, which
+    matplotlib reads as it is imported), and before there was a shell to show figures in: take the backend now, as a
+    fresh kernel would have, or no figure shows in the stage's notebook."""
+    backend = os.environ.get("MPLBACKEND")
+    if not backend or "matplotlib.pyplot" not in sys.modules:
+        return
+    if backend == INLINE_BACKEND:
+        shell.enable_matplotlib("inline")   # what `%matplotlib inline` does: the backend and the shell's hooks
+    else:
+        import matplotlib.pyplot as plt
+
+        plt.switch_backend(backend)
+
+
 def _exit_with_stdin():
     sys.stdin.buffer.read()
     os._exit(0)
@@ -204,6 +222,7 @@ def _run_kernel(conn, request):
     try:
         app = IPKernelApp.instance()
         app.initialize([*request["argv"][1:], f"--IPKernelApp.parent_handle={os.getppid()}"])
+        _take_the_kernels_backend(app.shell)
         app.start()
     except BaseException:
         status = 1

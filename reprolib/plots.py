@@ -1,7 +1,8 @@
 """Figures the notebooks share. Each returns the matplotlib Figure and saves it when `path` is given."""
 import matplotlib
 
-if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "nbagg", "qt", "tk", "macosx")):
+if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline", "nbagg", "qt", "tk",
+                                                      "macosx")):
     matplotlib.use("Agg")  # headless (CI, papermill without inline backend)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

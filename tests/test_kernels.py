@@ -124,6 +124,17 @@ def test_the_zygote_loads_faiss_with_the_openblas_kernels_named(monkeypatch):
     assert "OPENBLAS_CORETYPE" not in os.environ
 
 
+def test_a_forked_stage_shows_its_figures_in_its_notebook(tmp_path):
+    """pyplot is imported in the zygote, before ipykernel names its inline backend: the stage's notebook must
+    still hold its figures (the executed notebooks are what a student opens)."""
+    path = write_pipeline(tmp_path, [{"id": "a", "notebook": "plot"}])
+    make_notebook(tmp_path / "notebooks" / "plot.ipynb",
+                  "from reprolib import plots\nplots.recall_curve({'bm25': {1: 0.4, 10: 0.8}});")
+    run_pipeline(path, out_root=tmp_path / "outputs", log=lambda line: None)
+    executed = nbformat.read(tmp_path / "outputs" / "k" / "a" / "plot.ipynb", as_version=4)
+    assert any("image/png" in output.get("data", {}) for output in executed.cells[-1].outputs)
+
+
 def test_a_second_run_in_the_same_process_forks_its_first_stage_too(tmp_path):
     """With papermill already imported the first stage's proxy starts at once: the zygote must be listening."""
     path = write_pipeline(tmp_path, [{"id": "a", "notebook": "probe"}])
