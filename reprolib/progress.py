@@ -42,6 +42,19 @@ class _StageBar(_text_tqdm):
                 self._write(f"{self.desc}: {self.n:,} of {self.total:,} after {self.format_interval(elapsed)}")
         return shown
 
+    def __iter__(self):
+        """tqdm's own loop counts an item only when it would draw, which with delay=inf is never: count each one here,
+        so that a bar over an iterable gets its quarter notes too."""
+        if self.disable:
+            yield from self.iterable
+            return
+        try:
+            for item in self.iterable:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
     def close(self):
         if not self.disable and self.leave:
             self._write(self.format_meter(**self.format_dict))

@@ -745,6 +745,10 @@ def test_a_long_stage_bar_notes_each_quarter_then_its_final_state(monkeypatch, c
         lines = capsys.readouterr().out.splitlines()
         assert lines[:3] == ["encode: 2 of 8 after 00:00", "encode: 4 of 8 after 00:00", "encode: 6 of 8 after 00:00"]
         assert lines[3].startswith("encode: 100%|") and len(lines) == 4
+        assert list(progress.tqdm(range(8), desc="search")) == list(range(8))   # a bar over an iterable too
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[:3] == ["search: 2 of 8 after 00:00", "search: 4 of 8 after 00:00", "search: 6 of 8 after 00:00"]
+        assert lines[3].startswith("search: 100%|") and len(lines) == 4
     finally:
         monkeypatch.delenv("REPROLIB_STAGE")
         importlib.reload(reprolib.progress)
