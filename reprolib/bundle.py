@@ -25,8 +25,8 @@ def root():
 def files(folder):
     """The shipped files of `folder` ("notebooks" or "params"), relative to it, sorted."""
     base = root() / folder
-    return sorted(p.relative_to(base) for p in base.rglob(f"*{SUFFIXES[folder]}")
-                  if ".ipynb_checkpoints" not in p.parts and "outputs" not in p.parts)
+    found = (p.relative_to(base) for p in base.rglob(f"*{SUFFIXES[folder]}"))
+    return sorted(p for p in found if ".ipynb_checkpoints" not in p.parts and "outputs" not in p.parts)   # inside it
 
 
 def pipelines():

@@ -26,6 +26,17 @@ def test_a_checkout_ships_its_own_notebooks_and_params():
     assert shipped == checkout_files()
 
 
+def test_a_course_kept_under_a_folder_named_outputs_still_ships(tmp_path, monkeypatch):
+    """Only an outputs/ or .ipynb_checkpoints/ inside notebooks/ or params/ is left out, not one above them."""
+    course = tmp_path / "outputs" / "course"
+    for folder, name in (("notebooks", "00_intro.ipynb"), ("params", "quickstart.yaml"),
+                         ("notebooks", ".ipynb_checkpoints/00_intro-checkpoint.ipynb")):
+        (course / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (course / folder / name).write_text("{}")
+    monkeypatch.setattr(bundle, "root", lambda: course)
+    assert bundle.files("notebooks") == [Path("00_intro.ipynb")] and bundle.pipelines() == ["quickstart"]
+
+
 def test_a_pipeline_name_resolves_to_the_shipped_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # nothing called quickstart here
     assert bundle.pipeline_path("quickstart") == ROOT / "params" / "quickstart.yaml"
