@@ -1,4 +1,6 @@
 """Figures the notebooks share. Each returns the matplotlib Figure and saves it when `path` is given."""
+from pathlib import Path
+
 import matplotlib
 
 if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "inline", "nbagg", "qt", "tk",
@@ -7,13 +9,16 @@ if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline"
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from reprolib.fileio import atomic_write  # noqa: E402
+
 RECALL_DEPTHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 def _finish(fig, path):
     fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
+    if path:   # whole or not at all: a stage stopped mid-save leaves no torn image for REPORT.md to show
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".") or None)
     return fig
 
 

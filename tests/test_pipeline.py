@@ -458,6 +458,26 @@ expected:
 """
 
 
+def test_a_plot_stopped_while_it_saves_leaves_the_image_it_had(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from reprolib import plots
+
+    path = tmp_path / "recall.png"
+    plots.recall_curve({"bm25": {1: 0.4, 10: 0.8}}, path=path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def torn(self, f, **kwargs):
+        f.write(b"\x89PNG, half of it")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        plots.recall_curve({"bm25": {1: 0.5, 10: 0.9}}, path=path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
 def test_a_stages_plots_come_in_the_order_the_notebook_drew_them(tmp_path):
     from reprolib.report import stage_plots
 
