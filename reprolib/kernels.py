@@ -69,12 +69,12 @@ class Zygote:
             time.sleep(0.01)
 
     def close(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        self.process.stdin.close()   # the zygote exits when it closes (one that died already: the pipe is freed)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()   # reaped, not left a zombie of a long-lived process (a notebook, the tests)
         self._dir.cleanup()
 
 
@@ -98,7 +98,13 @@ def _is_this_python(argv):
     means this one, as in jupyter_client): only then can a fork of the zygote stand in for it."""
     this = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
     return (len(argv) >= 3 and argv[1:3] == ["-m", "ipykernel_launcher"]
-            and (argv[0] in this or os.path.realpath(argv[0]) == os.path.realpath(sys.executable)))
+            and (argv[0] in this or _environment(argv[0]) == _environment(sys.executable)))
+
+
+def _environment(python):
+    """A python's folder and interpreter, links resolved: a virtual environment's python links to its base
+    interpreter, which another environment (or the base python itself) shares, but not its folder."""
+    return os.path.realpath(os.path.dirname(python)), os.path.realpath(python)
 
 
 # ---- the zygote process ---------------------------------------------------------------------

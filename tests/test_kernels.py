@@ -219,6 +219,26 @@ def test_only_kernels_of_this_python_are_forked():
     assert not kernels._is_this_python(["R", "--slave", "-e", "IRkernel::main()", "--args", "x"])
 
 
+def test_another_environment_on_the_same_interpreter_is_not_this_python(tmp_path):
+    """A virtual environment's python links to its base interpreter: another environment's (or the base python)
+    resolves to the same file, but runs other packages, so its kernels are not forked from this one's zygote."""
+    other = tmp_path / "other-venv" / "bin"
+    other.mkdir(parents=True)
+    (other / "python").symlink_to(os.path.realpath(sys.executable))
+    assert not kernels._is_this_python([str(other / "python"), "-m", "ipykernel_launcher", "-f", "x"])
+    linked = tmp_path / "this-venv"
+    linked.symlink_to(Path(sys.executable).parent)   # this environment's folder by another path is this python
+    assert kernels._is_this_python([str(linked / Path(sys.executable).name), "-m", "ipykernel_launcher", "-f", "x"])
+
+
+def test_closing_a_zygote_that_died_frees_its_pipe_and_reaps_it():
+    zygote = kernels.Zygote()
+    zygote.process.kill()
+    os.waitid(os.P_PID, zygote.process.pid, os.WEXITED | os.WNOWAIT)   # dead, not yet reaped
+    zygote.close()
+    assert zygote.process.stdin.closed and zygote.process.returncode is not None
+
+
 @pytest.mark.parametrize("jobs, group", [(1, False), (2, False), (2, True)])
 def test_kill_stops_a_run_as_ctrl_c_does(tmp_path, token, jobs, group):
     """`kill PID` (SIGTERM), the usual way to stop a run started in the background (where the shell has set
