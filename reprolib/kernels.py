@@ -187,12 +187,15 @@ def _take_the_kernels_backend(shell):
     backend = os.environ.get("MPLBACKEND")
     if not backend or "matplotlib.pyplot" not in sys.modules:
         return
-    if backend == INLINE_BACKEND:
-        shell.enable_matplotlib("inline")   # what `%matplotlib inline` does: the backend and the shell's hooks
-    else:
-        import matplotlib.pyplot as plt
+    try:
+        if backend == INLINE_BACKEND:
+            shell.enable_matplotlib("inline")   # what `%matplotlib inline` does: the backend and the shell's hooks
+        else:
+            import matplotlib.pyplot as plt
 
-        plt.switch_backend(backend)
+            plt.switch_backend(backend)
+    except Exception:   # a kernel without its figures still runs its stage
+        pass
 
 
 def _exit_with_stdin():
