@@ -194,8 +194,8 @@ def _take_the_kernels_backend(shell):
             import matplotlib.pyplot as plt
 
             plt.switch_backend(backend)
-    except Exception:   # a kernel without its figures still runs its stage
-        pass
+    except Exception as e:   # a kernel without its figures still runs its stage; kernel.log says why
+        print(f"reprolib: this stage's figures will not show in its notebook ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _exit_with_stdin():
