@@ -24,6 +24,7 @@ STAGE_ENVIRONMENT = {STAGE_ENV: "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 class _StageBar(_text_tqdm):
     LONG = 60.0   # seconds after which a running bar also reports each quarter
+    UPDATE_S = 0.5   # how often a bar over an iterable passes on its count
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("file", sys.stdout)
@@ -43,16 +44,23 @@ class _StageBar(_text_tqdm):
         return shown
 
     def __iter__(self):
-        """tqdm's own loop counts an item only when it would draw, which with delay=inf is never: count each one here,
-        so that a bar over an iterable gets its quarter notes too."""
+        """tqdm's own loop counts an item only when it would draw, which with delay=inf is never: count them here, so
+        that a bar over an iterable gets its quarter notes too; passed on every UPDATE_S, as corpus stores iterate
+        millions of passages and an update per item would cost five times the loop."""
         if self.disable:
             yield from self.iterable
             return
+        pending, last = 0, self._time()
         try:
             for item in self.iterable:
                 yield item
-                self.update()
+                pending += 1
+                now = self._time()
+                if now - last >= self.UPDATE_S:
+                    self.update(pending)
+                    pending, last = 0, now
         finally:
+            self.update(pending)
             self.close()
 
     def close(self):

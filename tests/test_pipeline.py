@@ -758,6 +758,7 @@ def test_a_long_stage_bar_notes_each_quarter_then_its_final_state(monkeypatch, c
     progress = importlib.reload(reprolib.progress)
     try:
         monkeypatch.setattr(progress._StageBar, "LONG", -1.0)   # every bar counts as long
+        monkeypatch.setattr(progress._StageBar, "UPDATE_S", 0.0)   # an iterated bar passes on every item
         bar = progress.tqdm(total=8, desc="encode")
         for _ in range(8):
             bar.update(1)
