@@ -48,6 +48,7 @@ BEST_DIR, DEV_FILE, DEV_LOG = "best", "dev_eval.json", "dev_eval.csv"   # keep: 
 LOG_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "examples_per_second")
 SCHEDULES = ("linear", "constant")
 DISTILLATIONS = ("kl", "kl_batchmean", "margin_mse")
+RETRIEVERS = ("contrastive", "sparse")   # the objectives that train a retriever: in-batch negatives, dev search
 
 
 @dataclasses.dataclass
@@ -226,16 +227,16 @@ class TrainConfig:
                 raise ReprolibError(f"{source}: negatives must be a file or a list of files, not {self.negatives!r}")
             if self.teacher_scores:
                 raise ReprolibError(f"{source}: distillation reads one negatives file, not a list")
-        if self.distillation and self.objective not in ("contrastive", "sparse"):
+        if self.distillation and self.objective not in RETRIEVERS:
             raise ReprolibError(f"{source}: distillation trains a contrastive or sparse retriever, not {self.objective!r}")
         if self.keep not in ("last", "best"):
             raise ReprolibError(f"{source}: keep must be last or best, not {self.keep!r}")
         if self.keep == "best" and not self.eval_steps > 0:
             raise ReprolibError(f"{source}: keep: best needs dev evaluations (eval_steps > 0)")
-        if self.cross_device and self.objective not in ("contrastive", "sparse"):   # its loss has no batch to gather
+        if self.cross_device and self.objective not in RETRIEVERS:
             raise ReprolibError(f"{source}: cross_device gathers a retriever's in-batch negatives, not the "
                                 f"{self.objective} objective's")
-        if self.eval_steps and self.objective not in ("contrastive", "sparse"):
+        if self.eval_steps and self.objective not in RETRIEVERS:
             raise ReprolibError(f"{source}: dev evaluation (eval_steps) scores retrievers, not the {self.objective} objective")
         if self.without_negatives not in WITHOUT_NEGATIVES:
             raise ReprolibError(f"{source}: without_negatives must be one of {', '.join(WITHOUT_NEGATIVES)}, "
